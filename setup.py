@@ -1,0 +1,35 @@
+"""vlp_jax: vision-language pre-training in JAX/Flax."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "ml-collections==1.1.0",
+    "einops==0.8.2",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "pillow==13.0.0",
+    "sentencepiece==0.2.3",
+    "tensorboardX==2.6.5",
+    "matplotlib==3.11.2",
+    "tqdm==4.70.1",
+]
+
+setup(
+    name="vlp_jax",
+    version="0.1.0",
+    description="Vision-language pre-training (CLIP, SigLIP, CoCa) in JAX/Flax.",
+    packages=find_packages(include=["vlp_jax", "vlp_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest==9.2.0"],
+        "gpu": ["jax[cuda12]==0.10.2"],
+        "tpu": ["jax[tpu]==0.10.2"],
+    },
+)
