@@ -1,0 +1,33 @@
+"""vlp_jax entry point.
+
+    python main.py --config=configs/demo.py --workdir=/tmp/demo [--config.a.b=value ...]
+    python main.py --config=configs/demo.py --workdir=/tmp/demo --mode=eval
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vlp_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe: configs/NAME.py[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, plots.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train (resumes if the workdir holds a checkpoint) or eval.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from vlp_jax.train import loop  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)
+  if _MODE.value == "train":
+    loop.run(_CONFIG.value, _WORKDIR.value)
+  else:
+    loop.evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags_with_config_check)

@@ -1,0 +1,56 @@
+"""Command-line helpers: clean errors for bad `--config.*` overrides before parsing."""
+import importlib.util
+import os
+import sys
+
+from absl import flags
+
+from vlp_jax import config as config_lib
+
+
+def load_config_file(spec: str):
+  """'configs/x.py[:arg]' -> ConfigDict, as ml_collections' config_flags would load it."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Config file not found: '{path}'.")
+  module_spec = importlib.util.spec_from_file_location("_vlp_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def override_errors(argv, flag_name="config"):
+  """Messages for `--config.a.b=v` overrides whose key path the config lacks."""
+  specs = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag_name}=")]
+  if not specs:
+    return []
+  config = load_config_file(specs[-1])
+  errors = []
+  for a in argv:
+    if not a.startswith(f"--{flag_name}."):
+      continue
+    path = a[len(f"--{flag_name}."):].split("=", 1)[0]
+    node, walked = config, flag_name
+    for key in path.split("."):
+      if not hasattr(node, "keys") or key not in node:
+        options = list(node.keys()) if hasattr(node, "keys") else []
+        errors.append(f"Unknown config key '{walked}.{key}' in {a.split('=')[0]}."
+                      f"{config_lib._closest(key, options)}")  # pylint: disable=protected-access
+        break
+      node, walked = node[key], f"{walked}.{key}"
+  return errors
+
+
+def parse_flags_with_config_check(argv):
+  """absl flags parser that first reports unknown config keys in one clean message."""
+  try:
+    errors = override_errors(argv)
+  except FileNotFoundError as e:
+    sys.exit(f"error: {e}")
+  if errors:
+    sys.exit("error: " + "\n       ".join(errors) +
+             "\nSee the recipe file (or vlp_jax/config.py) for the valid keys.")
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}")

@@ -1,0 +1,121 @@
+"""The config schema (every known key with its default) and its validation.
+
+Recipes in `configs/` start from `default_config()` and change values; keys that the
+schema does not know are errors that name the key and the closest valid one, so typos
+never silently do nothing.
+"""
+import difflib
+import math
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+# Sub-trees whose keys are chosen by the user (names of objectives, evals, mesh axes).
+OPEN_KEYS = ("objectives", "objective_cfg", "evals", "mesh")
+
+# Keys an entry of `config.evals` may have.
+EVAL_KEYS = {
+    "type": "", "every": 0, "source": "", "split": "validation", "size": 0,
+    "batch_size": 64, "max_len": 0, "log_examples": 5,
+}
+
+
+def default_config() -> ConfigDict:
+  """Every key the trainer understands, with defaults (a small two-tower CLIP)."""
+  c = ConfigDict()
+  c.seed = 0
+  c.batch_size = 256
+  c.total_steps = 1000
+  c.log_every = 50
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+
+  c.model = ConfigDict()
+  c.model.name = "two_tower"
+  c.model.dtype = "float32"
+  c.model.embed_dim = 512
+  c.model.logit_scale_init = math.log(1 / 0.07)
+  c.model.logit_scale_max = 100.0
+  c.model.use_logit_bias = False
+  c.model.logit_bias_init = 0.0
+  c.model.image = ConfigDict(dict(
+      variant="B/16", width=0, depth=0, mlp_dim=0, num_heads=0, patch_size=0,
+      pool="cls", dropout=0.0))
+  c.model.text = ConfigDict(dict(
+      vocab_size=49408, width=512, depth=12, mlp_dim=2048, num_heads=8,
+      context_length=77, causal=True, pool="eos", dropout=0.0))
+  c.model.decoder = ConfigDict(dict(depth=0, num_queries=256))
+
+  c.objectives = ConfigDict({"clip": 1.0})
+  c.objective_cfg = ConfigDict()
+
+  c.optim = ConfigDict(dict(
+      lr=5e-4, warmup_steps=100, end_lr_ratio=0.0, weight_decay=0.2, b1=0.9,
+      b2=0.98, eps=1e-6, grad_clip_norm=1.0))
+
+  c.data = ConfigDict(dict(
+      source="shapes", size=0, image_size=224, tokenizer="bytes",
+      normalization="clip", worker_count=0, prefetch=2))
+
+  c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+  c.evals = ConfigDict()
+  c.plot = True
+  return c
+
+
+def _closest(key, options):
+  match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+  return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def check_keys(config, schema, prefix="config"):
+  """Raises KeyError for the first key of `config` that `schema` lacks."""
+  for key in config.keys():
+    path = f"{prefix}.{key}"
+    if key not in schema:
+      raise KeyError(f"Unknown config key '{path}'.{_closest(key, schema.keys())} "
+                     f"Valid keys here: {sorted(schema.keys())}.")
+    value, ref = config[key], schema[key]
+    if key in OPEN_KEYS and prefix == "config":
+      continue
+    if isinstance(ref, ConfigDict):
+      if not isinstance(value, (ConfigDict, dict)):
+        raise TypeError(f"'{path}' must be a group of keys, got {value!r}.")
+      check_keys(value, ref, path)
+    elif isinstance(ref, bool) != isinstance(value, bool) or (
+        isinstance(ref, (int, float)) and not isinstance(value, (int, float))) or (
+            isinstance(ref, str) and not isinstance(value, str)):
+      raise TypeError(f"'{path}' must be of type {type(ref).__name__}, got {value!r}.")
+
+
+def validate(config) -> None:
+  """Checks keys, types and cross-field constraints; raises with a fix-it message."""
+  from vlp_jax import evaluators, objectives, registry, models  # pylint: disable=g-import-not-at-top,unused-import
+  check_keys(config, default_config())
+  for name, weight in config.objectives.items():
+    registry.OBJECTIVES.get(name)
+    if not isinstance(weight, (int, float)):
+      raise TypeError(f"config.objectives.{name} must be a number (its weight).")
+  for name in config.objective_cfg.keys():
+    if name not in config.objectives:
+      raise KeyError(f"config.objective_cfg.{name} configures an objective that is "
+                     f"not in config.objectives {list(config.objectives)}.")
+  if not config.objectives:
+    raise ValueError("config.objectives is empty: select at least one, e.g. {'clip': 1.0}.")
+  registry.MODELS.get(config.model.name)
+  if "caption" in config.objectives and config.model.name != "coca":
+    raise ValueError("The 'caption' objective needs model.name='coca' (the only "
+                     "model with a text decoder).")
+  for name, ev in config.evals.items():
+    check_keys(ev, ConfigDict(EVAL_KEYS), f"config.evals.{name}")
+    registry.EVALUATORS.get(ev.get("type", name))
+  for key in ("batch_size", "total_steps", "log_every"):
+    if config[key] <= 0:
+      raise ValueError(f"config.{key} must be positive, got {config[key]}.")
+
+
+def to_dict(config):
+  """Plain nested dict (for config.json)."""
+  return config.to_dict()

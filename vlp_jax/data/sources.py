@@ -1,0 +1,69 @@
+"""Data sources selected by a spec string `NAME[:ARG]`, e.g. 'shapes' or 'jsonl:/d/a.jsonl'.
+
+Every source is random access (`__len__`, `__getitem__`) and yields
+{'image': uint8 [H, W, 3], 'text': str | list[str], ...optional fields}.
+"""
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from vlp_jax.data import shapes  # pylint: disable=unused-import  (registers 'shapes')
+from vlp_jax.registry import SOURCES
+
+
+class JsonlSource:
+  """BLIP/LLaVA-style annotations: one {"image": path, "caption": str | [str]} per line.
+
+  Relative image paths are resolved against the annotation file's folder.
+  """
+
+  def __init__(self, path: str, size: int = 0, **unused):
+    if not path:
+      raise ValueError("The jsonl source needs a path: 'jsonl:/path/to/captions.jsonl'.")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f"Data file not found: '{path}'. Pass an existing file with "
+          "--config.data.source=jsonl:/path/to/captions.jsonl (or use "
+          "--config.data.source=shapes for the built-in demo data).")
+    root = os.path.dirname(os.path.abspath(path))
+    self.records = []
+    with open(path) as f:
+      for line_no, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          rec = json.loads(line)
+          image, caption = rec["image"], rec["caption"]
+        except (json.JSONDecodeError, KeyError) as e:
+          raise ValueError(f"{path}:{line_no}: expected a JSON object with 'image' and "
+                           f"'caption' keys ({e}).") from e
+        self.records.append((os.path.join(root, image), caption))
+    if size:
+      self.records = self.records[:size]
+    if not self.records:
+      raise ValueError(f"Data file '{path}' holds no records.")
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    path, caption = self.records[i]
+    with Image.open(path) as img:
+      image = np.asarray(img.convert("RGB"))
+    return {"image": image, "text": caption, "key": path}
+
+
+@SOURCES.register("jsonl")
+def make_jsonl_source(path, size=0, **unused):
+  return JsonlSource(path, size)
+
+
+def make_source(spec: str, split: str, size: int, seed: int, image_size: int):
+  """Builds the source named by `spec` ('NAME' or 'NAME:ARG')."""
+  name, _, arg = spec.partition(":")
+  kwargs = dict(path=arg, split=split, seed=seed, image_size=image_size)
+  if size:  # 0 = the source's own size
+    kwargs["size"] = size
+  return SOURCES.get(name)(**kwargs)

@@ -1,0 +1,76 @@
+"""CoCa: contrastive captioner (Yu et al., 2022).
+
+Image: ViT tokens -> attention pooler with 1 query (contrastive embedding) and one
+with `num_queries` queries (what the decoder cross-attends to). Text: unimodal causal
+layers (pooled at EOS = text embedding) then multimodal layers with cross-attention,
+producing next-token logits: `caption_logits[:, t]` predicts `text[:, t + 1]`.
+"""
+import flax.linen as nn
+import ml_collections
+
+from vlp_jax.models import heads, layers, text, two_tower, vit
+
+
+class CoCa(nn.Module):
+  """Outputs image_emb, text_emb, image_tokens, text_tokens, caption_logits, logit_scale."""
+  config: ml_collections.ConfigDict
+  dtype: object
+
+  def setup(self):
+    cfg = self.config
+    img_kw = two_tower.tower_kwargs(cfg.image, self.dtype)
+    img_kw["pool"] = "none"
+    self.img = vit.ViT(**img_kw)
+    width, heads_, mlp = img_kw["width"], img_kw["num_heads"], img_kw["mlp_dim"]
+    self.contrastive_pool = layers.AttentionPool(heads_, mlp, 1, self.dtype)
+    self.caption_pool = layers.AttentionPool(heads_, mlp, cfg.decoder.num_queries,
+                                             self.dtype)
+    self.caption_pool_proj = layers.dense(cfg.text.width, ("embed_img", "embed"),
+                                          self.dtype)
+    self.txt = text.TextTransformer(**two_tower.text_kwargs(
+        cfg.text, self.dtype, causal=True, pool="eos"))
+    self.decoder = layers.Transformer(
+        cfg.decoder.depth, cfg.text.num_heads, cfg.text.mlp_dim, self.dtype,
+        causal=True, cross_attention=True, dropout=cfg.text.get("dropout", 0.0))
+    self.vocab_proj = layers.dense(cfg.text.vocab_size, ("embed", "vocab"), self.dtype)
+    self.img_proj = heads.Projection(cfg.embed_dim, self.dtype)
+    self.txt_proj = heads.Projection(cfg.embed_dim, self.dtype)
+    self.scale = heads.LogitScale(**two_tower.scale_kwargs(cfg))
+
+  def encode_image(self, images, train=False):
+    """-> (image_emb [B, D], vit tokens [B, N, W], decoder context [B, Q, W_text])."""
+    _, tokens = self.img(images, train=train)
+    emb = self.img_proj(self.contrastive_pool(tokens)[:, 0])
+    context = self.caption_pool_proj(self.caption_pool(tokens))
+    return emb, tokens, context
+
+  def embed_image(self, images, train=False):
+    emb, tokens, _ = self.encode_image(images, train)
+    return emb, tokens
+
+  def embed_text(self, tokens, train=False):
+    pooled, feats = self.txt(tokens, train=train)
+    return self.txt_proj(pooled), feats
+
+  def multimodal(self, feats, tokens, context, train=False):
+    """Multimodal layers over unimodal text features -> next-token logits [B, L, V]."""
+    x = self.decoder(feats, mask=text.padding_mask(tokens), context=context,
+                     train=train)
+    return self.vocab_proj(x)
+
+  def decode(self, tokens, context, train=False):
+    """Next-token logits [B, L, V] for `tokens` given the image `context`."""
+    return self.multimodal(self.txt(tokens, train=train)[1], tokens, context, train)
+
+  def __call__(self, batch, train: bool = False):
+    out = dict(self.scale())
+    context = None
+    if "image" in batch:
+      out["image_emb"], out["image_tokens"], context = self.encode_image(
+          batch["image"], train)
+    if "text" in batch:
+      pooled, feats = self.txt(batch["text"], train=train)
+      out["text_emb"], out["text_tokens"] = self.txt_proj(pooled), feats
+      if context is not None:
+        out["caption_logits"] = self.multimodal(feats, batch["text"], context, train)
+    return out

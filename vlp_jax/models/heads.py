@@ -1,0 +1,40 @@
+"""Contrastive heads: projections and the learnable temperature / bias."""
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vlp_jax.models import layers
+
+
+class Projection(nn.Module):
+  """LayerNorm-free linear projection to the shared embedding space, L2-normalised."""
+  embed_dim: int
+  dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = layers.dense(self.embed_dim, ("embed", "proj"), self.dtype, "proj",
+                     use_bias=False)(x)
+    return layers.l2_normalize(x)
+
+
+class LogitScale(nn.Module):
+  """Learnable t = exp(t') (clamped at `max_scale`) and optional bias b.
+
+  CLIP: t' = log(1/0.07), no bias. SigLIP: t' = log 10, b = -10.
+  """
+  scale_init: float = math.log(1 / 0.07)
+  max_scale: float = 100.0
+  bias_init: float = 0.0
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self):
+    init = lambda value: nn.with_logical_partitioning(
+        nn.initializers.constant(value), ())
+    t = self.param("logit_scale", init(self.scale_init), (), jnp.float32)
+    out = {"logit_scale": jnp.minimum(jnp.exp(t), self.max_scale)}
+    if self.use_bias:
+      out["logit_bias"] = self.param("logit_bias", init(self.bias_init), (), jnp.float32)
+    return out

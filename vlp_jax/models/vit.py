@@ -1,0 +1,89 @@
+"""Vision Transformer image tower with big_vision-style named sizes."""
+from typing import Any, Optional
+
+import einops
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vlp_jax.models import layers
+
+# name -> (width, depth, mlp_dim, num_heads), as in big_vision.
+VIT_SIZES = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+}
+
+
+def parse_variant(variant: Optional[str]):
+  """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
+  if not variant:
+    return {}
+  name, _, patch = variant.partition("/")
+  if name not in VIT_SIZES:
+    raise ValueError(f"Unknown ViT size '{name}' in variant '{variant}'; "
+                     f"known sizes: {sorted(VIT_SIZES)} (or set width/depth/mlp_dim/"
+                     "num_heads explicitly).")
+  width, depth, mlp_dim, heads = VIT_SIZES[name]
+  out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads)
+  if patch:
+    out["patch_size"] = int(patch)
+  return out
+
+
+class ViT(nn.Module):
+  """ViT: patchify (reshape + matmul), learned positions, pre-LN encoder, pooling.
+
+  Returns (pooled [B, W], tokens [B, N, W]); `pool` is 'cls', 'gap', 'map' or 'none'
+  (pooled is None).
+  """
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int
+  pool: str = "cls"
+  dtype: Any = jnp.float32
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    p = self.patch_size
+    b, h, w, c = images.shape
+    if h % p or w % p:
+      raise ValueError(f"Image size {h}x{w} is not divisible by patch size {p}.")
+    patches = einops.rearrange(images, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)",
+                               p1=p, p2=p).astype(self.dtype)
+    x = layers.dense(self.width, ("patch", "embed"), self.dtype, "embedding")(patches)
+    n = x.shape[1]
+    pos = self.param("pos_embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=1 / self.width ** 0.5), (None, "length", "embed")),
+                     (1, n, self.width), jnp.float32)
+    x = x + pos.astype(self.dtype)
+    if self.pool == "cls":
+      cls = self.param("cls", nn.with_logical_partitioning(
+          nn.initializers.zeros, (None, None, "embed")), (1, 1, self.width), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x],
+                          axis=1)
+    x = layers.constrain(x, ("batch", "length", "embed"))
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = layers.Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
+                           dropout=self.dropout, name="encoder")(x, train=train)
+    if self.pool == "cls":
+      return x[:, 0], x[:, 1:]
+    if self.pool == "gap":
+      return jnp.mean(x, axis=1), x
+    if self.pool == "map":
+      pooled = layers.AttentionPool(self.num_heads, self.mlp_dim, 1, self.dtype,
+                                    name="map_head")(x)
+      return pooled[:, 0], x
+    if self.pool == "none":
+      return None, x
+    raise ValueError(f"Unknown pool '{self.pool}'; use 'cls', 'gap', 'map' or 'none'.")

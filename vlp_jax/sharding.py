@@ -1,0 +1,73 @@
+"""Device mesh from config and logical-axis -> mesh-axis rules.
+
+Parameters and activations carry logical axis names; `config.mesh` names the mesh axis
+sizes (`data`, `fsdp`, `tensor`; -1 = all remaining devices). Changing parallelism is a
+config change only.
+"""
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Order matters: flax skips a mesh axis already used earlier in the same spec.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("embed_img", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("proj", None),
+    ("patch", None),
+    ("length", None),
+)
+
+
+def mesh_shape(mesh_cfg, num_devices: int):
+  """Resolves the config's axis sizes (one may be -1) against `num_devices`."""
+  unknown = set(mesh_cfg.keys()) - set(MESH_AXES)
+  if unknown:
+    raise KeyError(f"config.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}.")
+  sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {sizes}.")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} "
+                       f"devices are not divisible by {known}.")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs "
+                     f"{math.prod(sizes)} devices, but {num_devices} are available.")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  """A mesh with Auto axis types over `devices` (default: all)."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_shardings(tree, mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a (boxed, abstract) pytree from its logical axis names."""
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(tree), mesh, rules)
+
+
+def batch_sharding(mesh, rules=DEFAULT_RULES):
+  """Sharding of a batch array: leading axis over the data-parallel mesh axes."""
+  spec = nn.logical_to_mesh_axes(("batch",), rules)
+  return jax.sharding.NamedSharding(mesh, spec)
+
+
+def make_global_batch(local_batch, mesh, rules=DEFAULT_RULES):
+  """Per-process numpy batch -> global jax arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh, rules)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      local_batch)

@@ -1,0 +1,171 @@
+"""The training loop: `run(config, workdir)` trains; `evaluate(config, workdir)` evaluates."""
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from vlp_jax import config as config_lib
+from vlp_jax import evaluators, objectives, sharding  # pylint: disable=unused-import
+from vlp_jax.data import pipeline
+from vlp_jax.models import build_model
+from vlp_jax.registry import EVALUATORS
+from vlp_jax.train import checkpoint, metrics as metrics_lib, optim, predict, state as state_lib
+from vlp_jax.train import step as step_lib
+
+
+class Experiment:
+  """Everything derived from a validated config: model, optimizer, mesh, shardings."""
+
+  def __init__(self, config, workdir: str):
+    config_lib.validate(config)
+    self.config, self.workdir = config, workdir
+    self.tokenizer = pipeline.make_tokenizer(config.data)
+    if self.tokenizer.vocab_size > config.model.text.vocab_size:
+      raise ValueError(
+          f"Tokenizer '{config.data.tokenizer}' has {self.tokenizer.vocab_size} ids but "
+          f"model.text.vocab_size is {config.model.text.vocab_size}; raise the latter.")
+    self.model = build_model(config.model)
+    self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.abstract = state_lib.unboxed_abstract_state(self.model, self.tx, config, self.mesh)
+    self.state_shardings = jax.tree.map(lambda a: a.sharding, self.abstract)
+    self.predict_fns = predict.make_predict_fns(
+        self.model, self.tokenizer, config.model.text.context_length)
+    self.is_chief = jax.process_index() == 0
+
+  def eval_configs(self):
+    """name -> (period, full evaluator cfg) for the enabled evals."""
+    out = {}
+    for name, ev in self.config.evals.items():
+      cfg = ml_collections.ConfigDict(config_lib.EVAL_KEYS)
+      cfg.update(ev)
+      if cfg.every < 0:
+        continue
+      cfg.source = cfg.source or self.config.data.source
+      cfg.type = cfg.type or name
+      cfg.data = self.config.data
+      out[name] = cfg
+    return out
+
+  def run_evals(self, params, step, names=None):
+    results = {}
+    for name, cfg in self.eval_configs().items():
+      if names is not None and name not in names:
+        continue
+      t0 = time.time()
+      with jax.set_mesh(self.mesh):
+        res = EVALUATORS.get(cfg.type)(self.predict_fns, params, cfg)
+      logging.info("eval %s at step %d (%.1fs): %s", name, step, time.time() - t0,
+                   ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in res.items()))
+      results.update({f"eval/{name}/{k}": v for k, v in res.items()})
+    return results
+
+
+def _write_config(config, workdir):
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config_lib.to_dict(config), f, indent=2, sort_keys=True)
+
+
+def _due(step, every, total):
+  return step == total or (every > 0 and step % every == 0)
+
+
+def run(config, workdir: str):
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if any."""
+  exp = Experiment(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if exp.is_chief:
+    _write_config(config, workdir)
+  manager = checkpoint.make_manager(workdir, config)
+  train_ds = pipeline.train_dataset(config, exp.tokenizer)
+  data_iter = iter(train_ds)
+  state, start = checkpoint.restore(manager, exp.abstract, data_iter)
+  if state is None:
+    state, start = state_lib.create_state(exp.model, exp.tx, config, exp.mesh), 0
+    logging.info("Initialised a new model (%d parameters).", _num_params(state.params))
+  else:
+    logging.info("Resumed from the checkpoint at step %d in %s.", start, workdir)
+  writer = metrics_lib.MetricWriter(workdir, exp.is_chief, resume_step=start)
+  batch_sharding = sharding.batch_sharding(exp.mesh)
+  train_step = step_lib.make_train_step(
+      exp.model, step_lib.objectives_from_config(config), exp.tx, exp.schedule,
+      exp.state_shardings, batch_sharding)
+  evals = exp.eval_configs()
+
+  step, acc, n_acc = start, None, 0
+  t_last, step_last = time.time(), start
+  progress = _progress_bar(start, config.total_steps, exp.is_chief)
+  try:
+    with jax.set_mesh(exp.mesh):
+      while step < config.total_steps:
+        batch = sharding.make_global_batch(next(data_iter), exp.mesh)
+        state, m = train_step(state, batch)
+        step += 1
+        acc = m if acc is None else jax.tree.map(lambda a, b: a + b, acc, m)
+        n_acc += 1
+        progress.update(1)
+        if _due(step, config.log_every, config.total_steps):
+          row = {k: float(v) / n_acc for k, v in jax.device_get(acc).items()}
+          dt = time.time() - t_last
+          row["steps_per_sec"] = (step - step_last) / dt
+          row["samples_per_sec"] = row["steps_per_sec"] * config.batch_size
+          writer.write(step, row)
+          progress.set_postfix(loss=f"{row['loss']:.4f}")
+          logging.info("step %d/%d: %s", step, config.total_steps, _fmt(row))
+          acc, n_acc, t_last, step_last = None, 0, time.time(), step
+        if _due(step, config.checkpoint_every, config.total_steps):
+          checkpoint.save(manager, step, state, data_iter)
+        due = [n for n, c in evals.items() if _due(step, c.every, config.total_steps)]
+        if due:
+          writer.write(step, exp.run_evals(state.params, step, due))
+  except KeyboardInterrupt:
+    progress.close()
+    logging.warning("Interrupted at step %d: saving a checkpoint, then exiting. Run the "
+                    "same command again to resume.", step)
+    if step > start and manager.latest_step() != step:
+      checkpoint.save(manager, step, state, data_iter, force=True)
+    manager.wait_until_finished()
+    writer.close()
+    raise
+  progress.close()
+  manager.wait_until_finished()
+  writer.close()
+  if exp.is_chief and config.plot and os.path.exists(writer.path):
+    logging.info("Wrote %s", metrics_lib.plot_curves(workdir))
+  return state
+
+
+def evaluate(config, workdir: str, step=None):
+  """Runs every configured evaluator on the checkpoint in `workdir` (default: latest)."""
+  exp = Experiment(config, workdir)
+  manager = checkpoint.make_manager(workdir, config)
+  state, step = checkpoint.restore(manager, exp.abstract, step=step)
+  if state is None:
+    raise FileNotFoundError(f"No checkpoint found in {workdir}/checkpoints; train first "
+                            "(--mode=train) or pass the workdir of a trained run.")
+  evals = {n: c for n, c in exp.eval_configs().items()}
+  if not evals:
+    raise ValueError("config.evals enables no evaluator (each needs every >= 0).")
+  results = exp.run_evals(state.params, step)
+  if exp.is_chief:
+    metrics_lib.MetricWriter(workdir, True, resume_step=1 << 62).write(step, results)
+  return results
+
+
+def _num_params(params):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def _fmt(row):
+  return ", ".join(f"{k}={v:.4g}" for k, v in sorted(row.items()))
+
+
+def _progress_bar(start, total, enabled):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=start, disable=not enabled, desc="train",
+              unit="step", dynamic_ncols=True)

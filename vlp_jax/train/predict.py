@@ -1,0 +1,27 @@
+"""Jitted inference functions handed to evaluators (`predict_fns`)."""
+import functools
+
+import jax
+
+from vlp_jax.models import generate
+
+
+def make_predict_fns(model, tokenizer, context_length: int):
+  """{'embed_image', 'embed_text', 'generate' (if the model decodes), 'tokenize', 'detokenize'}."""
+  def embed_image(params, images):
+    return model.apply({"params": params}, images, method="embed_image")[0]
+
+  def embed_text(params, tokens):
+    return model.apply({"params": params}, tokens, method="embed_text")[0]
+
+  fns = {
+      "embed_image": jax.jit(embed_image),
+      "embed_text": jax.jit(embed_text),
+      "tokenize": lambda texts: tokenizer.tokenize(list(texts), context_length),
+      "detokenize": tokenizer.decode,
+  }
+  if hasattr(model, "decode"):
+    fns["generate"] = jax.jit(functools.partial(
+        generate.greedy_generate, model, max_len=context_length,
+        bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
+  return fns

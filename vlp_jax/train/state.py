@@ -1,0 +1,61 @@
+"""Train state, created directly in its final sharding."""
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlp_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # base key; per-step keys are fold_in(rng, step)
+
+
+def dummy_batch(config, batch_size: int = 1):
+  """A zero batch with the shapes the model expects (for init and benchmarks)."""
+  s = config.data.image_size
+  return {
+      "image": np.zeros((batch_size, s, s, 3), np.float32),
+      "text": np.zeros((batch_size, config.model.text.context_length), np.int32),
+  }
+
+
+def _init_fn(model, tx, config):
+  def init(rng):
+    params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng},
+                           dummy_batch(config), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=state_rng)
+  return init
+
+
+def abstract_state(model, tx, config, mesh):
+  """(abstract boxed state, its NamedShardings) without allocating anything."""
+  boxed = jax.eval_shape(_init_fn(model, tx, config), jax.random.PRNGKey(0))
+  return boxed, sharding.logical_shardings(boxed, mesh)
+
+
+def create_state(model, tx, config, mesh) -> TrainState:
+  """Initialises params and optimizer state directly with their mesh shardings."""
+  _, shardings = abstract_state(model, tx, config, mesh)
+  init = jax.jit(_init_fn(model, tx, config), out_shardings=shardings)
+  with jax.set_mesh(mesh):
+    state = init(jax.random.PRNGKey(config.seed))
+  return nn.meta.unbox(state)
+
+
+def unboxed_abstract_state(model, tx, config, mesh):
+  """ShapeDtypeStructs with target shardings, for restoring a checkpoint."""
+  boxed, shardings = abstract_state(model, tx, config, mesh)
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      nn.meta.unbox(boxed), shardings)
