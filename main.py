@@ -3,8 +3,6 @@
     python main.py --config=configs/demo.py --workdir=/tmp/demo [--config.a.b=value ...]
     python main.py --config=configs/demo.py --workdir=/tmp/demo --mode=eval
 """
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -23,6 +21,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from vlp_jax.train import loop  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
+  cli.quiet_third_party_logs()
   if _MODE.value == "train":
     loop.run(_CONFIG.value, _WORKDIR.value)
   else:

@@ -54,3 +54,19 @@ def parse_flags_with_config_check(argv):
     return flags.FLAGS(argv)
   except flags.Error as e:
     sys.exit(f"error: {e}")
+
+
+class _OwnInfoOnly:
+  """absl log filter: INFO lines only from vlp_jax and main.py; warnings from anyone."""
+
+  def filter(self, record):
+    import logging as std_logging  # pylint: disable=g-import-not-at-top
+    path = record.pathname.replace(os.sep, "/")
+    return (record.levelno >= std_logging.WARNING or "/vlp_jax/" in path
+            or path.endswith("/main.py"))
+
+
+def quiet_third_party_logs():
+  """Hides the per-save INFO chatter of orbax/grain so progress stays readable."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(_OwnInfoOnly())

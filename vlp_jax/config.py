@@ -86,7 +86,8 @@ def check_keys(config, schema, prefix="config"):
       check_keys(value, ref, path)
     elif isinstance(ref, bool) != isinstance(value, bool) or (
         isinstance(ref, (int, float)) and not isinstance(value, (int, float))) or (
-            isinstance(ref, str) and not isinstance(value, str)):
+            isinstance(ref, int) and isinstance(value, float)) or (
+                isinstance(ref, str) and not isinstance(value, str)):
       raise TypeError(f"'{path}' must be of type {type(ref).__name__}, got {value!r}.")
 
 

@@ -78,11 +78,11 @@ def _due(step, every, total):
 def run(config, workdir: str):
   """Trains `config` in `workdir`, resuming from its latest checkpoint if any."""
   exp = Experiment(config, workdir)
+  train_ds = pipeline.train_dataset(config, exp.tokenizer)  # Bad data paths fail here.
   os.makedirs(workdir, exist_ok=True)
   if exp.is_chief:
     _write_config(config, workdir)
   manager = checkpoint.make_manager(workdir, config)
-  train_ds = pipeline.train_dataset(config, exp.tokenizer)
   data_iter = iter(train_ds)
   state, start = checkpoint.restore(manager, exp.abstract, data_iter)
   if state is None:
@@ -97,15 +97,16 @@ def run(config, workdir: str):
       exp.state_shardings, batch_sharding)
   evals = exp.eval_configs()
 
-  step, acc, n_acc = start, None, 0
+  step, acc, n_acc, pending = start, None, 0, False
   t_last, step_last = time.time(), start
   progress = _progress_bar(start, config.total_steps, exp.is_chief)
   try:
     with jax.set_mesh(exp.mesh):
       while step < config.total_steps:
+        data_state, pending = data_iter.get_state(), True
         batch = sharding.make_global_batch(next(data_iter), exp.mesh)
         state, m = train_step(state, batch)
-        step += 1
+        step, pending = step + 1, False
         acc = m if acc is None else jax.tree.map(lambda a, b: a + b, acc, m)
         n_acc += 1
         progress.update(1)
@@ -127,6 +128,8 @@ def run(config, workdir: str):
     progress.close()
     logging.warning("Interrupted at step %d: saving a checkpoint, then exiting. Run the "
                     "same command again to resume.", step)
+    if pending:  # The batch drawn for the unfinished step is drawn again on resume.
+      data_iter.set_state(data_state)
     if step > start and manager.latest_step() != step:
       checkpoint.save(manager, step, state, data_iter, force=True)
     manager.wait_until_finished()

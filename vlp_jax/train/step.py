@@ -50,7 +50,7 @@ def train_step(state, batch, *, model, objectives, tx, schedule):
   grads, metrics = grad_fn(state.params, model, objectives, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["lr"] = schedule(state.step)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
