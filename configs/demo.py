@@ -21,14 +21,14 @@ def get_config(arg=None):
   c.model.embed_dim = 128
   c.model.image.update(variant="", width=128, depth=4, mlp_dim=512, num_heads=4,
                        patch_size=8)
-  c.model.text.update(vocab_size=264, width=128, depth=2, mlp_dim=512, num_heads=4,
-                      context_length=64)
+  c.model.text.update(vocab_size=48, width=128, depth=2, mlp_dim=512, num_heads=4,
+                      context_length=24)
   c.model.decoder.update(depth=2, num_queries=16)
 
   c.objectives = {"clip": 1.0, "caption": 2.0}  # CoCa's weighting.
   c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.05, b2=0.98)
 
-  c.data.update(source="shapes", image_size=64, tokenizer="bytes",
+  c.data.update(source="shapes", image_size=64, tokenizer="words:shapes",
                 normalization="inception")
 
   c.evals = {

@@ -239,6 +239,14 @@ def _articles(text: str) -> str:
   return _A_BEFORE_VOWEL.sub("an ", text)
 
 
+def vocabulary() -> List[str]:
+  """Every word and punctuation mark that captions and prompts can contain."""
+  texts = _FULL_TEMPLATES + _SHORT_TEMPLATES + _TWO_TEMPLATES + PROMPT_TEMPLATES
+  texts = texts + COLOR_NAMES + SHAPES + SIZES + POSITIONS + ["an"]
+  words = re.findall(r"[a-z0-9]+|[^\sa-z0-9]", re.sub(r"\{\w*\}", " ", " ".join(texts)))
+  return sorted(set(words))
+
+
 def class_prompts(class_name: str) -> List[str]:
   """All `PROMPT_TEMPLATES` filled with `class_name`, with "a"/"an" fixed."""
   return [_articles(t.format(class_name)) for t in PROMPT_TEMPLATES]

@@ -6,15 +6,19 @@ first EOS, skips PAD and BOS) and `tokenize(texts, length) -> int32 [N, length]`
 laid out as [BOS, tokens..., EOS, PAD, ...]; over-long text is truncated so that EOS
 stays the last token.
 
-Specs for `get_tokenizer`: "bytes" (built in, no files) and
-"sentencepiece:/path/to/model" (a local SentencePiece model file).
+Specs for `get_tokenizer`: "bytes" (built in, no files),
+"sentencepiece:/path/to/model" (a local SentencePiece model file), and
+"words:/path/to/vocab.txt" or "words:shapes" (word-level, one word per line, or the
+built-in vocabulary of the shapes demo data).
 """
 import os
+import re
 from typing import Iterable, List, Sequence, Union
 
 import numpy as np
 
-VALID_SPECS = ("bytes", "sentencepiece:/path/to/spm.model")
+VALID_SPECS = ("bytes", "sentencepiece:/path/to/spm.model", "words:/path/to/vocab.txt",
+               "words:shapes")
 
 
 class Tokenizer:
@@ -123,10 +127,52 @@ class SentencePieceTokenizer(Tokenizer):
     return f"SentencePieceTokenizer({self.model_path!r})"
 
 
+class WordTokenizer(Tokenizer):
+  """Word-level tokenizer over a fixed vocabulary: lowercased words and punctuation.
+
+  Ids: pad 0, bos 1, eos 2, unk 3, then the vocabulary in order. Decoding joins words
+  with spaces and attaches punctuation to the preceding word.
+  """
+  _TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+  def __init__(self, words: Sequence[str]):
+    self.words = list(dict.fromkeys(words))
+    self.bos_id, self.eos_id, self.unk_id = 1, 2, 3
+    self._ids = {w: i + 4 for i, w in enumerate(self.words)}
+    self.vocab_size = len(self.words) + 4
+
+  @classmethod
+  def from_file(cls, path: str) -> "WordTokenizer":
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f"Vocabulary file not found: '{path}'. Pass a text file with one word per line "
+          "as --config.data.tokenizer=words:/path/to/vocab.txt.")
+    with open(path) as f:
+      return cls([line.strip() for line in f if line.strip()])
+
+  def split(self, text: str) -> List[str]:
+    return self._TOKEN.findall(text.lower())
+
+  def encode(self, text: str) -> List[int]:
+    return [self._ids.get(w, self.unk_id) for w in self.split(text)]
+
+  def _decode_content(self, ids: List[int]) -> str:
+    words = [self.words[i - 4] if i >= 4 else "<unk>" for i in ids]
+    return re.sub(r" (?=[^\sa-z0-9<])", "", " ".join(words))
+
+  def __repr__(self) -> str:
+    return f"WordTokenizer({len(self.words)} words)"
+
+
 def get_tokenizer(spec: str) -> Tokenizer:
-  """Builds a tokenizer from "bytes" or "sentencepiece:/path/to/model"."""
+  """Builds a tokenizer from one of `VALID_SPECS`."""
   if spec == "bytes":
     return ByteTokenizer()
+  if spec == "words:shapes":
+    from vlp_jax.data import shapes  # pylint: disable=g-import-not-at-top
+    return WordTokenizer(shapes.vocabulary())
+  if isinstance(spec, str) and spec.startswith("words:") and spec[len("words:"):]:
+    return WordTokenizer.from_file(spec[len("words:"):])
   prefix = "sentencepiece:"
   if isinstance(spec, str) and spec.startswith(prefix) and spec[len(prefix):]:
     return SentencePieceTokenizer(spec[len(prefix):])

@@ -54,7 +54,9 @@ class Attention(nn.Module):
     head_dim = width // self.num_heads
     split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))
     q = split(dense(width, ("embed", "heads"), self.dtype, "query")(x))
-    k = split(dense(width, ("embed", "heads"), self.dtype, "key")(context))
+    # No key bias: it adds the same q.b to every logit of a query, so softmax ignores
+    # it and its gradient is zero (Adam would only amplify rounding noise into it).
+    k = split(dense(width, ("embed", "heads"), self.dtype, "key", use_bias=False)(context))
     v = split(dense(width, ("embed", "heads"), self.dtype, "value")(context))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
     out = out.reshape(out.shape[:-2] + (width,))

@@ -20,7 +20,7 @@ from vlp_jax.train import step as step_lib
 class Experiment:
   """Everything derived from a validated config: model, optimizer, mesh, shardings."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, devices=None):
     config_lib.validate(config)
     self.config, self.workdir = config, workdir
     self.tokenizer = pipeline.make_tokenizer(config.data)
@@ -30,7 +30,7 @@ class Experiment:
           f"model.text.vocab_size is {config.model.text.vocab_size}; raise the latter.")
     self.model = build_model(config.model)
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
     self.abstract = state_lib.unboxed_abstract_state(self.model, self.tx, config, self.mesh)
     self.state_shardings = jax.tree.map(lambda a: a.sharding, self.abstract)
     self.predict_fns = predict.make_predict_fns(
