@@ -6,6 +6,7 @@ are built once per module; the published recipes are only traced with
 """
 import importlib
 import math
+import zlib
 
 import flax.linen as nn
 import jax
@@ -83,9 +84,10 @@ def random_model(cfg, batch, seed=0):
   """
   model = models.build_model(cfg)
   abstract = jax.eval_shape(model.init, jax.random.key(seed), batch)
-  rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
+    # One stream per leaf: adding a parameter elsewhere does not change this one.
+    rng = np.random.default_rng([seed, zlib.crc32(jax.tree_util.keystr(path).encode())])
     shape, name = leaf.shape, path[-1].key
     if len(shape) == 2:  # Dense kernels and embeddings: unit-variance outputs.
       value = rng.normal(size=shape) / np.sqrt(shape[0])
@@ -267,7 +269,8 @@ def vit_param_count(width, depth, mlp_dim, patch, image_size, channels=3, cls=Tr
   patch_embedding = patch * patch * channels * width + width
   pos_embedding = n * width  # One position per patch; the class token has none.
   cls_token = width if cls else 0
-  attention = 4 * (width * width + width)  # q, k, v, out kernels and biases.
+  # q, k, v, out kernels; q, v, out biases (no key bias: softmax is invariant to it).
+  attention = 4 * width * width + 3 * width
   mlp = width * mlp_dim + mlp_dim + mlp_dim * width + width
   block_norms = 2 * (2 * width)  # ln_attn, ln_mlp: scale and bias.
   final_norm = 2 * width
@@ -278,7 +281,7 @@ def vit_param_count(width, depth, mlp_dim, patch, image_size, channels=3, cls=Tr
 def text_param_count(vocab, width, depth, mlp_dim, context):
   token_embedding = vocab * width
   pos_embedding = context * width
-  attention = 4 * (width * width + width)
+  attention = 4 * width * width + 3 * width
   mlp = width * mlp_dim + mlp_dim + mlp_dim * width + width
   block_norms = 2 * (2 * width)
   final_norm = 2 * width
@@ -514,11 +517,11 @@ def test_unknown_dtype_raises():
 
 
 def numpy_attention(params, x, context, mask, causal, num_heads):
-  """Float64 multi-head attention from the q/k/v/out kernels and biases."""
+  """Float64 multi-head attention from the q/k/v/out kernels and biases (if any)."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   x = np.asarray(x, np.float64)
   context = x if context is None else np.asarray(context, np.float64)
-  proj = lambda t, name: t @ p[name]["kernel"] + p[name]["bias"]
+  proj = lambda t, name: t @ p[name]["kernel"] + p[name].get("bias", 0.0)
   b, lq, width = x.shape
   lk = context.shape[1]
   hd = width // num_heads
@@ -553,6 +556,8 @@ def test_attention_matches_numpy(masked, causal, cross):
   module = layers.Attention(num_heads=heads, causal=causal)
   params = nn.unbox(module.init(jax.random.key(0), x, context=context)["params"])
   assert set(params) == {"query", "key", "value", "out"}
+  for name in ("query", "value", "out"):
+    assert set(params[name]) == {"kernel", "bias"}, name
   # Random values everywhere, so that biases matter too.
   leaves, treedef = jax.tree.flatten(params)
   params = jax.tree.unflatten(treedef, [

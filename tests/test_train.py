@@ -115,3 +115,12 @@ def test_training_reduces_the_loss(tmp_path):
   loop.run(c, str(tmp_path))
   first, last = losses(str(tmp_path))[0][1], losses(str(tmp_path))[-1][1]
   assert last < 0.7 * first, (first, last)
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(reference_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference_run, workdir)
+  c = tiny_config()
+  c.model.text.width = 48
+  with pytest.raises(ValueError, match="does not match the model"):
+    loop.run(c, workdir)
