@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -78,21 +79,24 @@ def test_resume_after_lost_checkpoint_is_exact(reference_run, tmp_path):
   assert losses(workdir) == losses(reference_run)
 
 
-def test_interrupt_saves_and_resumes_exactly(reference_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_resumes_exactly(reference_run, tmp_path, monkeypatch, signum):
+  """Ctrl-C / SIGTERM mid-run: the step finishes, a checkpoint is saved, the run returns;
+  rerunning finishes with the losses of an uninterrupted run."""
   workdir = str(tmp_path / "run")
   calls = {"n": 0}
   original = loop.sharding.make_global_batch
 
-  def interrupt_on_step_6(batch, mesh):
+  def signal_on_step_6(batch, mesh):
     calls["n"] += 1
     if calls["n"] == 6:
-      raise KeyboardInterrupt
+      os.kill(os.getpid(), signum)
     return original(batch, mesh)
 
-  monkeypatch.setattr(loop.sharding, "make_global_batch", interrupt_on_step_6)
-  with pytest.raises(KeyboardInterrupt):
-    loop.run(tiny_config(), workdir)
-  assert "5" in os.listdir(os.path.join(workdir, "checkpoints"))
+  monkeypatch.setattr(loop.sharding, "make_global_batch", signal_on_step_6)
+  loop.run(tiny_config(), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+  assert losses(workdir) == losses(reference_run)[:6]
   monkeypatch.setattr(loop.sharding, "make_global_batch", original)
   loop.run(tiny_config(), workdir)
   assert losses(workdir) == losses(reference_run)

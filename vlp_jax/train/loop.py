@@ -13,7 +13,8 @@ from vlp_jax import evaluators, objectives, sharding  # pylint: disable=unused-i
 from vlp_jax.data import pipeline
 from vlp_jax.models import build_model
 from vlp_jax.registry import EVALUATORS
-from vlp_jax.train import checkpoint, metrics as metrics_lib, optim, predict, state as state_lib
+from vlp_jax.train import checkpoint, metrics as metrics_lib, optim, predict, signals
+from vlp_jax.train import state as state_lib
 from vlp_jax.train import step as step_lib
 
 
@@ -97,46 +98,43 @@ def run(config, workdir: str):
       exp.state_shardings, batch_sharding)
   evals = exp.eval_configs()
 
-  step, acc, n_acc, pending = start, None, 0, False
+  step, acc, n_acc = start, None, 0
   t_last, step_last = time.time(), start
   progress = _progress_bar(start, config.total_steps, exp.is_chief)
-  try:
-    with jax.set_mesh(exp.mesh):
-      while step < config.total_steps:
-        data_state, pending = data_iter.get_state(), True
-        batch = sharding.make_global_batch(next(data_iter), exp.mesh)
-        state, m = train_step(state, batch)
-        step, pending = step + 1, False
-        acc = m if acc is None else jax.tree.map(lambda a, b: a + b, acc, m)
-        n_acc += 1
-        progress.update(1)
-        if _due(step, config.log_every, config.total_steps):
-          row = {k: float(v) / n_acc for k, v in jax.device_get(acc).items()}
-          dt = time.time() - t_last
-          row["steps_per_sec"] = (step - step_last) / dt
-          row["samples_per_sec"] = row["steps_per_sec"] * config.batch_size
-          writer.write(step, row)
-          progress.set_postfix(loss=f"{row['loss']:.4f}")
-          logging.info("step %d/%d: %s", step, config.total_steps, _fmt(row))
-          acc, n_acc, t_last, step_last = None, 0, time.time(), step
-        if _due(step, config.checkpoint_every, config.total_steps):
-          checkpoint.save(manager, step, state, data_iter)
-        due = [n for n, c in evals.items() if _due(step, c.every, config.total_steps)]
-        if due:
-          writer.write(step, exp.run_evals(state.params, step, due))
-  except KeyboardInterrupt:
+  with signals.StopRequest() as stop, jax.set_mesh(exp.mesh):
+    while step < config.total_steps and not stop.requested:
+      batch = sharding.make_global_batch(next(data_iter), exp.mesh)
+      state, m = train_step(state, batch)
+      step += 1
+      acc = m if acc is None else jax.tree.map(lambda a, b: a + b, acc, m)
+      n_acc += 1
+      progress.update(1)
+      if _due(step, config.log_every, config.total_steps):
+        row = {k: float(v) / n_acc for k, v in jax.device_get(acc).items()}
+        dt = time.time() - t_last
+        row["steps_per_sec"] = (step - step_last) / dt
+        row["samples_per_sec"] = row["steps_per_sec"] * config.batch_size
+        writer.write(step, row)
+        progress.set_postfix(loss=f"{row['loss']:.4f}")
+        logging.info("step %d/%d: %s", step, config.total_steps, _fmt(row))
+        acc, n_acc, t_last, step_last = None, 0, time.time(), step
+      if _due(step, config.checkpoint_every, config.total_steps) or (
+          stop.requested and step > start):
+        checkpoint.save(manager, step, state, data_iter)
+      due = [n for n, c in evals.items() if _due(step, c.every, config.total_steps)]
+      if due:
+        writer.write(step, exp.run_evals(state.params, step, due))
+  if stop.requested:
     progress.close()
-    logging.warning("Interrupted at step %d: saving a checkpoint, then exiting. Run the "
-                    "same command again to resume.", step)
-    if pending:  # The batch drawn for the unfinished step is drawn again on resume.
-      data_iter.set_state(data_state)
-    if step > start and manager.latest_step() != step:
-      checkpoint.save(manager, step, state, data_iter, force=True)
     manager.wait_until_finished()
+    manager.close()
     writer.close()
-    raise
+    logging.warning("Stopped by %s at step %d with a checkpoint saved; run the same "
+                    "command again to resume.", stop.requested, step)
+    return state
   progress.close()
   manager.wait_until_finished()
+  manager.close()
   writer.close()
   if exp.is_chief and config.plot and os.path.exists(writer.path):
     logging.info("Wrote %s", metrics_lib.plot_curves(workdir))
@@ -148,6 +146,7 @@ def evaluate(config, workdir: str, step=None):
   exp = Experiment(config, workdir)
   manager = checkpoint.make_manager(workdir, config)
   state, step = checkpoint.restore(manager, exp.abstract, step=step)
+  manager.close()
   if state is None:
     raise FileNotFoundError(f"No checkpoint found in {workdir}/checkpoints; train first "
                             "(--mode=train) or pass the workdir of a trained run.")

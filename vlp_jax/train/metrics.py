@@ -65,10 +65,14 @@ def plot_curves(workdir: str, keys_prefixes=("loss", "eval/")):
   train_keys = sorted({k for r in rows for k in r
                        if k == "loss" or k.endswith("/loss") and not k.startswith("eval/")})
   eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/")
-                      and isinstance(r[k], float)})
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  for ax, keys, title in ((axes[0], train_keys, "training loss"),
-                          (axes[1], eval_keys, "evaluation")):
+                      and "/num_" not in k and isinstance(r[k], float)})
+  unit = [k for k in eval_keys if all(0 <= r[k] <= 1 for r in rows if k in r)]
+  other = [k for k in eval_keys if k not in unit]
+  panels = [(train_keys, "training loss"), (unit, "evaluation (accuracy, recall)")]
+  if other:
+    panels.append((other, "evaluation (other scales)"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+  for ax, (keys, title) in zip(axes, panels):
     for k in keys:
       pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), float)]
       if pts:
