@@ -128,7 +128,7 @@ def test_greedy_matches_naive_reference(setup):
   assert len(set(got[:, 1:].ravel().tolist())) > 2, got
 
 
-@pytest.mark.parametrize("token,other", [(EOS, PAD), (PAD, EOS)])
+@pytest.mark.parametrize("token,other", [(EOS, PAD), (PAD, EOS)], ids=["eos", "pad"])
 def test_greedy_stops_at_eos_or_pad(setup, token, other):
   """Captions that end on `token` at different steps: padding follows."""
   apply, _, images, params = setup

@@ -134,14 +134,14 @@ def batch():
 
 @pytest.fixture(scope="module")
 def tt(batch):
-  """(config, model, boxed abstract variables, random variables) of a tiny two-tower model."""
+  """(config, model, boxed abstract variables, random variables): tiny two-tower."""
   cfg = tiny_config("two_tower")
   return (cfg,) + random_model(cfg, batch)
 
 
 @pytest.fixture(scope="module")
 def coca(batch):
-  """(config, model, boxed abstract variables, random variables) of a tiny CoCa."""
+  """(config, model, boxed abstract variables, random variables): tiny CoCa."""
   cfg = tiny_config("coca")
   return (cfg,) + random_model(cfg, batch, seed=1)
 
@@ -334,6 +334,9 @@ def test_vit_pools(pool, vit_images):
   params = variables["params"]
   assert ("cls" in params) == (pool == "cls")
   assert ("map_head" in params) == (pool == "map")
+  # A uniform image has identical patches: only the positions tell its tokens apart.
+  _, uniform = module.apply(variables, jnp.ones_like(vit_images))
+  assert max_abs_diff(uniform[:, 0], uniform[:, 1]) > 1e-3
   if pool == "none":
     assert pooled is None
     return
@@ -384,9 +387,12 @@ def test_tower_kwargs_variant_and_overrides():
 # ------------------------------------------------------------------------------ text
 
 
-def test_text_causal_masking(tt, batch):
-  cfg, model, _, variables = tt
+def test_text_causal_masking(tt):
+  _, model, _, variables = tt
   bidir = models.build_model(tiny_config(txt=dict(causal=False)))  # Same params.
+  # Repeating one token: only the positions tell the (bidirectional) features apart.
+  _, same = bidir.apply(variables, np.full((B, L), 5, np.int32), method="embed_text")
+  assert max_abs_diff(same[:, 0], same[:, 1]) > 1e-3
   rng = np.random.default_rng(2)
   tokens = random_tokens(rng, (B, L))
   for j in (1, 4, L - 1):
@@ -467,10 +473,10 @@ def test_coca_caption_causality(coca, batch):
     np.testing.assert_allclose(out["caption_logits"][:, :t + 1], logits[:, :t + 1],
                                atol=1e-5)
     assert max_abs_diff(out["caption_logits"][:, t + 1:], logits[:, t + 1:]) > 1e-3
-  # The logits depend on the image.
+  # The logits depend on the image: same text, images swapped.
   other = model.apply(variables, {"image": batch["image"][::-1], "text": tokens})
   for i in range(B):
-    assert max_abs_diff(other["caption_logits"][B - 1 - i], logits[i]) > 1e-3
+    assert max_abs_diff(other["caption_logits"][i], logits[i]) > 1e-3
   # `decode` (used by generation) computes the same logits as the full forward pass.
   _, _, context = model.apply(variables, batch["image"], method="encode_image")
   assert context.shape == (B, Q, W_TXT)

@@ -1,6 +1,7 @@
 """End-to-end: train, log, checkpoint, resume exactly, evaluate (tiny CoCa on shapes)."""
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -126,5 +127,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(reference_run, tmp_path):
   shutil.copytree(reference_run, workdir)
   c = tiny_config()
   c.model.text.width = 48
-  with pytest.raises(ValueError, match="does not match the model"):
+  with pytest.raises(ValueError, match="does not match the model") as e:
     loop.run(c, workdir)
+  assert re.search(r"with other shapes \d+: \['\w+'\].*: checkpoint \(\d+, 32\) vs "
+                   r"model \(\d+, 48\)", str(e.value)), str(e.value)

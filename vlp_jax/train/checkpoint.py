@@ -2,6 +2,7 @@
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -10,8 +11,35 @@ def make_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints, create=True,
       enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()})
+
+
+def _param_shapes(params):
+  return {jax.tree_util.keystr(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def check_compatible(manager, step: int, abstract_state):
+  """Raises ValueError listing missing / unexpected / reshaped parameters, if any."""
+  saved = _param_shapes(manager.item_metadata(step)["state"]["params"])
+  wanted = _param_shapes(abstract_state.params)
+  missing = sorted(set(wanted) - set(saved))
+  unexpected = sorted(set(saved) - set(wanted))
+  reshaped = [f"{k}: checkpoint {saved[k]} vs model {wanted[k]}"
+              for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]
+  if missing or unexpected or reshaped:
+    show = lambda xs: "; ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
+    parts = [f"{name} {len(xs)}: {show(xs)}" for name, xs in (
+        ("missing from the checkpoint", missing), ("unexpected in the checkpoint",
+                                                   unexpected),
+        ("with other shapes", reshaped)) if xs]
+    raise ValueError(
+        f"Checkpoint at step {step} in {manager.directory} does not match the model of "
+        f"this config. Parameters {' | '.join(parts)}. Use a fresh --workdir, or the "
+        "config the checkpoint was written with.")
 
 
 def save(manager, step: int, state, data_iter=None, force: bool = False):
@@ -31,14 +59,9 @@ def restore(manager, abstract_state, data_iter=None, step=None):
   step = manager.latest_step() if step is None else step
   if step is None:
     return None, None
+  check_compatible(manager, step, abstract_state)
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-  except (ValueError, KeyError) as e:
-    raise ValueError(
-        f"Checkpoint at step {step} in {manager.directory} does not match the model "
-        f"of this config ({e}). Use a fresh --workdir, or restore with the config "
-        "the checkpoint was written with.") from e
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored["state"], step

@@ -85,7 +85,11 @@ def run(config, workdir: str):
     _write_config(config, workdir)
   manager = checkpoint.make_manager(workdir, config)
   data_iter = iter(train_ds)
-  state, start = checkpoint.restore(manager, exp.abstract, data_iter)
+  try:
+    state, start = checkpoint.restore(manager, exp.abstract, data_iter)
+  except Exception:
+    manager.close()
+    raise
   if state is None:
     state, start = state_lib.create_state(exp.model, exp.tx, config, exp.mesh), 0
     logging.info("Initialised a new model (%d parameters).", _num_params(state.params))
