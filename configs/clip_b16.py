@@ -16,31 +16,19 @@ or try it anywhere on the built-in data: --config.data.source=shapes
 pass a SentencePiece model with --config.data.tokenizer=sentencepiece:/path/spm.model
 (the default, 'bytes', needs no file).
 """
-from vlp_jax.config import default_config
+from vlp_jax.config import b16_recipe
 
 
 def get_config(arg=None):
   del arg
-  c = default_config()
+  c = b16_recipe()
   c.batch_size = 32768
   c.total_steps = 390_000
-  c.log_every = 100
-  c.checkpoint_every = 2000
 
   c.model.name = "two_tower"
-  c.model.embed_dim = 512
-  c.model.image.update(variant="B/16", pool="cls")
-  c.model.text.update(vocab_size=49408, width=512, depth=12, mlp_dim=2048, num_heads=8,
-                      context_length=77, causal=True, pool="eos")
+  c.model.image.pool = "cls"
 
   c.objectives = {"clip": 1.0}
   c.optim.update(lr=5e-4, warmup_steps=2000, weight_decay=0.2, b1=0.9, b2=0.98,
                  eps=1e-6, grad_clip_norm=1.0)
-
-  c.data.update(source="jsonl:data/train.jsonl", image_size=224, tokenizer="bytes",
-                normalization="clip")
-
-  # Enable with --config.evals.retrieval.every=N (0 = only at the end).
-  c.evals = {"retrieval": dict(type="retrieval", every=-1, source="jsonl:data/val.jsonl",
-                               size=5000, batch_size=256)}
   return c

@@ -11,35 +11,22 @@ warmup 2% of 500k steps, cosine decay (the paper uses Adafactor; AdamW here); ba
     python main.py --config=configs/coca_b16.py --workdir=/tmp/coca \
         --config.data.source=jsonl:/data/laion/train.jsonl
 """
-from vlp_jax.config import default_config
+from vlp_jax.config import b16_recipe
 
 
 def get_config(arg=None):
   del arg
-  c = default_config()
+  c = b16_recipe()
   c.batch_size = 65536
   c.total_steps = 500_000
-  c.log_every = 100
-  c.checkpoint_every = 2000
 
   c.model.name = "coca"
-  c.model.embed_dim = 512
-  c.model.image.update(variant="B/16")
-  c.model.text.update(vocab_size=49408, width=512, depth=12, mlp_dim=2048, num_heads=8,
-                      context_length=77, causal=True, pool="eos")
   c.model.decoder.update(depth=12, num_queries=256)
 
   c.objectives = {"clip": 1.0, "caption": 2.0}
   c.optim.update(lr=8e-4, warmup_steps=10_000, weight_decay=0.01, b1=0.9, b2=0.999,
                  eps=1e-8, grad_clip_norm=1.0)
 
-  c.data.update(source="jsonl:data/train.jsonl", image_size=224, tokenizer="bytes",
-                normalization="clip")
-
-  c.evals = {
-      "retrieval": dict(type="retrieval", every=-1, source="jsonl:data/val.jsonl",
-                        size=5000, batch_size=256),
-      "captioning": dict(type="captioning", every=-1, source="jsonl:data/val.jsonl",
-                         size=5000, batch_size=64),
-  }
+  c.evals.captioning = dict(type="captioning", every=-1, source="jsonl:data/val.jsonl",
+                            size=5000, batch_size=64)
   return c

@@ -12,22 +12,19 @@ decay; batch 32,768.
 """
 import math
 
-from vlp_jax.config import default_config
+from vlp_jax.config import b16_recipe
 
 
 def get_config(arg=None):
   del arg
-  c = default_config()
+  c = b16_recipe()
   c.batch_size = 32768
   c.total_steps = 275_000  # ~9B examples seen.
-  c.log_every = 100
-  c.checkpoint_every = 2000
 
   c.model.name = "two_tower"
   c.model.embed_dim = 768
-  c.model.image.update(variant="B/16", pool="map")
-  c.model.text.update(vocab_size=49408, width=512, depth=12, mlp_dim=2048, num_heads=8,
-                      context_length=77, causal=False, pool="eos")
+  c.model.image.pool = "map"
+  c.model.text.causal = False
   c.model.logit_scale_init = math.log(10.0)
   c.model.use_logit_bias = True
   c.model.logit_bias_init = -10.0
@@ -36,9 +33,5 @@ def get_config(arg=None):
   c.optim.update(lr=1e-3, warmup_steps=5000, weight_decay=1e-4, b1=0.9, b2=0.95,
                  eps=1e-8, grad_clip_norm=1.0)
 
-  c.data.update(source="jsonl:data/train.jsonl", image_size=224, tokenizer="bytes",
-                normalization="inception")
-
-  c.evals = {"retrieval": dict(type="retrieval", every=-1, source="jsonl:data/val.jsonl",
-                               size=5000, batch_size=256)}
+  c.data.normalization = "inception"
   return c

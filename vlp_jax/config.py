@@ -65,6 +65,24 @@ def default_config() -> ConfigDict:
   return c
 
 
+def b16_recipe() -> ConfigDict:
+  """What the ViT-B/16 recipes share: 224 px B/16 image tower, CLIP's 12 x 512 text
+  tower with context 77 and 49,408 ids, data and a retrieval eval on user paths."""
+  c = default_config()
+  c.log_every = 100
+  c.checkpoint_every = 2000
+  c.model.embed_dim = 512
+  c.model.image.update(variant="B/16")
+  c.model.text.update(vocab_size=49408, width=512, depth=12, mlp_dim=2048, num_heads=8,
+                      context_length=77, causal=True, pool="eos")
+  c.data.update(source="jsonl:data/train.jsonl", image_size=224, tokenizer="bytes",
+                normalization="clip")
+  # Enable with --config.evals.retrieval.every=N (0 = only at the end).
+  c.evals = {"retrieval": dict(type="retrieval", every=-1, source="jsonl:data/val.jsonl",
+                               size=5000, batch_size=256)}
+  return c
+
+
 def _closest(key, options):
   match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
   return f" Did you mean '{match[0]}'?" if match else ""
