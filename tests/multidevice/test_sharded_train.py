@@ -1,0 +1,80 @@
+"""On 8 simulated devices, every mesh gives the single-device losses and parameters."""
+import functools
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from tests import test_train
+from vlp_jax import sharding
+from vlp_jax.data import pipeline
+from vlp_jax.train import loop, state as state_lib, step as step_lib
+
+MESHES = {
+    "data8": {"data": 8, "fsdp": 1, "tensor": 1},
+    "data2_fsdp4": {"data": 2, "fsdp": 4, "tensor": 1},
+    "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
+    "fsdp8": {"data": 1, "fsdp": 8, "tensor": 1},
+}
+
+
+def coca_config():
+  return test_train.tiny_config()
+
+
+def siglip_config():
+  c = test_train.tiny_config()
+  c.model.name = "two_tower"
+  c.model.image.pool = "map"
+  c.model.logit_scale_init = math.log(10.0)
+  c.model.use_logit_bias = True
+  c.model.logit_bias_init = -10.0
+  c.objectives = {"siglip": 1.0}
+  return c
+
+
+CONFIGS = {"coca": coca_config, "siglip": siglip_config}
+
+
+def train(config, devices, batches):
+  """Three train steps from the same init; returns (losses, params) on the host."""
+  exp = loop.Experiment(config, "/unused", devices)
+  state = state_lib.create_state(exp.model, exp.tx, config, exp.mesh)
+  fn = step_lib.make_train_step(exp.model, step_lib.objectives_from_config(config),
+                                exp.tx, exp.schedule, exp.state_shardings,
+                                sharding.batch_sharding(exp.mesh))
+  losses = []
+  with jax.set_mesh(exp.mesh):
+    for b in batches:
+      state, m = fn(state, sharding.make_global_batch(b, exp.mesh))
+      losses.append(float(m["loss"]))
+  return np.array(losses), jax.device_get(state.params)
+
+
+@functools.cache
+def reference(name):
+  config = CONFIGS[name]()
+  it = iter(pipeline.train_dataset(config, pipeline.make_tokenizer(config.data)))
+  batches = [next(it) for _ in range(3)]
+  config.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+  return batches, train(config, jax.devices()[:1], batches)
+
+
+def assert_close(actual, expected):
+  """float32 agreement: |a - b| <= 1e-6 + 1e-5 |b| (relative 1e-5 with a tiny floor)."""
+  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_mesh_matches_single_device(name, mesh):
+  assert jax.device_count() == 8
+  batches, (ref_losses, ref_params) = reference(name)
+  config = CONFIGS[name]()
+  config.mesh = MESHES[mesh]
+  losses, params = train(config, jax.devices(), batches)
+  assert_close(losses, ref_losses)
+  jax.tree.map(assert_close, params, ref_params)
+  # Training moved the parameters (the comparison is not between two inits).
+  assert not np.allclose(ref_losses[0], ref_losses[-1])

@@ -1,0 +1,21 @@
+"""Runs tests/multidevice/ in a subprocess with 8 simulated CPU devices.
+
+Run them directly with: .venv/bin/python -m pytest tests/multidevice
+"""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_multidevice_suite():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+       os.path.join(ROOT, "tests", "multidevice")],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  tail = proc.stdout[-4000:] + proc.stderr[-2000:]
+  assert proc.returncode == 0, tail
+  assert " passed" in proc.stdout and "failed" not in proc.stdout, tail
+  print(proc.stdout[-1500:])
