@@ -13,15 +13,25 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe: configs/NAME.
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, plots.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "train (resumes if the workdir holds a checkpoint) or eval.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "Multi-process: HOST:PORT of process 0 (not needed on "
+    "TPU pod slices and SLURM, which are detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-process: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index.")
+_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    "num_cpu_devices", 0, "Split the CPU into this many devices (to try meshes locally).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from vlp_jax import distributed  # pylint: disable=g-import-not-at-top
   from vlp_jax.train import loop  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   cli.quiet_third_party_logs()
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         _NUM_CPU_DEVICES.value)
   if _MODE.value == "train":
     loop.run(_CONFIG.value, _WORKDIR.value)
   else:

@@ -82,3 +82,14 @@ def test_make_global_batch_values():
     assert batch[k].shape == v.shape and batch[k].dtype == v.dtype
     assert batch[k].sharding == sharding.batch_sharding(mesh)
     np.testing.assert_array_equal(np.asarray(batch[k]), v)
+
+
+def test_rules_round_trip_through_the_config():
+  from vlp_jax import config as config_lib
+  rules = sharding.rules_from_config(config_lib.default_config().sharding_rules)
+  assert rules == sharding.DEFAULT_RULES
+  assert sharding.rules_from_config({}) == sharding.DEFAULT_RULES
+  assert sharding.rules_from_config({"batch": "data", "embed": ""}) == (
+      ("batch", "data"), ("embed", None))
+  with pytest.raises(ValueError, match="unknown mesh axes.*model"):
+    sharding.rules_from_config({"batch": "data,model"})

@@ -88,11 +88,11 @@ def test_signal_saves_and_resumes_exactly(reference_run, tmp_path, monkeypatch, 
   calls = {"n": 0}
   original = loop.sharding.make_global_batch
 
-  def signal_on_step_6(batch, mesh):
+  def signal_on_step_6(batch, mesh, rules):
     calls["n"] += 1
     if calls["n"] == 6:
       os.kill(os.getpid(), signum)
-    return original(batch, mesh)
+    return original(batch, mesh, rules)
 
   monkeypatch.setattr(loop.sharding, "make_global_batch", signal_on_step_6)
   loop.run(tiny_config(), workdir)

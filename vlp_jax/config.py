@@ -9,10 +9,12 @@ import math
 
 import ml_collections
 
+from vlp_jax import sharding
+
 ConfigDict = ml_collections.ConfigDict
 
 # Sub-trees whose keys are chosen by the user (names of objectives, evals, mesh axes).
-OPEN_KEYS = ("objectives", "objective_cfg", "evals", "mesh")
+OPEN_KEYS = ("objectives", "objective_cfg", "evals", "mesh", "sharding_rules")
 
 # Keys an entry of `config.evals` may have.
 EVAL_KEYS = {
@@ -26,6 +28,7 @@ def default_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 0
   c.batch_size = 256
+  c.accum_steps = 1  # Micro-batches per step; contrastive losses keep all negatives.
   c.total_steps = 1000
   c.log_every = 50
   c.checkpoint_every = 500
@@ -59,6 +62,8 @@ def default_config() -> ConfigDict:
       normalization="clip", worker_count=0, prefetch=2))
 
   c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # Logical axis -> mesh axes ("data,fsdp"; "" = unsharded), in priority order.
+  c.sharding_rules = ConfigDict(sharding.rules_to_config())
 
   c.evals = ConfigDict()
   c.plot = True
@@ -133,6 +138,10 @@ def validate(config) -> None:
   for key in ("batch_size", "total_steps", "log_every"):
     if config[key] <= 0:
       raise ValueError(f"config.{key} must be positive, got {config[key]}.")
+  if config.accum_steps <= 0 or config.batch_size % config.accum_steps:
+    raise ValueError(
+        f"config.batch_size={config.batch_size} must be divisible by "
+        f"config.accum_steps={config.accum_steps} (a positive number of micro-batches).")
 
 
 def to_dict(config):

@@ -26,6 +26,37 @@ DEFAULT_RULES = (
 )
 
 
+def rules_from_config(rules_cfg):
+  """{'batch': 'data,fsdp', 'embed': 'fsdp', 'length': '', ...} -> flax logical rules.
+
+  Values name mesh axes, comma-separated; '' keeps that logical axis unsharded. An
+  empty config means DEFAULT_RULES.
+  """
+  if not rules_cfg:
+    return DEFAULT_RULES
+  rules = []
+  # ConfigDicts sort their keys: restore the default priority (batch before embed,
+  # both claiming fsdp); logical axes unknown to the defaults come last.
+  priority = [name for name, _ in DEFAULT_RULES]
+  order = sorted(rules_cfg.keys(),
+                 key=lambda k: priority.index(k) if k in priority else len(priority))
+  for logical in order:
+    axes = rules_cfg[logical]
+    names = tuple(a.strip() for a in axes.split(",") if a.strip())
+    unknown = set(names) - set(MESH_AXES)
+    if unknown:
+      raise ValueError(f"config.sharding_rules.{logical} names unknown mesh axes "
+                       f"{sorted(unknown)}; use {MESH_AXES}.")
+    rules.append((logical, names[0] if len(names) == 1 else (names or None)))
+  return tuple(rules)
+
+
+def rules_to_config(rules=DEFAULT_RULES):
+  """The inverse of `rules_from_config` (for the config schema's defaults)."""
+  as_str = lambda axes: ",".join((axes,) if isinstance(axes, str) else axes or ())
+  return {logical: as_str(axes) for logical, axes in rules}
+
+
 def mesh_shape(mesh_cfg, num_devices: int):
   """Resolves the config's axis sizes (one may be -1) against `num_devices`."""
   unknown = set(mesh_cfg.keys()) - set(MESH_AXES)

@@ -2,6 +2,7 @@
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -43,11 +44,11 @@ def train(config, devices, batches):
   state = state_lib.create_state(exp.model, exp.tx, config, exp.mesh)
   fn = step_lib.make_train_step(exp.model, step_lib.objectives_from_config(config),
                                 exp.tx, exp.schedule, exp.state_shardings,
-                                sharding.batch_sharding(exp.mesh))
+                                sharding.batch_sharding(exp.mesh, exp.rules))
   losses = []
-  with jax.set_mesh(exp.mesh):
+  with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
     for b in batches:
-      state, m = fn(state, sharding.make_global_batch(b, exp.mesh))
+      state, m = fn(state, sharding.make_global_batch(b, exp.mesh, exp.rules))
       losses.append(float(m["loss"]))
   return np.array(losses), jax.device_get(state.params)
 
@@ -78,3 +79,21 @@ def test_mesh_matches_single_device(name, mesh):
   jax.tree.map(assert_close, params, ref_params)
   # Training moved the parameters (the comparison is not between two inits).
   assert not np.allclose(ref_losses[0], ref_losses[-1])
+
+
+def test_parallelism_is_a_config_change():
+  """FSDP shards kernels' embed axis over fsdp; a rule override turns that off."""
+  config = coca_config()
+  config.mesh = MESHES["data2_fsdp2_tensor2"]
+  exp = loop.Experiment(config, "/unused")
+  fc1 = exp.state_shardings.params["txt"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
+  assert tuple(fc1.spec) == ("fsdp", "tensor")
+  assert fc1.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
+  # Adam's moments follow their parameters.
+  mu = exp.state_shardings.opt_state[1][0].mu["txt"]["encoder"]["block_0"]["mlp"]["fc1"]
+  assert tuple(mu["kernel"].spec) == ("fsdp", "tensor")
+  config.sharding_rules.embed = ""
+  config.sharding_rules.mlp = "fsdp,tensor"
+  exp = loop.Experiment(config, "/unused")
+  fc1 = exp.state_shardings.params["txt"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
+  assert tuple(fc1.spec) == (None, ("fsdp", "tensor"))

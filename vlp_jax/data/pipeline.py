@@ -22,10 +22,13 @@ def train_dataset(config, tokenizer) -> grain.IterDataset:
   d = config.data
   source = sources.make_source(d.source, "train", d.size, config.seed, d.image_size)
   ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
-  ds = ds[jax.process_index()::jax.process_count()]
   ds = ds.random_map(transforms.TrainTransform(
       tokenizer, d.image_size, config.model.text.context_length, d.normalization))
+  # Process p reads rows [p*b, (p+1)*b) of every global batch: consecutive chunks of
+  # b examples, every P-th one. Elements are only read (and decoded) by their owner,
+  # and the global batch is the same whatever the number of processes.
   ds = ds.batch(per_process_batch_size(config.batch_size), drop_remainder=True)
+  ds = ds[jax.process_index()::jax.process_count()]
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, d.prefetch),
                                                  prefetch_buffer_size=d.prefetch))
   if d.worker_count > 0:

@@ -3,11 +3,18 @@
 The core math lives in small array-level helpers (`clip_logits`,
 `clip_loss_from_embeddings`, `siglip_loss_from_embeddings`) so that sharded or
 chunked variants can reuse them; the registered objectives only unpack inputs.
+
+Under a mesh that splits the batch, `clip` and `siglip` use the distributed forms in
+`distributed.py` (same value and gradient, no [B, B] logits on any device); the
+option `distributed: 'dense'` forces the dense form.
 """
 import jax
 import jax.numpy as jnp
 
+from vlp_jax.objectives import distributed
 from vlp_jax.registry import OBJECTIVES
+
+_DISTRIBUTED_MODES = ("auto", "dense")
 
 
 def _f32(x):
@@ -65,19 +72,38 @@ def siglip_loss_from_embeddings(image_emb, text_emb, scale, bias):
   return loss, logits
 
 
+def _batch_axes(cfg, batch_size):
+  """Mesh axes for the distributed form, or () for the dense one (option `distributed`)."""
+  mode = (cfg or {}).get("distributed", "auto")
+  if mode not in _DISTRIBUTED_MODES:
+    raise ValueError(f"Objective option distributed={mode!r}; use one of "
+                     f"{_DISTRIBUTED_MODES}.")
+  if mode == "dense":
+    return ()
+  axes = distributed.batch_mesh_axes()
+  return axes if distributed.can_shard_batch(batch_size, axes) else ()
+
+
 @OBJECTIVES.register("clip")
 def clip(outputs, batch, cfg):
-  """CLIP objective. Options: `label_smoothing` (0.0)."""
+  """CLIP objective. Options: `label_smoothing` (0.0), `distributed` ('auto'|'dense')."""
   del batch
   ls = float((cfg or {}).get("label_smoothing", 0.0))
   scale = outputs["logit_scale"]
-  loss, logits = clip_loss_from_embeddings(
-      outputs["image_emb"], outputs["text_emb"], scale, label_smoothing=ls)
-  labels = jnp.arange(logits.shape[0])
+  img, txt = outputs["image_emb"], outputs["text_emb"]
+  axes = _batch_axes(cfg, img.shape[0])
+  if axes:
+    loss, i2t_acc, t2i_acc = distributed.clip_loss_local(
+        img, txt, scale, label_smoothing=ls, axes=axes)
+  else:
+    loss, logits = clip_loss_from_embeddings(img, txt, scale, label_smoothing=ls)
+    labels = jnp.arange(logits.shape[0])
+    i2t_acc = jnp.mean((jnp.argmax(logits, axis=1) == labels).astype(jnp.float32))
+    t2i_acc = jnp.mean((jnp.argmax(logits, axis=0) == labels).astype(jnp.float32))
   metrics = {
       "loss": loss,
-      "i2t_acc": jnp.mean((jnp.argmax(logits, axis=1) == labels).astype(jnp.float32)),
-      "t2i_acc": jnp.mean((jnp.argmax(logits, axis=0) == labels).astype(jnp.float32)),
+      "i2t_acc": i2t_acc,
+      "t2i_acc": t2i_acc,
       "logit_scale": _f32(scale),
   }
   return loss, metrics
@@ -85,10 +111,18 @@ def clip(outputs, batch, cfg):
 
 @OBJECTIVES.register("siglip")
 def siglip(outputs, batch, cfg):
-  """SigLIP objective. No options."""
-  del batch, cfg
+  """SigLIP objective. Options: `distributed` ('auto'|'dense')."""
+  del batch
   scale, bias = outputs["logit_scale"], outputs["logit_bias"]
-  loss, _ = siglip_loss_from_embeddings(
-      outputs["image_emb"], outputs["text_emb"], scale, bias)
+  img, txt = outputs["image_emb"], outputs["text_emb"]
+  axes = _batch_axes(cfg, img.shape[0])
+  if axes:
+    loss = distributed.siglip_loss_chunked(img, txt, scale, bias, axes=axes)
+  else:
+    loss, _ = siglip_loss_from_embeddings(img, txt, scale, bias)
   metrics = {"loss": loss, "logit_scale": _f32(scale), "logit_bias": _f32(bias)}
   return loss, metrics
+
+
+clip.needs_all_negatives = True
+siglip.needs_all_negatives = True

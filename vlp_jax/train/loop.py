@@ -3,6 +3,7 @@ import json
 import os
 import time
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -32,6 +33,7 @@ class Experiment:
     self.model = build_model(config.model)
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
     self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.rules = sharding.rules_from_config(config.sharding_rules)
     self.abstract = state_lib.unboxed_abstract_state(self.model, self.tx, config, self.mesh)
     self.state_shardings = jax.tree.map(lambda a: a.sharding, self.abstract)
     self.predict_fns = predict.make_predict_fns(
@@ -96,7 +98,7 @@ def run(config, workdir: str):
   else:
     logging.info("Resumed from the checkpoint at step %d in %s.", start, workdir)
   writer = metrics_lib.MetricWriter(workdir, exp.is_chief, resume_step=start)
-  batch_sharding = sharding.batch_sharding(exp.mesh)
+  batch_sharding = sharding.batch_sharding(exp.mesh, exp.rules)
   train_step = step_lib.make_train_step(
       exp.model, step_lib.objectives_from_config(config), exp.tx, exp.schedule,
       exp.state_shardings, batch_sharding)
@@ -105,9 +107,10 @@ def run(config, workdir: str):
   step, acc, n_acc = start, None, 0
   t_last, step_last = time.time(), start
   progress = _progress_bar(start, config.total_steps, exp.is_chief)
-  with signals.StopRequest() as stop, jax.set_mesh(exp.mesh):
+  with signals.StopRequest() as stop, jax.set_mesh(exp.mesh), \
+      nn.logical_axis_rules(exp.rules):
     while step < config.total_steps and not stop.requested:
-      batch = sharding.make_global_batch(next(data_iter), exp.mesh)
+      batch = sharding.make_global_batch(next(data_iter), exp.mesh, exp.rules)
       state, m = train_step(state, batch)
       step += 1
       acc = m if acc is None else jax.tree.map(lambda a, b: a + b, acc, m)

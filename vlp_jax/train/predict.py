@@ -14,14 +14,17 @@ def make_predict_fns(model, tokenizer, context_length: int):
   def embed_text(params, tokens):
     return model.apply({"params": params}, tokens, method="embed_text")[0]
 
+  # Replicated outputs: every process gets the whole result (multi-host evaluation).
+  replicated = jax.sharding.PartitionSpec()
   fns = {
-      "embed_image": jax.jit(embed_image),
-      "embed_text": jax.jit(embed_text),
+      "embed_image": jax.jit(embed_image, out_shardings=replicated),
+      "embed_text": jax.jit(embed_text, out_shardings=replicated),
       "tokenize": lambda texts: tokenizer.tokenize(list(texts), context_length),
       "detokenize": tokenizer.decode,
   }
   if hasattr(model, "decode"):
     fns["generate"] = jax.jit(functools.partial(
         generate.greedy_generate, model, max_len=context_length,
-        bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
+        bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id),
+                              out_shardings=replicated)
   return fns

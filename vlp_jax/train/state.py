@@ -41,7 +41,8 @@ def _init_fn(model, tx, config):
 def abstract_state(model, tx, config, mesh):
   """(abstract boxed state, its NamedShardings) without allocating anything."""
   boxed = jax.eval_shape(_init_fn(model, tx, config), jax.random.PRNGKey(0))
-  return boxed, sharding.logical_shardings(boxed, mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  return boxed, sharding.logical_shardings(boxed, mesh, rules)
 
 
 def create_state(model, tx, config, mesh) -> TrainState:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from vlp_jax.registry import OBJECTIVES
+from vlp_jax.train import accumulate
 
 
 class WeightedObjective(NamedTuple):
@@ -43,11 +44,19 @@ def compute_loss(params, model, objectives, batch, rng, train=True):
   return total, metrics
 
 
-def train_step(state, batch, *, model, objectives, tx, schedule):
-  """One optimisation step; returns (new_state, metrics)."""
+def train_step(state, batch, *, model, objectives, tx, schedule, accum_steps=1):
+  """One optimisation step; returns (new_state, metrics).
+
+  With `accum_steps` > 1 the gradient is accumulated over that many micro-batches,
+  keeping all negatives of the batch (see `accumulate.py`).
+  """
   rng = jax.random.fold_in(state.rng, state.step)
-  grad_fn = jax.grad(compute_loss, has_aux=True)
-  grads, metrics = grad_fn(state.params, model, objectives, batch, rng)
+  if accum_steps > 1:
+    grads, metrics = accumulate.accumulated_grads(
+        state.params, model, objectives, batch, rng, accum_steps)
+  else:
+    grad_fn = jax.grad(compute_loss, has_aux=True)
+    grads, metrics = grad_fn(state.params, model, objectives, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.tree.norm(grads)
@@ -56,9 +65,10 @@ def train_step(state, batch, *, model, objectives, tx, schedule):
   return new_state, metrics
 
 
-def make_train_step(model, objectives, tx, schedule, state_shardings, batch_sharding):
+def make_train_step(model, objectives, tx, schedule, state_shardings, batch_sharding,
+                    accum_steps=1):
   """jit-compiles `train_step` with explicit shardings and a donated state."""
   fn = functools.partial(train_step, model=model, objectives=objectives, tx=tx,
-                         schedule=schedule)
+                         schedule=schedule, accum_steps=accum_steps)
   return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
