@@ -1,4 +1,5 @@
 """Batch-sharded CLIP/SigLIP losses equal the dense ones; their logits memory is bounded."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -62,6 +63,13 @@ def test_batch_mesh_axes():
   # The batch is not split when only the tensor axis is larger than 1.
   with jax.set_mesh(sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 8})):
     assert distributed.batch_mesh_axes() == ()
+  # Rules from config (active flax logical axis rules) carry over.
+  with jax.set_mesh(mesh_for("data2_fsdp4")):
+    with nn.logical_axis_rules(sharding.rules_from_config({"batch": "fsdp"})):
+      assert distributed.batch_mesh_axes() == ("fsdp",)
+    with nn.logical_axis_rules(sharding.rules_from_config({"batch": ""})):
+      assert distributed.batch_mesh_axes() == ()
+    assert distributed.batch_mesh_axes((("batch", ("fsdp", "data")),)) == ("fsdp", "data")
 
 
 @pytest.mark.parametrize("batch", [32, 64])
@@ -215,3 +223,21 @@ def test_logits_memory_is_bounded():
   print(f"temp bytes per device at B={big_b}: dense clip {dense_clip_temp}, "
         f"dense siglip {dense_siglip_temp}, local clip {clip_temp}, "
         f"chunked siglip {siglip_temp}; [B, B] f32 = {full}")
+
+
+def test_axis_order_fsdp_major():
+  """Batch split as ('fsdp', 'data'): shard order follows the axes' order."""
+  img, txt = embeddings(32, seed=11)
+  ref_clip = jax.value_and_grad(dense_clip, argnums=(0, 1))(img, txt, SCALE, 0.0)
+  ref_siglip = jax.value_and_grad(dense_siglip, argnums=(0, 1))(img, txt, SCALE, BIAS)
+  mesh, axes = mesh_for("data2_fsdp4"), ("fsdp", "data")
+  with jax.set_mesh(mesh):
+    x, y = on_mesh(mesh, axes, img, txt)
+    got_clip = jax.jit(jax.value_and_grad(
+        lambda x, y: distributed.clip_loss_local(x, y, SCALE, axes=axes)[0],
+        argnums=(0, 1)))(x, y)
+    got_siglip = jax.jit(jax.value_and_grad(
+        lambda x, y: distributed.siglip_loss_chunked(x, y, SCALE, BIAS, axes=axes),
+        argnums=(0, 1)))(x, y)
+  jax.tree.map(assert_close, got_clip, ref_clip)
+  jax.tree.map(assert_close, got_siglip, ref_siglip)

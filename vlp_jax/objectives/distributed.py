@@ -28,13 +28,15 @@ def _f32(x):
   return jnp.asarray(x).astype(jnp.float32)
 
 
-def batch_mesh_axes(rules=sharding.DEFAULT_RULES):
+def batch_mesh_axes(rules=None):
   """Mesh axes the logical 'batch' axis is split over in the active mesh.
 
-  Returns the axes (in rule order) that exist in `jax.sharding.get_abstract_mesh()`,
-  are not already manual and have size > 1; () without a mesh or when the batch is
-  not split.
+  `rules` default to the active `nn.logical_axis_rules` (as the train loop sets from
+  `config.sharding_rules`), else `sharding.DEFAULT_RULES`. Returns the axes (in rule
+  order) that exist in `jax.sharding.get_abstract_mesh()`, are not already manual and
+  have size > 1; () without a mesh or when the batch is not split.
   """
+  rules = rules or nn.get_logical_axis_rules() or sharding.DEFAULT_RULES
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return ()
@@ -148,7 +150,7 @@ def clip_loss_local(image_emb, text_emb, scale, label_smoothing=0.0, axes=None):
 
 
 def _siglip_block(img, txt, s, bias, positive):
-  """Sum of -log_sigmoid(z * logits) over one b x b block (+1 on the diagonal if positive)."""
+  """-sum log_sigmoid(z * logits) over a b x b block (z = +1 on the diagonal if positive)."""
   logits = s * (img @ txt.T) + bias
   if positive:
     signs = 2.0 * jnp.eye(*logits.shape, dtype=jnp.float32) - 1.0
