@@ -101,7 +101,7 @@ def run(config, workdir: str):
   batch_sharding = sharding.batch_sharding(exp.mesh, exp.rules)
   train_step = step_lib.make_train_step(
       exp.model, step_lib.objectives_from_config(config), exp.tx, exp.schedule,
-      exp.state_shardings, batch_sharding)
+      exp.state_shardings, batch_sharding, accum_steps=config.accum_steps)
   evals = exp.eval_configs()
 
   step, acc, n_acc = start, None, 0
