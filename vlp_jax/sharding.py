@@ -96,6 +96,13 @@ def batch_sharding(mesh, rules=DEFAULT_RULES):
   return jax.sharding.NamedSharding(mesh, spec)
 
 
+def batch_shards(mesh, rules=DEFAULT_RULES) -> int:
+  """How many ways the batch axis is split on `mesh`."""
+  axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  axes = (axes,) if isinstance(axes, str) else (axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def make_global_batch(local_batch, mesh, rules=DEFAULT_RULES):
   """Per-process numpy batch -> global jax arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh, rules)

@@ -34,6 +34,14 @@ class Experiment:
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules_from_config(config.sharding_rules)
+    shards = sharding.batch_shards(self.mesh, self.rules)
+    micro = config.batch_size // config.accum_steps
+    if micro % shards:
+      raise ValueError(
+          f"The batch of {micro} examples per (micro-)step (batch_size "
+          f"{config.batch_size} / accum_steps {config.accum_steps}) cannot be split over "
+          f"the {shards} data-parallel shards of mesh {dict(self.mesh.shape)}; use a "
+          f"multiple of {shards}.")
     self.abstract = state_lib.unboxed_abstract_state(self.model, self.tx, config, self.mesh)
     self.state_shardings = jax.tree.map(lambda a: a.sharding, self.abstract)
     self.predict_fns = predict.make_predict_fns(
