@@ -96,7 +96,7 @@ def _take(it, n):
 def _assert_batches_equal(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    assert set(x) == set(y) == {"image", "text"}
+    assert set(x) == set(y) == {"image", "text", "_bad_counts", "_seen"}
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["text"], y["text"])
 

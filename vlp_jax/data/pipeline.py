@@ -3,7 +3,7 @@ import grain
 import jax
 import numpy as np
 
-from vlp_jax.data import sources, tokenizers, transforms
+from vlp_jax.data import robust, sources, tokenizers, transforms
 
 
 def per_process_batch_size(global_batch: int) -> int:
@@ -17,23 +17,35 @@ def per_process_batch_size(global_batch: int) -> int:
 def train_dataset(config, tokenizer) -> grain.IterDataset:
   """The infinite, deterministic training stream of this process's batches.
 
-  Its iterator's state (`get_state`/`set_state`) is saved with every checkpoint.
+  Process p reads elements p, p + P, ... of the shuffled stream. Records that cannot
+  be read or transformed are dropped and counted (`robust.py`); each batch carries the
+  running counts as `_bad_counts` / `_seen` (pop them with `split_bad_counts`). The
+  iterator's state (`get_state`/`set_state`) is saved with every checkpoint.
   """
   d = config.data
-  source = sources.make_source(d.source, "train", d.size, config.seed, d.image_size)
+  source = robust.SafeSource(
+      sources.make_source(d.source, "train", d.size, config.seed, d.image_size), d.source)
   ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
-  ds = ds.random_map(transforms.TrainTransform(
-      tokenizer, d.image_size, config.model.text.context_length, d.normalization))
-  # Process p reads rows [p*b, (p+1)*b) of every global batch: consecutive chunks of
-  # b examples, every P-th one. Elements are only read (and decoded) by their owner,
-  # and the global batch is the same whatever the number of processes.
-  ds = ds.batch(per_process_batch_size(config.batch_size), drop_remainder=True)
   ds = ds[jax.process_index()::jax.process_count()]
+  ds = ds.random_map(robust.safe_transform(transforms.TrainTransform(
+      tokenizer, d.image_size, config.model.text.context_length, d.normalization)))
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, d.prefetch),
                                                  prefetch_buffer_size=d.prefetch))
+  iter_ds = robust.DropBad(iter_ds, d.source, d.max_bad_fraction)
+  iter_ds = iter_ds.batch(per_process_batch_size(config.batch_size), drop_remainder=True)
   if d.worker_count > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
   return iter_ds
+
+
+def split_bad_counts(batch):
+  """-> (model batch, {'bad/<kind>': n, ..., 'bad/fraction': f}) for this process."""
+  batch = dict(batch)
+  counts, seen = robust.summarize({"_bad_counts": batch.pop("_bad_counts"),
+                                   "_seen": batch.pop("_seen")})
+  stats = {f"bad/{k}": v for k, v in counts.items() if v}
+  stats["bad/fraction"] = sum(counts.values()) / max(seen, 1)
+  return batch, stats
 
 
 def eval_examples(spec: str, split: str, size: int, data_cfg, seed: int = 0):

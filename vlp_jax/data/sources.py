@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from vlp_jax.data import shapes  # pylint: disable=unused-import  (registers 'shapes')
+from vlp_jax.data import sources_arrayrecord, sources_files, sources_tfds  # pylint: disable=unused-import  (register sources)
 from vlp_jax.registry import SOURCES
 
 

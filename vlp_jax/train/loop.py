@@ -118,7 +118,8 @@ def run(config, workdir: str):
   with signals.StopRequest() as stop, jax.set_mesh(exp.mesh), \
       nn.logical_axis_rules(exp.rules):
     while step < config.total_steps and not stop.requested:
-      batch = sharding.make_global_batch(next(data_iter), exp.mesh, exp.rules)
+      batch, bad_stats = pipeline.split_bad_counts(next(data_iter))
+      batch = sharding.make_global_batch(batch, exp.mesh, exp.rules)
       state, m = train_step(state, batch)
       step += 1
       acc = m if acc is None else jax.tree.map(lambda a, b: a + b, acc, m)
@@ -129,6 +130,7 @@ def run(config, workdir: str):
         dt = time.time() - t_last
         row["steps_per_sec"] = (step - step_last) / dt
         row["samples_per_sec"] = row["steps_per_sec"] * config.batch_size
+        row.update(bad_stats)
         writer.write(step, row)
         progress.set_postfix(loss=f"{row['loss']:.4f}")
         logging.info("step %d/%d: %s", step, config.total_steps, _fmt(row))

@@ -1,0 +1,228 @@
+"""File-based sources: open_clip-style csv/tsv tables and ImageNet-style image folders.
+
+Specs (ARG is everything after the first ':'):
+
+  csv:/data/train.tsv
+  csv:/data/x.csv?image_column=url&caption_column=caption&separator=;
+  imagefolder:/data/imagenet/{split}
+
+Options after '?' are URL-query style `key=value` pairs joined by '&' (values may be
+percent-encoded, e.g. `separator=%09` for a tab; `tab`, `comma`, `semicolon` and
+`pipe` are accepted too). A literal '{split}' in the path is replaced by the split the
+caller asks for ('train', 'validation', ...), so one spec serves training and eval.
+"""
+import csv
+import json
+import os
+import sys
+import urllib.parse
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+from vlp_jax.registry import SOURCES
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+# CLIP-style zero-shot prompt templates (a subset of the 80 ImageNet ones).
+PROMPT_TEMPLATES: List[str] = [
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a low resolution photo of the {}.",
+    "a cropped photo of the {}.",
+    "a close-up photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a good photo of the {}.",
+    "itap of a {}.",
+]
+
+_SEPARATORS = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|",
+               "space": " "}
+
+
+def class_prompts(class_name: str) -> List[str]:
+  """`PROMPT_TEMPLATES` filled with `class_name`; the first is 'a photo of a X.'."""
+  return [t.format(class_name) for t in PROMPT_TEMPLATES]
+
+
+def split_options(arg: str, source: str, allowed: Tuple[str, ...]) -> Tuple[str, Dict[str, str]]:
+  """Splits 'PATH?k=v&k2=v2' into (PATH, {k: v}); unknown keys are an error."""
+  path, sep, query = arg.partition("?")
+  if not sep:
+    return arg, {}
+  options = {}
+  for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+    if key not in allowed:
+      raise ValueError(f"Unknown option '{key}' in {source} spec '{source}:{arg}'; "
+                       f"allowed: {', '.join(allowed)}.")
+    options[key] = value
+  return path, options
+
+
+def resolve_split(path: str, split: str) -> str:
+  """Replaces a literal '{split}' in `path` with `split`."""
+  return path.replace("{split}", split) if split else path
+
+
+def load_rgb(path: str) -> np.ndarray:
+  """Decodes the image file at `path` to uint8 [H, W, 3]."""
+  with Image.open(path) as img:
+    return np.asarray(img.convert("RGB"))
+
+
+def _select(n: int, size: Optional[int]) -> np.ndarray:
+  """`size` evenly spaced indices of range(n) (all of them when size is 0/None/>= n)."""
+  if not size or size >= n:
+    return np.arange(n)
+  return np.linspace(0, n - 1, size).round().astype(np.int64)
+
+
+# ------------------------------------------------------------------------------- csv
+
+
+class CsvSource:
+  """open_clip-style table: one row per image with an image path and a caption column.
+
+  Relative image paths are resolved against the table's folder. The separator
+  defaults to a tab for '.tsv' files and a comma otherwise.
+  """
+
+  def __init__(self, path: str, image_column: str = "filepath",
+               caption_column: str = "title", separator: Optional[str] = None,
+               size: int = 0):
+    if not path:
+      raise ValueError("The csv source needs a path: 'csv:/path/to/train.csv' (options: "
+                       "'csv:/path/x.csv?image_column=filepath&caption_column=title"
+                       "&separator=,').")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f"Data file not found: '{path}'. Pass an existing table with "
+          "--config.data.source=csv:/path/to/train.csv (or .tsv).")
+    if separator is None:
+      separator = "\t" if path.lower().endswith(".tsv") else ","
+    separator = _SEPARATORS.get(separator, separator)
+    if len(separator) != 1:
+      raise ValueError(f"csv separator must be one character, got {separator!r} "
+                       f"(for '{path}'); e.g. '?separator=tab' or '?separator=;'.")
+    self.path = path
+    root = os.path.dirname(os.path.abspath(path))
+    csv.field_size_limit(sys.maxsize)
+    self.records: List[Tuple[str, str]] = []
+    with open(path, newline="", encoding="utf-8") as f:
+      reader = csv.DictReader(f, delimiter=separator)
+      columns = reader.fieldnames or []
+      missing = [c for c in (image_column, caption_column) if c not in columns]
+      if missing:
+        raise ValueError(
+            f"Table '{path}' has no column {', '.join(repr(c) for c in missing)} "
+            f"(columns found with separator {separator!r}: {columns}). Name the columns "
+            f"with 'csv:{path}?image_column=NAME&caption_column=NAME' (and "
+            "'&separator=...' if the columns are not split correctly).")
+      for row in reader:
+        if size and len(self.records) >= size:
+          break
+        image, caption = row[image_column], row[caption_column]
+        if not image:
+          raise ValueError(f"{path}:{reader.line_num}: empty '{image_column}' value.")
+        self.records.append((os.path.join(root, image), caption or ""))
+    if not self.records:
+      raise ValueError(f"Data file '{path}' holds no records.")
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i) -> Dict[str, Any]:
+    path, caption = self.records[i]
+    return {"image": load_rgb(path), "text": caption, "key": path}
+
+
+@SOURCES.register("csv")
+def make_csv_source(path, split="train", size=0, image_column=None, caption_column=None,
+                    separator=None, **unused):
+  """'csv:PATH[?image_column=..&caption_column=..&separator=..]'; kwargs win over ARG."""
+  path, options = split_options(path or "", "csv",
+                                ("image_column", "caption_column", "separator"))
+  return CsvSource(resolve_split(path, split),
+                   image_column=image_column or options.get("image_column", "filepath"),
+                   caption_column=caption_column or options.get("caption_column", "title"),
+                   separator=separator or options.get("separator"), size=size)
+
+
+# ----------------------------------------------------------------------- imagefolder
+
+
+class ImageFolderSource:
+  """ImageNet layout: DIR/<class folder>/**/<image>; labels index the sorted folders.
+
+  Class names are the folder names with '_' -> ' ', or come from DIR/classnames.txt
+  (one per line, in sorted-folder order) or DIR/classnames.json ({folder: name}).
+  With `size`, an evenly spaced subset of the (class-sorted) images is kept, so every
+  class stays represented.
+  """
+
+  def __init__(self, root: str, size: int = 0):
+    if not root:
+      raise ValueError("The imagefolder source needs a folder: 'imagefolder:/data/train'.")
+    if not os.path.isdir(root):
+      raise FileNotFoundError(
+          f"Image folder not found: '{root}'. Pass a folder with one sub-folder per "
+          "class, e.g. --config.data.source=imagefolder:/data/imagenet/{split}.")
+    self.root = root
+    self.class_folders = sorted(
+        d for d in os.listdir(root)
+        if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+    if not self.class_folders:
+      raise ValueError(f"Image folder '{root}' has no class sub-folders; expected "
+                       f"'{root}/<class name>/<image>.jpg'.")
+    self.class_names = self._load_class_names()
+    records = []
+    for label, folder in enumerate(self.class_folders):
+      for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder)):
+        dirnames.sort()
+        for name in sorted(filenames):
+          if name.lower().endswith(IMAGE_EXTENSIONS):
+            records.append((os.path.join(dirpath, name), label))
+    if not records:
+      raise ValueError(f"Image folder '{root}' has {len(self.class_folders)} class "
+                       f"folders but no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    self.records = [records[i] for i in _select(len(records), size)]
+
+  def _load_class_names(self) -> List[str]:
+    txt = os.path.join(self.root, "classnames.txt")
+    js = os.path.join(self.root, "classnames.json")
+    if os.path.isfile(txt):
+      with open(txt, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+      if len(names) != len(self.class_folders):
+        raise ValueError(f"'{txt}' lists {len(names)} names for "
+                         f"{len(self.class_folders)} class folders; write one name per "
+                         "line, in sorted-folder order.")
+      return names
+    if os.path.isfile(js):
+      with open(js, encoding="utf-8") as f:
+        mapping = json.load(f)
+      missing = [d for d in self.class_folders if d not in mapping]
+      if missing:
+        raise ValueError(f"'{js}' has no name for class folders {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}.")
+      return [str(mapping[d]) for d in self.class_folders]
+    return [d.replace("_", " ") for d in self.class_folders]
+
+  def class_prompts(self, class_name: str) -> List[str]:
+    return class_prompts(class_name)
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i) -> Dict[str, Any]:
+    path, label = self.records[i]
+    return {"image": load_rgb(path), "text": self.class_names[label], "label": label,
+            "key": path}
+
+
+@SOURCES.register("imagefolder")
+def make_imagefolder_source(path, split="train", size=0, **unused):
+  return ImageFolderSource(resolve_split(path, split), size)
