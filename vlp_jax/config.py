@@ -59,7 +59,8 @@ def default_config() -> ConfigDict:
 
   c.data = ConfigDict(dict(
       source="shapes", size=0, image_size=224, tokenizer="bytes",
-      normalization="clip", worker_count=0, prefetch=2, max_bad_fraction=0.01))
+      normalization="clip", worker_count=0, prefetch=2, max_bad_fraction=0.01,
+      crop_scale=[1.0, 1.0], flip=False))  # crop_scale [0.9, 1.0]: random resized crop
 
   c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   # Logical axis -> mesh axes ("data,fsdp"; "" = unsharded), in priority order.

@@ -10,7 +10,7 @@ import os
 from typing import Any, List, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 KINDS = ("unreadable", "truncated", "empty", "zero_size", "missing_file", "bad_caption")
 
@@ -35,26 +35,6 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
   alpha = rgba[..., 3:].astype(np.float32) / 255.0
   rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
   return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-
-
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-  """Maps a high-bit-depth / int / float array to uint8.
-
-  Floats in [0, 1] are scaled by 255; ints in [0, 255] are kept; ints in [0, 65535]
-  are treated as 16-bit (divided by 257); anything else is min-max scaled.
-  """
-  if values.dtype == np.uint8:
-    return values
-  if values.dtype == np.bool_:
-    return values.astype(np.uint8) * 255
-  values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-  if values.size == 0:
-    return values.astype(np.uint8)
-  lo, hi = float(values.min()), float(values.max())
-  if np.issubdtype(values.dtype, np.floating) and not np.issubdtype(
-      np.asarray(values).dtype, np.integer) and lo >= 0 and hi <= 1 and _was_float:
-    pass  # Never reached: the branch below decides on the original dtype.
-  return values  # Replaced by _scale_to_uint8; kept private.
 
 
 def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
@@ -112,10 +92,10 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
   except Exception:  # pylint: disable=broad-except
     pass  # A broken EXIF block should not cost the image: keep it unrotated.
   mode = img.mode
+  if mode in _ALPHA_MODES or (mode in ("L", "P", "RGB") and "transparency" in img.info):
+    return _composite_on_white(np.asarray(img.convert("RGBA")))
   if mode == "RGB":
     return np.asarray(img)
-  if mode in _ALPHA_MODES or "transparency" in img.info:
-    return _composite_on_white(np.asarray(img.convert("RGBA")))
   if mode in ("L", "P", "1", "CMYK", "YCbCr", "HSV"):
     return np.asarray(img.convert("RGB"))
   if mode.startswith("I;16"):
@@ -128,25 +108,28 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     raise BadRecord("unreadable", f"cannot convert mode {mode} to RGB ({e})") from e
 
 
+def _error_kind(error: Exception) -> str:
+  """'truncated' for errors that say the data ended early, else 'unreadable'."""
+  text = str(error).lower()
+  if isinstance(error, EOFError) or "truncated" in text or "premature" in text:
+    return "truncated"
+  return "unreadable"
+
+
 def _open_bytes(data: bytes) -> Image.Image:
   """Opens and fully decodes `data`; failures raise BadRecord."""
   if not data:
     raise BadRecord("empty", "image data is empty")
   try:
     img = Image.open(io.BytesIO(data))
-  except (UnidentifiedImageError, SyntaxError, OSError, ValueError) as e:
-    raise BadRecord("unreadable", f"cannot identify image ({e})") from e
-  except Image.DecompressionBombError as e:
-    raise BadRecord("unreadable", str(e)) from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise BadRecord(_error_kind(e), f"cannot identify image ({e})") from e
   if img.width == 0 or img.height == 0:
     raise BadRecord("zero_size", f"image has size {img.size}")
   try:
     img.load()  # Decoding happens here; truncated data fails here.
   except Exception as e:  # pylint: disable=broad-except
-    text = str(e).lower()
-    kind = "truncated" if ("truncated" in text or "premature" in text
-                           or isinstance(e, EOFError)) else "unreadable"
-    raise BadRecord(kind, f"cannot decode {img.format} image ({e})") from e
+    raise BadRecord(_error_kind(e), f"cannot decode {img.format} image ({e})") from e
   return img
 
 
@@ -165,8 +148,7 @@ def decode_image(data: Union[bytes, np.ndarray, Image.Image]) -> np.ndarray:
     try:
       data.load()
     except Exception as e:  # pylint: disable=broad-except
-      raise BadRecord("truncated" if "truncated" in str(e).lower() else "unreadable",
-                      str(e)) from e
+      raise BadRecord(_error_kind(e), str(e)) from e
     return _pil_to_rgb(data)
   if isinstance(data, np.ndarray):
     if data.dtype.kind not in "biuf":

@@ -6,10 +6,8 @@ Every source is random access (`__len__`, `__getitem__`) and yields
 import json
 import os
 
-import numpy as np
-from PIL import Image
 
-from vlp_jax.data import shapes  # pylint: disable=unused-import  (registers 'shapes')
+from vlp_jax.data import decode, shapes  # pylint: disable=unused-import  (registers 'shapes')
 from vlp_jax.data import sources_arrayrecord, sources_files, sources_tfds  # pylint: disable=unused-import  (register sources)
 from vlp_jax.registry import SOURCES
 
@@ -51,9 +49,7 @@ class JsonlSource:
 
   def __getitem__(self, i):
     path, caption = self.records[i]
-    with Image.open(path) as img:
-      image = np.asarray(img.convert("RGB"))
-    return {"image": image, "text": caption, "key": path}
+    return {"image": decode.load_image(path), "text": caption, "key": path}
 
 
 @SOURCES.register("jsonl")

@@ -12,15 +12,14 @@ The glob is expanded and sorted; a literal '{split}' in it is replaced by the sp
 """
 import base64
 import glob
-import io
 import json
 import os
 from typing import Any, Dict, Iterable, List, Sequence, Union
 
 import numpy as np
-from PIL import Image
 
 from vlp_jax.data import sources_files
+from vlp_jax.data import decode
 from vlp_jax.registry import SOURCES
 
 try:
@@ -142,8 +141,7 @@ class ArrayRecordSource:
     if not 0 <= i < self.size:
       raise IndexError(f"index {i} out of range for {self.size} records.")
     rec = decode_record(self._source[i])
-    with Image.open(io.BytesIO(rec["image"])) as img:
-      rec["image"] = np.asarray(img.convert("RGB"))
+    rec["image"] = decode.decode_image(rec["image"])
     rec.setdefault("key", f"{self.pattern}[{i}]")
     return rec
 

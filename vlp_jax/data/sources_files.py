@@ -19,8 +19,8 @@ import urllib.parse
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-from PIL import Image
 
+from vlp_jax.data import decode
 from vlp_jax.registry import SOURCES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -68,9 +68,8 @@ def resolve_split(path: str, split: str) -> str:
 
 
 def load_rgb(path: str) -> np.ndarray:
-  """Decodes the image file at `path` to uint8 [H, W, 3]."""
-  with Image.open(path) as img:
-    return np.asarray(img.convert("RGB"))
+  """Decodes the image file at `path` to uint8 [H, W, 3] (raises decode.BadRecord)."""
+  return decode.load_image(path)
 
 
 def _select(n: int, size: Optional[int]) -> np.ndarray:
