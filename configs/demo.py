@@ -5,7 +5,7 @@
 Trains in minutes on a laptop CPU and evaluates zero-shot classification, retrieval
 and captioning on the shapes validation split.
 """
-from vlp_jax.config import default_config
+from vlp_jax.config import default_config, eval_entry
 
 
 def get_config(arg=None):
@@ -33,8 +33,8 @@ def get_config(arg=None):
                 normalization="inception")
 
   c.evals = {
-      "zeroshot": dict(type="zeroshot", every=200, split="validation", size=480),
-      "retrieval": dict(type="retrieval", every=200, split="validation", size=480),
-      "captioning": dict(type="captioning", every=0, split="validation", size=240),
+      "zeroshot": eval_entry(type="zeroshot", every=200, split="validation", size=480),
+      "retrieval": eval_entry(type="retrieval", every=200, split="validation", size=480),
+      "captioning": eval_entry(type="captioning", every=0, split="validation", size=240),
   }
   return c

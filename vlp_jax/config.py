@@ -23,6 +23,14 @@ EVAL_KEYS = {
 }
 
 
+def eval_entry(**values) -> ConfigDict:
+  """An entry of `config.evals` holding every evaluator key (so each is overridable
+  from the command line), with `values` set."""
+  entry = ConfigDict(EVAL_KEYS)
+  entry.update(values)
+  return entry
+
+
 def default_config() -> ConfigDict:
   """Every key the trainer understands, with defaults (a small two-tower CLIP)."""
   c = ConfigDict()
@@ -84,8 +92,9 @@ def b16_recipe() -> ConfigDict:
   c.data.update(source="jsonl:data/train.jsonl", image_size=224, tokenizer="bytes",
                 normalization="clip")
   # Enable with --config.evals.retrieval.every=N (0 = only at the end).
-  c.evals = {"retrieval": dict(type="retrieval", every=-1, source="jsonl:data/val.jsonl",
-                               size=5000, batch_size=256)}
+  c.evals = {"retrieval": eval_entry(type="retrieval", every=-1,
+                                     source="jsonl:data/val.jsonl", size=5000,
+                                     batch_size=256)}
   return c
 
 
