@@ -26,10 +26,11 @@ def train_dataset(config, tokenizer) -> grain.IterDataset:
   source = robust.SafeSource(
       sources.make_source(d.source, "train", d.size, config.seed, d.image_size), d.source)
   ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
-  ds = ds[jax.process_index()::jax.process_count()]
   ds = ds.random_map(robust.safe_transform(transforms.TrainTransform(
       tokenizer, d.image_size, config.model.text.context_length, d.normalization,
       crop_scale=tuple(d.crop_scale), flip=d.flip, clean_captions=True)))
+  # After random_map, so an element's augmentation does not depend on process count.
+  ds = ds[jax.process_index()::jax.process_count()]
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, d.prefetch),
                                                  prefetch_buffer_size=d.prefetch))
   iter_ds = robust.DropBad(iter_ds, d.source, d.max_bad_fraction)
