@@ -1,6 +1,9 @@
 """Grain pipelines: source -> shuffle(seed) -> repeat -> transform -> per-host batches."""
+import collections
+
 import grain
 import jax
+from absl import logging
 import numpy as np
 
 from vlp_jax.data import robust, sources, tokenizers, transforms
@@ -51,19 +54,26 @@ def split_bad_counts(batch):
 
 
 def eval_examples(spec: str, split: str, size: int, data_cfg, seed: int = 0):
-  """Yields evaluation examples (normalised image + raw captions/fields) in order."""
-  source = sources.make_source(spec, split, size, seed, data_cfg.image_size)
+  """(examples, source): the first `size` readable examples (normalised image plus raw
+  captions and fields), in order; unreadable ones are skipped with a warning."""
+  source = robust.SafeSource(
+      sources.make_source(spec, split, size, seed, data_cfg.image_size), spec)
   n = min(size, len(source)) if size else len(source)
-  ds = grain.MapDataset.source(source)[:n].map(
+  transform = robust.safe_transform(
       transforms.EvalTransform(data_cfg.image_size, data_cfg.normalization))
-  return ds, source
-
-
-def eval_batches(ds, batch_size: int):
-  """Groups an eval MapDataset into lists of examples plus stacked images."""
-  for start in range(0, len(ds), batch_size):
-    examples = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
-    yield examples, np.stack([e["image"] for e in examples])
+  examples, bad = [], collections.Counter()
+  for i in range(n):
+    element = transform(source[i])
+    if robust.is_bad(element):
+      bad[element["_bad"]] += 1
+    else:
+      examples.append(element)
+  if bad:
+    logging.warning("Evaluation source '%s' (%s): skipped %d unreadable records %s.",
+                    spec, split, sum(bad.values()), dict(bad))
+  if not examples:
+    raise ValueError(f"Evaluation source '{spec}' ({split}) has no readable examples.")
+  return examples, source
 
 
 def make_tokenizer(data_cfg):
