@@ -4,7 +4,6 @@ import collections
 import grain
 import jax
 from absl import logging
-import numpy as np
 
 from vlp_jax.data import robust, sources, tokenizers, transforms
 

@@ -21,7 +21,7 @@ class CoCa(nn.Module):
     img_kw = two_tower.tower_kwargs(cfg.image, self.dtype)
     img_kw["pool"] = "none"
     self.img = vit.ViT(**img_kw)
-    width, heads_, mlp = img_kw["width"], img_kw["num_heads"], img_kw["mlp_dim"]
+    heads_, mlp = img_kw["num_heads"], img_kw["mlp_dim"]
     self.contrastive_pool = layers.AttentionPool(heads_, mlp, 1, self.dtype)
     self.caption_pool = layers.AttentionPool(heads_, mlp, cfg.decoder.num_queries,
                                              self.dtype)

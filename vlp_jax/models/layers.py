@@ -6,7 +6,7 @@ constrained with `batch`, `length`, `embed`. Attention uses 2-D `nn.Dense` proje
 plus `jax.nn.dot_product_attention` (3-D DenseGeneral kernels break under logical
 partitioning with an active mesh, flax issue #3676).
 """
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
