@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests import test_train
-from vlp_jax.data import pipeline, robust, tokenizers
+from vlp_jax.data import batches, pipeline, robust, tokenizers
 from vlp_jax.train import loop, metrics as metrics_lib
 
 
@@ -59,14 +59,19 @@ def test_counts_every_kind_of_bad_record(tmp_path):
   for _ in range(30):  # 240 good examples: more than one pass over the data
     batch, stats = pipeline.split_bad_counts(next(it))
     assert batch["image"].shape == (8, 32, 32, 3)
-  # Reference: the bad records among the first `seen` of the same shuffled stream.
-  seen = round(sum(v for k, v in stats.items() if k != "bad/fraction") /
-               stats["bad/fraction"])
+  # Reference: walk the same shuffled stream; a bad record is replaced by its seeded
+  # spares (batches.spare_index) until a good one is found.
   order = grain.MapDataset.range(200).seed(config.seed).shuffle().repeat()
-  read = [order[i] for i in range(seen)]
   bad = {24: "truncated", 49: "missing_file", 74: "bad_caption", 99: "unreadable"}
-  expected = collections.Counter(bad[i % 100] for i in read if i % 25 == 24)
-  assert seen - sum(expected.values()) == 240
+  expected = collections.Counter()
+  for j in range(240):
+    index, attempt = order[j], 0
+    while index % 25 == 24:
+      expected[bad[index % 100]] += 1
+      attempt += 1
+      index = order[batches.spare_index(config.seed, j, attempt, 200)]
+  assert stats["bad/fraction"] == pytest.approx(sum(expected.values()) /
+                                                (240 + sum(expected.values())))
   assert stats["bad/missing_file"] == expected["missing_file"] >= 2
   assert stats["bad/bad_caption"] == expected["bad_caption"] >= 2
   assert stats["bad/truncated"] == expected["truncated"] >= 2

@@ -69,6 +69,10 @@ def default_config() -> ConfigDict:
       source="shapes", size=0, image_size=224, tokenizer="bytes",
       normalization="clip", worker_count=0, prefetch=2, max_bad_fraction=0.01,
       crop_scale=[1.0, 1.0], flip=False))  # crop_scale [0.9, 1.0]: random resized crop
+  # Weighted training mixture, replaces `source` when non-empty: a tuple of
+  # (spec, weight) pairs or 'SPEC=WEIGHT' strings (see vlp_jax/data/mixture.py).
+  c.data.mixture = ()
+  c.data.shuffle_buffer = 1000  # wds: sources: samples per seeded block shuffle (0 = off)
 
   c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   # Logical axis -> mesh axes ("data,fsdp"; "" = unsharded), in priority order.
@@ -148,10 +152,19 @@ def validate(config) -> None:
   for key in ("batch_size", "total_steps", "log_every"):
     if config[key] <= 0:
       raise ValueError(f"config.{key} must be positive, got {config[key]}.")
+  _validate_data(config.data)
   if config.accum_steps <= 0 or config.batch_size % config.accum_steps:
     raise ValueError(
         f"config.batch_size={config.batch_size} must be divisible by "
         f"config.accum_steps={config.accum_steps} (a positive number of micro-batches).")
+
+
+def _validate_data(d):
+  from vlp_jax.data import mixture  # pylint: disable=g-import-not-at-top
+  mixture.parse_mixture(d.mixture)
+  if d.worker_count < 0 or d.shuffle_buffer < 0:
+    raise ValueError("config.data.worker_count and config.data.shuffle_buffer must be "
+                     f">= 0, got {d.worker_count} and {d.shuffle_buffer}.")
 
 
 def to_dict(config):

@@ -1,11 +1,12 @@
-"""Grain pipelines: source -> shuffle(seed) -> repeat -> transform -> per-host batches."""
+"""Grain pipelines: source(s) -> shuffle(seed) -> repeat -> transform -> per-host batches."""
 import collections
 
 import grain
 import jax
+import numpy as np
 from absl import logging
 
-from vlp_jax.data import robust, sources, tokenizers, transforms
+from vlp_jax.data import batches, mixture, robust, sources, sources_wds, tokenizers, transforms
 
 
 def per_process_batch_size(global_batch: int) -> int:
@@ -16,30 +17,93 @@ def per_process_batch_size(global_batch: int) -> int:
   return global_batch // n
 
 
+def _train_transform(config, tokenizer):
+  d = config.data
+  return robust.safe_transform(transforms.TrainTransform(
+      tokenizer, d.image_size, config.model.text.context_length, d.normalization,
+      crop_scale=tuple(d.crop_scale), flip=d.flip, clean_captions=True))
+
+
+def _component_seed(seed: int, k: int) -> int:
+  return (seed + 1000003 * k) % 2**32
+
+
+def _is_streamed(spec: str) -> bool:
+  return spec.partition(":")[0] == "wds"
+
+
 def train_dataset(config, tokenizer) -> grain.IterDataset:
   """The infinite, deterministic training stream of this process's batches.
 
-  Process p reads elements p, p + P, ... of the shuffled stream. Records that cannot
-  be read or transformed are dropped and counted (`robust.py`); each batch carries the
-  running counts as `_bad_counts` / `_seen` (pop them with `split_bad_counts`). The
-  iterator's state (`get_state`/`set_state`) is saved with every checkpoint.
+  Random-access sources (and mixtures of them): global batch b holds elements
+  b*B .. b*B+B-1 of the shuffled, repeated, transformed stream, process p builds rows
+  p*B/P .. (p+1)*B/P-1, and a bad record is replaced by a seeded spare
+  (`batches.py`), so batches are identical for any worker and process count. Streamed
+  (`wds:`) sources drop bad records instead and are identical for the same seed,
+  process count and worker count. Each batch carries running bad-record counts as
+  `_bad_counts` / `_seen` (pop them with `split_bad_counts`); the iterator's state
+  (`get_state`/`set_state`) is saved with every checkpoint.
   """
   d = config.data
-  source = robust.SafeSource(
-      sources.make_source(d.source, "train", d.size, config.seed, d.image_size), d.source)
-  ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
-  ds = ds.random_map(robust.safe_transform(transforms.TrainTransform(
-      tokenizer, d.image_size, config.model.text.context_length, d.normalization,
-      crop_scale=tuple(d.crop_scale), flip=d.flip, clean_captions=True)))
-  # After random_map, so an element's augmentation does not depend on process count.
-  ds = ds[jax.process_index()::jax.process_count()]
-  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, d.prefetch),
-                                                 prefetch_buffer_size=d.prefetch))
-  iter_ds = robust.DropBad(iter_ds, d.source, d.max_bad_fraction)
-  iter_ds = iter_ds.batch(per_process_batch_size(config.batch_size), drop_remainder=True)
+  specs = mixture.train_specs(d)
+  name = d.source if len(specs) == 1 and not d.mixture else "mixture(" + ", ".join(
+      f"{s}={w:g}" for s, w in specs) + ")"
+  if any(_is_streamed(s) for s, _ in specs):
+    stream = _streamed_batches(config, tokenizer, specs)
+  else:
+    stream = _random_access_batches(config, tokenizer, specs, name)
   if d.worker_count > 0:
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
-  return iter_ds
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
+  return robust.BadRecordMonitor(stream, name, d.max_bad_fraction)
+
+
+def _random_access_elements(config, tokenizer, spec, seed):
+  d = config.data
+  source = robust.SafeSource(
+      sources.make_source(spec, "train", d.size, config.seed, d.image_size), spec)
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  return ds.random_map(_train_transform(config, tokenizer)), len(source)
+
+
+def _random_access_batches(config, tokenizer, specs, name):
+  parts = [_random_access_elements(config, tokenizer, spec, _component_seed(config.seed, k))
+           for k, (spec, _) in enumerate(specs)]
+  if len(parts) == 1:
+    elements = parts[0][0]
+  else:
+    elements = grain.MapDataset.mix([p[0] for p in parts], [w for _, w in specs])
+  ds = batches.RobustBatches(elements, config.batch_size, sum(n for _, n in parts),
+                             config.seed, jax.process_index(), jax.process_count(), name)
+  prefetch = max(1, config.data.prefetch)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch,
+                                              prefetch_buffer_size=prefetch))
+
+
+def _collate(rows):
+  batch = {k: np.stack([r[k] for r in rows]) for k in ("image", "text")}
+  batch["_skipped"] = [s for r in rows for s in r["_skipped"]]
+  batch["_read"] = sum(r["_read"] for r in rows)
+  return batch
+
+
+def _streamed_batches(config, tokenizer, specs):
+  d = config.data
+  parts = []
+  for k, (spec, _) in enumerate(specs):
+    seed = _component_seed(config.seed, k)
+    if _is_streamed(spec):
+      ds = sources_wds.open_wds(spec.partition(":")[2], seed, d.shuffle_buffer,
+                                jax.process_index(), jax.process_count())
+    else:
+      source = robust.SafeSource(
+          sources.make_source(spec, "train", d.size, config.seed, d.image_size), spec)
+      ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+      ds = ds[jax.process_index()::jax.process_count()].to_iter_dataset()
+    parts.append(ds.random_map(_train_transform(config, tokenizer), seed=seed))
+  elements = parts[0] if len(parts) == 1 else grain.IterDataset.mix(
+      parts, [w for _, w in specs])
+  return robust.DropBad(elements).batch(per_process_batch_size(config.batch_size),
+                                        drop_remainder=True, batch_fn=_collate)
 
 
 def split_bad_counts(batch):

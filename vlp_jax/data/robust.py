@@ -2,10 +2,12 @@
 
 `SafeSource` wraps a source so a record that cannot be read (missing file, corrupt
 image, empty caption, ...) becomes a marker `{'_bad': kind, 'key': ...}` instead of an
-exception; transforms pass markers through (`safe_transform`); `DropBad` (an
-IterDataset stage, checkpointable) removes them, keeps per-kind counts and example
-keys in its iterator state, attaches the running counts to every good element as
-`_bad_counts`, and raises `TooManyBadRecords` once bad records exceed
+exception; transforms pass markers through (`safe_transform`). Batches are built
+from good elements only (`batches.py` replaces a marker by a seeded spare record;
+`DropBad` skips markers of iterable sources) and list the markers they met as
+`_skipped` and the records read as `_read`. `BadRecordMonitor` (an IterDataset stage,
+checkpointable) turns those into running per-kind counts `_bad_counts` / `_seen` on
+every batch and raises `TooManyBadRecords` once bad records exceed
 `max_bad_fraction` of those read (after `min_records`, so a few early failures in a
 small sample do not stop a run).
 """
@@ -74,8 +76,42 @@ def safe_transform(transform):
   return functools.partial(_safe_call, transform.map)
 
 
+def marker_info(element):
+  """(kind, key, error) of a bad-record marker."""
+  return (element["_bad"], str(element.get("key", "?")), element.get("error", ""))
+
+
 class DropBadIterator(grain.DatasetIterator):
-  """Skips bad markers, counting them per kind; state = parent state + counts."""
+  """Element stream -> good elements only; each carries the markers skipped before it
+  as `_skipped` (list of (kind, key, error)) and `_read` (records read for it)."""
+
+  def __next__(self):
+    bad = []
+    while True:
+      element = next(self._parent)
+      if not is_bad(element):
+        element = dict(element)
+        element["_skipped"], element["_read"] = bad, len(bad) + 1
+        return element
+      bad.append(marker_info(element))
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class DropBad(grain.IterDataset):
+  """IterDataset stage that removes bad-record markers (for iterable sources)."""
+
+  def __iter__(self):
+    return DropBadIterator(self._parent.__iter__())
+
+
+class BadRecordMonitorIterator(grain.DatasetIterator):
+  """Accumulates the per-batch `_bad` / `_read` entries into running per-kind counts;
+  state = parent state + counts, so a resumed run keeps counting where it stopped."""
 
   def __init__(self, parent, source_name, max_bad_fraction, min_records):
     super().__init__(parent)
@@ -87,19 +123,16 @@ class DropBadIterator(grain.DatasetIterator):
     self._examples = collections.defaultdict(list)
 
   def __next__(self):
-    while True:
-      element = next(self._parent)
-      self._seen += 1
-      if not is_bad(element):
-        element = dict(element)
-        element["_bad_counts"] = np.array([self._counts[k] for k in KINDS], np.int64)
-        element["_seen"] = np.int64(self._seen)
-        return element
-      kind = element["_bad"]
+    batch = dict(next(self._parent))
+    self._seen += int(batch.pop("_read"))
+    for kind, key, error in batch.pop("_skipped"):
       self._counts[kind] += 1
       if len(self._examples[kind]) < 5:
-        self._examples[kind].append(f"{element['key']} ({element.get('error', '')})")
-      self._check()
+        self._examples[kind].append(f"{key} ({error})" if error else key)
+    self._check()
+    batch["_bad_counts"] = np.array([self._counts[k] for k in KINDS], np.int64)
+    batch["_seen"] = np.int64(self._seen)
+    return batch
 
   def _check(self):
     bad = sum(self._counts.values())
@@ -122,8 +155,10 @@ class DropBadIterator(grain.DatasetIterator):
     self._counts = collections.Counter(state["counts"])
 
 
-class DropBad(grain.IterDataset):
-  """IterDataset stage that removes and counts bad-record markers."""
+class BadRecordMonitor(grain.IterDataset):
+  """Batches with `_skipped`/`_read` -> batches with running `_bad_counts` [K] / `_seen`;
+  raises `TooManyBadRecords` past `max_bad_fraction` (after `min_records`). Runs in
+  the main process, after any worker processes."""
 
   def __init__(self, parent, source_name: str, max_bad_fraction: float,
                min_records: int = 100):
@@ -131,10 +166,10 @@ class DropBad(grain.IterDataset):
     self._args = (source_name, max_bad_fraction, min_records)
 
   def __iter__(self):
-    return DropBadIterator(self._parent.__iter__(), *self._args)
+    return BadRecordMonitorIterator(self._parent.__iter__(), *self._args)
 
 
 def summarize(batch):
-  """(per-kind counts dict, records seen) from a batch's `_bad_counts`/`_seen` rows."""
-  counts = np.max(np.asarray(batch["_bad_counts"]), axis=0)
+  """(per-kind counts dict, records seen) from a batch's `_bad_counts` / `_seen`."""
+  counts = np.asarray(batch["_bad_counts"]).reshape(-1, len(KINDS)).max(axis=0)
   return dict(zip(KINDS, counts.tolist())), int(np.max(batch["_seen"]))

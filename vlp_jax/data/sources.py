@@ -8,7 +8,7 @@ import os
 
 
 from vlp_jax.data import decode, shapes  # pylint: disable=unused-import  (registers 'shapes')
-from vlp_jax.data import sources_arrayrecord, sources_files, sources_tfds  # pylint: disable=unused-import  (register sources)
+from vlp_jax.data import sources_arrayrecord, sources_files, sources_tfds, sources_wds  # pylint: disable=unused-import  (register sources)
 from vlp_jax.registry import SOURCES
 
 
