@@ -94,7 +94,9 @@ def _split_name(name: str) -> Tuple[str, str]:
   return os.path.join(folder, stem), ext.lower()
 
 
-def iter_samples(path: str, skip: int = 0) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+def iter_samples(path: str, skip: int = 0,
+                 _errors=(tarfile.TarError, OSError, EOFError)
+                 ) -> Iterator[Tuple[str, Dict[str, bytes]]]:
   """(key, {ext: bytes}) per sample of a tar, streamed; the first `skip` samples are
   passed over without reading their data. A damaged tar ends with a
   ('', {'_error': message}) item."""
@@ -117,7 +119,7 @@ def iter_samples(path: str, skip: int = 0) -> Iterator[Tuple[str, Dict[str, byte
           files[ext] = tar.extractfile(member).read()
       if key is not None and index >= skip:
         yield key, files
-  except (tarfile.TarError, OSError, EOFError) as e:
+  except _errors as e:  # (bound early: generators may close at interpreter exit)
     yield "", {"_error": f"{path}: {e}"}
 
 
