@@ -10,8 +10,6 @@ its index, so grain's `mp_prefetch` (which hands whole elements of the MapDatase
 its workers round-robin and re-interleaves them in order) returns the same stream for
 any `worker_count`.
 """
-import sys
-
 import grain
 import numpy as np
 
@@ -28,13 +26,53 @@ def spare_index(seed: int, index: int, attempt: int, window: int) -> int:
   return (index // window) * window + int(rng.integers(window))
 
 
-class RobustBatches(grain.MapDataset):
-  """MapDataset of this process's batches; each is
+class ReplaceBad(grain.MapDataset):
+  """Element `j` of `elements`, or, when it is a bad-record marker, its first good
+  seeded spare; adds `_skipped` (the markers met, as (kind, key, error)) and `_read`."""
+
+  def __init__(self, elements: grain.MapDataset, window: int, seed: int,
+               source_name: str = ""):
+    super().__init__(elements)
+    self._window = max(1, window)
+    self._seed = seed
+    self._name = source_name
+
+  def __len__(self):
+    return len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    element, skipped, attempt = self._parent[index], [], 0
+    while robust.is_bad(element):
+      skipped.append(robust.marker_info(element))
+      attempt += 1
+      if attempt > MAX_SPARES:
+        raise robust.TooManyBadRecords(
+            f"Source '{self._name}': element {index} and {MAX_SPARES} seeded spares for "
+            f"it are all bad (e.g. {skipped[-1][1]}: {skipped[-1][0]} "
+            f"{skipped[-1][2]}). Check that the data is readable.")
+      element = self._parent[spare_index(self._seed, index, attempt, self._window)]
+    return dict(element, _skipped=skipped, _read=len(skipped) + 1)
+
+  def __str__(self):
+    return f"ReplaceBad(window={self._window})"
+
+
+def collate(rows):
+  """Stacks 'image' / 'text'; concatenates `_skipped`, sums `_read`."""
+  batch = {k: np.stack([r[k] for r in rows]) for k in ("image", "text")}
+  batch["_skipped"] = [s for r in rows for s in r["_skipped"]]
+  batch["_read"] = sum(r["_read"] for r in rows)
+  return batch
+
+
+class ProcessBatches(grain.MapDataset):
+  """MapDataset of this process's rows of each global batch of `ReplaceBad` elements:
   {'image': [b, ...], 'text': [b, L], '_skipped': [(kind, key, error)], '_read': int}."""
 
-  def __init__(self, elements: grain.MapDataset, global_batch: int, window: int,
-               seed: int, process_index: int = 0, process_count: int = 1,
-               source_name: str = ""):
+  def __init__(self, elements: grain.MapDataset, global_batch: int,
+               process_index: int = 0, process_count: int = 1):
     super().__init__(elements)
     if global_batch % process_count:
       raise ValueError(f"batch_size {global_batch} is not divisible by the number of "
@@ -42,37 +80,15 @@ class RobustBatches(grain.MapDataset):
     self._global = global_batch
     self._local = global_batch // process_count
     self._offset = process_index * self._local
-    self._window = max(1, window)
-    self._seed = seed
-    self._name = source_name
 
   def __len__(self):
-    return sys.maxsize // self._global
-
-  def _good(self, j, skipped):
-    element = self._parent[j]
-    attempt = 0
-    while robust.is_bad(element):
-      skipped.append(robust.marker_info(element))
-      attempt += 1
-      if attempt > MAX_SPARES:
-        raise robust.TooManyBadRecords(
-            f"Source '{self._name}': element {j} and {MAX_SPARES} seeded spares for it "
-            f"are all bad (e.g. {skipped[-1][1]}: {skipped[-1][0]} {skipped[-1][2]}). "
-            "Check that the data is readable.")
-      element = self._parent[spare_index(self._seed, j, attempt, self._window)]
-    return element
+    return len(self._parent) // self._global
 
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
     start = index * self._global + self._offset
-    skipped = []
-    rows = [self._good(j, skipped) for j in range(start, start + self._local)]
-    batch = {k: np.stack([r[k] for r in rows]) for k in ("image", "text")}
-    batch["_skipped"] = skipped
-    batch["_read"] = self._local + len(skipped)
-    return batch
+    return collate([self._parent[j] for j in range(start, start + self._local)])
 
   def __str__(self):
-    return f"RobustBatches(global_batch={self._global}, local={self._local})"
+    return f"ProcessBatches(global_batch={self._global}, local={self._local})"

@@ -3,7 +3,6 @@ import collections
 
 import grain
 import jax
-import numpy as np
 from absl import logging
 
 from vlp_jax.data import batches, mixture, robust, sources, sources_wds, tokenizers, transforms
@@ -37,8 +36,8 @@ def train_dataset(config, tokenizer) -> grain.IterDataset:
 
   Random-access sources (and mixtures of them): global batch b holds elements
   b*B .. b*B+B-1 of the shuffled, repeated, transformed stream, process p builds rows
-  p*B/P .. (p+1)*B/P-1, and a bad record is replaced by a seeded spare
-  (`batches.py`), so batches are identical for any worker and process count. Streamed
+  p*B/P .. (p+1)*B/P-1, and a bad record is replaced by a seeded spare of its
+  source (`batches.py`), so batches are identical for any worker and process count. Streamed
   (`wds:`) sources drop bad records instead and are identical for the same seed,
   process count and worker count. Each batch carries running bad-record counts as
   `_bad_counts` / `_seen` (pop them with `split_bad_counts`); the iterator's state
@@ -51,7 +50,7 @@ def train_dataset(config, tokenizer) -> grain.IterDataset:
   if any(_is_streamed(s) for s, _ in specs):
     stream = _streamed_batches(config, tokenizer, specs)
   else:
-    stream = _random_access_batches(config, tokenizer, specs, name)
+    stream = _random_access_batches(config, tokenizer, specs)
   if d.worker_count > 0:
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
   return robust.BadRecordMonitor(stream, name, d.max_bad_fraction)
@@ -62,28 +61,20 @@ def _random_access_elements(config, tokenizer, spec, seed):
   source = robust.SafeSource(
       sources.make_source(spec, "train", d.size, config.seed, d.image_size), spec)
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-  return ds.random_map(_train_transform(config, tokenizer)), len(source)
+  ds = ds.random_map(_train_transform(config, tokenizer))
+  return batches.ReplaceBad(ds, len(source), seed, spec)
 
 
-def _random_access_batches(config, tokenizer, specs, name):
+def _random_access_batches(config, tokenizer, specs):
   parts = [_random_access_elements(config, tokenizer, spec, _component_seed(config.seed, k))
            for k, (spec, _) in enumerate(specs)]
-  if len(parts) == 1:
-    elements = parts[0][0]
-  else:
-    elements = grain.MapDataset.mix([p[0] for p in parts], [w for _, w in specs])
-  ds = batches.RobustBatches(elements, config.batch_size, sum(n for _, n in parts),
-                             config.seed, jax.process_index(), jax.process_count(), name)
+  elements = parts[0] if len(parts) == 1 else grain.MapDataset.mix(
+      parts, [w for _, w in specs])
+  ds = batches.ProcessBatches(elements, config.batch_size, jax.process_index(),
+                              jax.process_count())
   prefetch = max(1, config.data.prefetch)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch,
                                               prefetch_buffer_size=prefetch))
-
-
-def _collate(rows):
-  batch = {k: np.stack([r[k] for r in rows]) for k in ("image", "text")}
-  batch["_skipped"] = [s for r in rows for s in r["_skipped"]]
-  batch["_read"] = sum(r["_read"] for r in rows)
-  return batch
 
 
 def _streamed_batches(config, tokenizer, specs):
@@ -103,7 +94,7 @@ def _streamed_batches(config, tokenizer, specs):
   elements = parts[0] if len(parts) == 1 else grain.IterDataset.mix(
       parts, [w for _, w in specs])
   return robust.DropBad(elements).batch(per_process_batch_size(config.batch_size),
-                                        drop_remainder=True, batch_fn=_collate)
+                                        drop_remainder=True, batch_fn=batches.collate)
 
 
 def split_bad_counts(batch):
