@@ -144,6 +144,7 @@ def run(config, workdir: str):
   if stop.requested:
     progress.close()
     manager.wait_until_finished()
+    data_iter.close()  # Stops grain's worker processes (config.data.worker_count).
     manager.close()
     writer.close()
     logging.warning("Stopped by %s at step %d with a checkpoint saved; run the same "
@@ -151,6 +152,7 @@ def run(config, workdir: str):
     return state
   progress.close()
   manager.wait_until_finished()
+  data_iter.close()
   manager.close()
   writer.close()
   if exp.is_chief and config.plot and os.path.exists(writer.path):
