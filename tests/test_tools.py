@@ -71,3 +71,21 @@ def test_benchmark_runs():
   for k in ("decode_ms_per_image", "crop_ms_per_image", "tokenize_ms_per_image"):
     assert result[k] >= 0
   assert "cpu_model" in result
+
+
+def test_build_from_wds_shards(tmp_path):
+  from tests import datagen  # pylint: disable=g-import-not-at-top
+  pattern = datagen.write_wds(str(tmp_path / "wds"), 3, 4, corrupt={(1, 1)},
+                              no_caption={(2, 3)})
+  out = _run("build_arrayrecord.py", f"--source=wds:{pattern}",
+             f"--out={tmp_path}/shards/train", "--num_shards=2", "--max_side=8",
+             "--workers=2", "--no_progress")
+  assert "wrote 10 records to 2 shard(s); skipped 2 bad record(s)" in out
+  assert "bad unreadable: 1" in out and "bad bad_caption: 1" in out
+  spec = out.strip().splitlines()[-1].split("=", 1)[1]
+  source = sources.make_source(spec, "train", 0, 0, 224)
+  got = {source[i]["text"]: source[i] for i in range(len(source))}
+  expected = {f"w {s} {i}" for s in range(3) for i in range(4)} - {"w 1 1", "w 2 3"}
+  assert set(got) == expected
+  assert got["w 0 1"]["key"].endswith("shard-000.tar:000/0001")
+  assert got["w 0 0"]["image"].shape == (6, 8, 3)  # 12 x 16 resized to max side 8

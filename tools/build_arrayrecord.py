@@ -1,4 +1,4 @@
-"""Converts a jsonl / csv / imagefolder source into ArrayRecord shards.
+"""Converts a jsonl / csv / imagefolder / wds (tar shards) source into ArrayRecord shards.
 
     .venv/bin/python tools/build_arrayrecord.py --source=jsonl:/d/a.jsonl \
         --out=/d/shards/train --num_shards=8 --max_side=512 --workers=4
@@ -15,15 +15,31 @@ import multiprocessing
 import os
 import re
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vlp_jax.data import decode  # pylint: disable=g-import-not-at-top
 from vlp_jax.data import sources  # pylint: disable=g-import-not-at-top
 from vlp_jax.data import sources_arrayrecord  # pylint: disable=g-import-not-at-top
+from vlp_jax.data import sources_wds  # pylint: disable=g-import-not-at-top
 
-# (image path, caption(s), extra fields) for one raw record.
-Raw = Tuple[str, Any, Dict[str, Any]]
+# (image path or encoded image bytes, caption(s), extra fields) for one raw record;
+# (None, bad kind, {}) for a record already known to be bad.
+Raw = Tuple[Any, Any, Dict[str, Any]]
+
+
+def wds_records(pattern: str) -> Iterable[Raw]:
+  """Streams the samples of webdataset tar shards (image bytes, caption, key)."""
+  paths = sources_wds.expand_pattern(pattern)
+  for path in paths:
+    sources_wds.check_readable(path)
+  for path in paths:
+    for key, files in sources_wds.iter_samples(path):
+      element = sources_wds.to_element(path, key, files)
+      if "_bad" in element:
+        yield None, element["_bad"], {}
+      else:
+        yield element["image"], element["text"], {"key": element["key"]}
 
 
 def raw_records(spec: str, split: str = "train", size: int = 0) -> List[Raw]:
@@ -31,7 +47,7 @@ def raw_records(spec: str, split: str = "train", size: int = 0) -> List[Raw]:
   source = sources.make_source(spec, split, size, 0, 224)
   records = getattr(source, "records", None)
   if records is None:
-    raise ValueError(f"Source '{spec}' has no file list; use a jsonl:, csv: or "
+    raise ValueError(f"Source '{spec}' has no file list; use a jsonl:, csv:, wds: or "
                      "imagefolder: source.")
   class_names = getattr(source, "class_names", None)
   out = []
@@ -61,20 +77,27 @@ def _resize_encode(image_bytes: bytes, max_side: int, quality: int) -> bytes:
 def process_record(args: Tuple[Raw, int, int]) -> Tuple[Optional[bytes], str]:
   """Raw record -> (serialized record, 'ok') or (None, bad kind)."""
   (path, text, fields), max_side, quality = args
+  if path is None:  # Known bad (e.g. a wds sample without image or caption).
+    return None, text
+  fields = dict(fields)
+  key = fields.pop("key", path)
   try:
     captions = decode.clean_captions(text)
-    try:
-      with open(path, "rb") as f:
-        data = f.read()
-    except FileNotFoundError as e:
-      raise decode.BadRecord("missing_file", path) from e
-    except (IsADirectoryError, PermissionError) as e:
-      raise decode.BadRecord("unreadable", f"{path} ({e})") from e
+    if isinstance(path, bytes):
+      data = path
+    else:
+      try:
+        with open(path, "rb") as f:
+          data = f.read()
+      except FileNotFoundError as e:
+        raise decode.BadRecord("missing_file", path) from e
+      except (IsADirectoryError, PermissionError) as e:
+        raise decode.BadRecord("unreadable", f"{path} ({e})") from e
     image_bytes = _resize_encode(data, max_side, quality)
   except decode.BadRecord as e:
     return None, e.kind
   caption = captions[0] if isinstance(text, str) else captions
-  return sources_arrayrecord.encode_record(image_bytes, caption, key=path, **fields), "ok"
+  return sources_arrayrecord.encode_record(image_bytes, caption, key=key, **fields), "ok"
 
 
 def output_glob(out: str, num_shards: int) -> str:
@@ -88,12 +111,16 @@ def build(spec: str, out: str, num_shards: int, max_side: int = 512, quality: in
           workers: int = 2, split: str = "train", progress: bool = True):
   """Writes the shards; returns (shard paths, counts by kind incl. 'ok')."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  records = raw_records(spec, split)
+  if spec.startswith("wds:"):  # Streamed: never held in memory as a whole.
+    records, total = wds_records(spec[len("wds:"):]), None
+  else:
+    records = raw_records(spec, split)
+    total = len(records)
   counts = collections.Counter()
   jobs = ((r, max_side, quality) for r in records)
 
   def good(results):
-    for rec, kind in tqdm(results, total=len(records), disable=not progress,
+    for rec, kind in tqdm(results, total=total, disable=not progress,
                           unit="img", desc="encoding"):
       counts[kind] += 1
       if rec is not None:
@@ -112,7 +139,8 @@ def build(spec: str, out: str, num_shards: int, max_side: int = 512, quality: in
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--source", required=True,
-                      help="jsonl:/d/a.jsonl, csv:/d/a.csv[?...] or imagefolder:/d/train")
+                      help="jsonl:/d/a.jsonl, csv:/d/a.csv[?...], imagefolder:/d/train "
+                      "or wds:/d/shard-{0000..0099}.tar")
   parser.add_argument("--out", required=True, help="shard path prefix, e.g. /d/shards/train")
   parser.add_argument("--num_shards", type=int, default=1)
   parser.add_argument("--max_side", type=int, default=512, help="0 keeps the original size")
