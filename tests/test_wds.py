@@ -129,3 +129,17 @@ def test_shuffle_buffer_is_validated():
   config.data.shuffle_buffer = -1
   with pytest.raises(ValueError, match="shuffle_buffer"):
     config_lib.validate(config)
+
+
+def test_wds_in_a_mixture(shards, tmp_path):
+  # A streamed source mixes with a random-access one (grain IterDataset.mix).
+  arrayrecord = "arrayrecord:" + datagen.write_arrayrecord(str(tmp_path / "a"), 10)
+  config = small_config(batch_size=5)
+  config.data.mixture = (("wds:" + shards[1], 0.6), (arrayrecord, 0.4))
+  got, state = take(config, 10)
+  prefixes = collections.Counter(c.split()[0] for b in got for c in captions(b))
+  assert abs(prefixes["w"] / 50 - 0.6) <= 0.04 and set(prefixes) == {"w", "a"}, prefixes
+  more, _ = take(config, 2, state)
+  ref, _ = take(config, 12)
+  for a, b in zip(more, ref[10:]):
+    np.testing.assert_array_equal(a["image"], b["image"])
