@@ -1,4 +1,5 @@
-"""main.py trains on a `jsonl:` folder and evaluates zero-shot on an `imagefolder:` one."""
+"""main.py trains on a `jsonl:` folder (2 grain workers) and evaluates zero-shot on an
+`imagefolder:` one."""
 import json
 import os
 import subprocess
@@ -47,6 +48,7 @@ def test_train_on_jsonl_and_zero_shot_on_imagefolder(tmp_path):
           "--config.model.image.patch_size=8", "--config.model.image.depth=1",
           "--config.model.text.depth=1", "--config.model.decoder.depth=1",
           "--config.batch_size=16", "--config.total_steps=3", "--config.log_every=1",
+          "--config.data.worker_count=2",  # grain worker processes under absl.app
           f"--config.evals.zeroshot.source=imagefolder:{folder}",
           "--config.evals.zeroshot.every=0", "--config.evals.retrieval.every=-1",
           "--config.evals.captioning.every=-1", "--config.plot=False"]

@@ -153,6 +153,7 @@ def test_bad_mixture_is_a_clear_config_error(value, match):
     config_lib.validate(config)
 
 
+@pytest.mark.slow
 def test_main_trains_a_cli_mixture_with_two_workers(data, tmp_path):
   # main.py runs under absl.app: grain's worker processes must neither re-parse flags
   # nor re-run main. The mixture comes from the command line.

@@ -167,6 +167,14 @@ def _validate_data(d):
                      f">= 0, got {d.worker_count} and {d.shuffle_buffer}.")
 
 
+def _lists(value):
+  if isinstance(value, dict):
+    return {k: _lists(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_lists(v) for v in value]
+  return value
+
+
 def to_dict(config):
-  """Plain nested dict (for config.json)."""
-  return config.to_dict()
+  """Plain nested dict of JSON types (for config.json): tuples become lists."""
+  return _lists(config.to_dict())
