@@ -1,6 +1,7 @@
 """Save the data-iterator state after k batches (Orbax + grain.checkpoint), restore it in
 a NEW Python process: the next batches are exactly those of an uninterrupted run.
-One child process runs all cases (arrayrecord, jsonl, wds, a mixture)."""
+One child process runs all cases (arrayrecord, jsonl, wds, a mixture, jsonl read by 2
+grain worker processes)."""
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ def case_config(case):
   config = small_config(case.get("source", "shapes"), batch_size=3, seed=case["seed"])
   config.data.mixture = tuple(tuple(m) for m in case.get("mixture", ()))
   config.data.shuffle_buffer = case.get("shuffle_buffer", 0)
+  config.data.worker_count = case.get("worker_count", 0)
   return config
 
 
@@ -49,6 +51,7 @@ def child(case_file):
       for key in ("image", "text", "_bad_counts", "_seen"):
         np.testing.assert_array_equal(np.asarray(batch[key]), ref[f"{i}/{key}"],
                                       err_msg=f"{name} batch {i} {key}")
+    it.close()
     print(f"restored {name}: {NEXT} batches equal", flush=True)
 
 
@@ -66,8 +69,8 @@ def cases(tmp_path_factory):
   }
 
 
-def test_restore_in_a_new_process(cases):
-  root, cases = cases
+def save_and_restore_in_child(root, cases):
+  """Saves each case after K batches; the child restores and checks the next NEXT."""
   ckpt, gc = checkpointer()
   for name, case in cases.items():
     uninterrupted = iterator(case)
@@ -82,6 +85,8 @@ def test_restore_in_a_new_process(cases):
                              enumerate(ref[K:]) for k in b})
     # The batches after the restore point differ from those before it.
     assert not np.array_equal(ref[K]["image"], ref[0]["image"])
+    it.close()
+    uninterrupted.close()
   with open(root / "cases.json", "w") as f:
     json.dump(cases, f)
   code = (f"import sys; sys.argv = ['x']; from absl import flags; "
@@ -92,3 +97,13 @@ def test_restore_in_a_new_process(cases):
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in cases:
     assert f"restored {name}: {NEXT} batches equal" in proc.stdout
+
+
+def test_restore_in_a_new_process(cases):
+  save_and_restore_in_child(*cases)
+
+
+def test_restore_with_two_workers_in_a_new_process(cases):
+  root, all_cases = cases
+  case = dict(all_cases["jsonl"], worker_count=2)
+  save_and_restore_in_child(root, {"jsonl_2_workers": case})
