@@ -1,6 +1,7 @@
 """The streamed webdataset source: patterns, grouping, bad members, shard split, resume."""
 import collections
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -143,3 +144,26 @@ def test_wds_in_a_mixture(shards, tmp_path):
   ref, _ = take(config, 12)
   for a, b in zip(more, ref[10:]):
     np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_damaged_shard_is_counted_and_resumes_past_it(tmp_path):
+  pattern = datagen.write_wds(str(tmp_path), 2, 6)
+  damaged = tmp_path / "shard-001.tar"
+  with tarfile.open(damaged) as tar:
+    cut = tar.getmember("001/0003.jpg").offset_data + 10
+  damaged.write_bytes(damaged.read_bytes()[:cut])  # ends inside sample 3's image
+  items = list(sources_wds.iter_samples(str(damaged)))
+  assert [k for k, _ in items] == ["001/0000", "001/0001", "001/0002", ""]
+  assert "_error" in items[-1][1]
+  # Resuming after the error does not meet it again.
+  assert list(sources_wds.iter_samples(str(damaged), 4)) == []
+  config = small_config("wds:" + pattern, batch_size=2)
+  config.data.shuffle_buffer = 0
+  ref, _ = take(config, 8)
+  counts, _ = robust.summarize(ref[-1])
+  assert counts["unreadable"] >= 1
+  _, state = take(config, 5)
+  rest, _ = take(config, 3, state)
+  for a, b in zip(rest, ref[5:]):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])

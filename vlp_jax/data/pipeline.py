@@ -36,10 +36,10 @@ def train_dataset(config, tokenizer) -> grain.IterDataset:
 
   Random-access sources (and mixtures of them): global batch b holds elements
   b*B .. b*B+B-1 of the shuffled, repeated, transformed stream, process p builds rows
-  p*B/P .. (p+1)*B/P-1, and a bad record is replaced by a seeded spare of its
-  source (`batches.py`), so batches are identical for any worker and process count. Streamed
-  (`wds:`) sources drop bad records instead and are identical for the same seed,
-  process count and worker count. Each batch carries running bad-record counts as
+  p*B/P .. (p+1)*B/P-1, and a bad record is replaced by a seeded spare of its source
+  (`batches.py`), so batches are identical for any worker and process count.
+  Streamed (`wds:`) sources drop bad records instead; their batches are identical for
+  the same seed, process count and worker count. Each batch carries running bad-record counts as
   `_bad_counts` / `_seen` (pop them with `split_bad_counts`); the iterator's state
   (`get_state`/`set_state`) is saved with every checkpoint.
   """

@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import grain
 import numpy as np
 
+from vlp_jax.data import decode
 from vlp_jax.registry import SOURCES
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -120,7 +121,8 @@ def iter_samples(path: str, skip: int = 0,
       if key is not None and index >= skip:
         yield key, files
   except _errors as e:  # (bound early: generators may close at interpreter exit)
-    yield "", {"_error": f"{path}: {e}"}
+    if index >= skip:  # The error takes the place of sample `index`.
+      yield "", {"_error": f"{path}: {e}"}
 
 
 def to_element(path: str, key: str, files: Dict[str, bytes]) -> Dict[str, Any]:
@@ -264,8 +266,6 @@ class WdsListSource:
   evaluation and tools, where the data is small or read in full anyway."""
 
   def __init__(self, pattern: str, size: int = 0):
-    from vlp_jax.data import decode  # pylint: disable=g-import-not-at-top
-    self._decode = decode.decode_image
     self.paths = expand_pattern(pattern)
     self.samples = []
     for path in self.paths:
@@ -281,9 +281,8 @@ class WdsListSource:
   def __getitem__(self, i):
     element = self.samples[i]
     if "_bad" in element:
-      from vlp_jax.data import decode  # pylint: disable=g-import-not-at-top
       raise decode.BadRecord(element["_bad"], f"{element['key']}: {element['error']}")
-    return dict(element, image=self._decode(element["image"]))
+    return dict(element, image=decode.decode_image(element["image"]))
 
 
 @SOURCES.register("wds")
