@@ -130,8 +130,11 @@ class BadRecordMonitorIterator(grain.DatasetIterator):
       if len(self._examples[kind]) < 5:
         self._examples[kind].append(f"{key} ({error})" if error else key)
     self._check()
-    batch["_bad_counts"] = np.array([self._counts[k] for k in KINDS], np.int64)
-    batch["_seen"] = np.int64(self._seen)
+    # One row per example (like every other batch field, so the batch still shards).
+    rows = len(batch["text"])
+    counts = np.array([self._counts[k] for k in KINDS], np.int64)
+    batch["_bad_counts"] = np.broadcast_to(counts, (rows, len(KINDS))).copy()
+    batch["_seen"] = np.full((rows,), self._seen, np.int64)
     return batch
 
   def _check(self):
@@ -156,7 +159,8 @@ class BadRecordMonitorIterator(grain.DatasetIterator):
 
 
 class BadRecordMonitor(grain.IterDataset):
-  """Batches with `_skipped`/`_read` -> batches with running `_bad_counts` [K] / `_seen`;
+  """Batches with `_skipped`/`_read` -> batches with running `_bad_counts` [B, K] /
+  `_seen` [B] (the same in every row);
   raises `TooManyBadRecords` past `max_bad_fraction` (after `min_records`). Runs in
   the main process, after any worker processes."""
 
@@ -170,6 +174,6 @@ class BadRecordMonitor(grain.IterDataset):
 
 
 def summarize(batch):
-  """(per-kind counts dict, records seen) from a batch's `_bad_counts` / `_seen`."""
+  """(per-kind counts dict, records seen) from a batch's `_bad_counts` / `_seen` rows."""
   counts = np.asarray(batch["_bad_counts"]).reshape(-1, len(KINDS)).max(axis=0)
   return dict(zip(KINDS, counts.tolist())), int(np.max(batch["_seen"]))
