@@ -2,6 +2,7 @@
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -174,3 +175,17 @@ def test_main_trains_a_cli_mixture_with_two_workers(data, tmp_path):
     rows = [json.loads(line) for line in f]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
   assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_too_many_bad_records_in_a_mixture_names_the_source(tmp_path, data):
+  broken = "jsonl:" + datagen.write_jsonl(str(tmp_path / "b"), 10, "b", bad=set(range(6)))
+  config = small_config(batch_size=10)
+  config.data.max_bad_fraction = 0.05
+  config.data.mixture = ((data["arrayrecord"], 0.5), (broken, 0.5))
+  with pytest.raises(robust.TooManyBadRecords) as e:
+    take(config, 30)
+  message = str(e.value)
+  assert "mixture(" in message and "unreadable" in message
+  by_source = message.split("By source: ")[1]
+  assert broken in by_source and data["arrayrecord"] not in by_source
+  assert re.search(r"/b/[0-5]\.jpg", message)  # example keys of the broken records

@@ -28,7 +28,7 @@ def spare_index(seed: int, index: int, attempt: int, window: int) -> int:
 
 class ReplaceBad(grain.MapDataset):
   """Element `j` of `elements`, or, when it is a bad-record marker, its first good
-  seeded spare; adds `_skipped` (the markers met, as (kind, key, error)) and `_read`."""
+  seeded spare; adds `_skipped` (markers met: (kind, key, error, source)) and `_read`."""
 
   def __init__(self, elements: grain.MapDataset, window: int, seed: int,
                source_name: str = ""):
@@ -45,7 +45,7 @@ class ReplaceBad(grain.MapDataset):
       return self.slice(index)
     element, skipped, attempt = self._parent[index], [], 0
     while robust.is_bad(element):
-      skipped.append(robust.marker_info(element))
+      skipped.append(robust.marker_info(element, self._name))
       attempt += 1
       if attempt > MAX_SPARES:
         raise robust.TooManyBadRecords(
@@ -69,7 +69,8 @@ def collate(rows):
 
 class ProcessBatches(grain.MapDataset):
   """MapDataset of this process's rows of each global batch of `ReplaceBad` elements:
-  {'image': [b, ...], 'text': [b, L], '_skipped': [(kind, key, error)], '_read': int}."""
+  {'image': [b, ...], 'text': [b, L], '_skipped': [(kind, key, error, source)],
+  '_read': int}."""
 
   def __init__(self, elements: grain.MapDataset, global_batch: int,
                process_index: int = 0, process_count: int = 1):

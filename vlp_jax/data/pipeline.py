@@ -1,5 +1,6 @@
 """Grain pipelines: source(s) -> shuffle(seed) -> repeat -> transform -> per-host batches."""
 import collections
+import functools
 
 import grain
 import jax
@@ -90,7 +91,8 @@ def _streamed_batches(config, tokenizer, specs):
           sources.make_source(spec, "train", d.size, config.seed, d.image_size), spec)
       ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
       ds = ds[jax.process_index()::jax.process_count()].to_iter_dataset()
-    parts.append(ds.random_map(_train_transform(config, tokenizer), seed=seed))
+    ds = ds.random_map(_train_transform(config, tokenizer), seed=seed)
+    parts.append(ds.map(functools.partial(robust.tag_source, spec)))
   elements = parts[0] if len(parts) == 1 else grain.IterDataset.mix(
       parts, [w for _, w in specs])
   return robust.DropBad(elements).batch(per_process_batch_size(config.batch_size),

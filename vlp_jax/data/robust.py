@@ -52,7 +52,8 @@ class SafeSource:
     except IndexError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      return {"_bad": bad_kind(e), "key": f"{self.name}[{index}]", "error": str(e)[:200]}
+      return {"_bad": bad_kind(e), "key": f"{self.name}[{index}]", "error": str(e)[:200],
+              "source": self.name}
 
   def __getattr__(self, name):  # class_names, class_prompts, ...
     if name.startswith("__") or name == "source":  # Unpickling in worker processes.
@@ -76,14 +77,20 @@ def safe_transform(transform):
   return functools.partial(_safe_call, transform.map)
 
 
-def marker_info(element):
-  """(kind, key, error) of a bad-record marker."""
-  return (element["_bad"], str(element.get("key", "?")), element.get("error", ""))
+def marker_info(element, source: str = ""):
+  """(kind, key, error, source) of a bad-record marker (`source` if it names none)."""
+  return (element["_bad"], str(element.get("key", "?")), element.get("error", ""),
+          element.get("source", source))
+
+
+def tag_source(source: str, element):
+  """Marks a bad-record marker with the spec of the source it came from."""
+  return dict(element, source=source) if is_bad(element) else element
 
 
 class DropBadIterator(grain.DatasetIterator):
   """Element stream -> good elements only; each carries the markers skipped before it
-  as `_skipped` (list of (kind, key, error)) and `_read` (records read for it)."""
+  as `_skipped` (list of (kind, key, error, source)) and `_read` (records read)."""
 
   def __next__(self):
     bad = []
@@ -110,7 +117,8 @@ class DropBad(grain.IterDataset):
 
 
 class BadRecordMonitorIterator(grain.DatasetIterator):
-  """Accumulates the per-batch `_bad` / `_read` entries into running per-kind counts;
+  """Accumulates the per-batch `_skipped` / `_read` entries into running counts per kind
+  (in the batch) and per source (in the error message);
   state = parent state + counts, so a resumed run keeps counting where it stopped."""
 
   def __init__(self, parent, source_name, max_bad_fraction, min_records):
@@ -120,13 +128,15 @@ class BadRecordMonitorIterator(grain.DatasetIterator):
     self._min_records = min_records
     self._seen = 0
     self._counts = collections.Counter()
+    self._by_source = collections.Counter()
     self._examples = collections.defaultdict(list)
 
   def __next__(self):
     batch = dict(next(self._parent))
     self._seen += int(batch.pop("_read"))
-    for kind, key, error in batch.pop("_skipped"):
+    for kind, key, error, source in batch.pop("_skipped"):
       self._counts[kind] += 1
+      self._by_source[source] += 1
       if len(self._examples[kind]) < 5:
         self._examples[kind].append(f"{key} ({error})" if error else key)
     self._check()
@@ -145,17 +155,19 @@ class BadRecordMonitorIterator(grain.DatasetIterator):
       raise TooManyBadRecords(
           f"Source '{self._source_name}': {bad} of {self._seen} records are bad "
           f"({bad / self._seen:.1%} > config.data.max_bad_fraction="
-          f"{self._max_fraction}). By kind: {detail}. Fix or filter the data, or raise "
+          f"{self._max_fraction}). By kind: {detail}. By source: "
+          f"{dict(self._by_source.most_common())}. Fix or filter the data, or raise "
           "config.data.max_bad_fraction.")
 
   def get_state(self):
     return {"parent": self._parent.get_state(), "seen": self._seen,
-            "counts": dict(self._counts)}
+            "counts": dict(self._counts), "by_source": dict(self._by_source)}
 
   def set_state(self, state):
     self._parent.set_state(state["parent"])
     self._seen = state["seen"]
     self._counts = collections.Counter(state["counts"])
+    self._by_source = collections.Counter(state.get("by_source", {}))
 
 
 class BadRecordMonitor(grain.IterDataset):
