@@ -13,10 +13,14 @@ from vlp_jax.models import build_model, convert, layers, vit
 from vlp_jax.train import step as step_lib
 
 
-def tiny(**model):
+def tiny(coca=False, **model):
+  """Two-layer towers; CoCa (decoder with cross-attention) or a CLIP two-tower."""
   c = test_train.tiny_config()
   c.model.image.depth = 2
   c.model.text.depth = 2
+  if not coca:
+    c.model.name = "two_tower"
+    c.objectives = {"clip": 1.0}
   c.model.update(model)
   return c
 
@@ -49,14 +53,14 @@ def assert_tree_close(a, b, rtol=1e-5, atol=1e-5):
 
 
 @functools.cache
-def reference():
-  params = init_params(tiny())
-  return params, loss_and_grads(tiny(), params)
+def reference(coca=False):
+  params = init_params(tiny(coca))
+  return params, loss_and_grads(tiny(coca), params)
 
 
 def test_scan_matches_unrolled_after_stacking():
-  params, (loss, grads) = reference()
-  config = tiny(scan_layers=True)
+  params, (loss, grads) = reference(coca=True)
+  config = tiny(coca=True, scan_layers=True)
   stacked = convert.stack_blocks(params)
   # The stacked tree is exactly the scanned model's param structure.
   assert jax.tree.structure(stacked) == jax.tree.structure(init_params(config))
@@ -66,8 +70,8 @@ def test_scan_matches_unrolled_after_stacking():
   assert_tree_close(convert.unstack_blocks(s_grads), grads)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_saveable", "save_qkv_proj"])
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("policy,scan", [("full", False), ("dots_saveable", True),
+                                         ("save_qkv_proj", True)])
 def test_remat_policies_give_identical_results(policy, scan):
   params, (loss, grads) = reference()
   config = tiny(remat=policy, scan_layers=scan)
@@ -191,3 +195,18 @@ def test_bad_switch_values_are_clear_errors():
   c.profile_steps = [5, 2]
   with pytest.raises(ValueError, match="profile_steps"):
     config_lib.validate(c)
+
+
+def test_checkpoint_mismatch_names_the_scan_and_fused_switches():
+  from vlp_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  keys = lambda tree: set(checkpoint._param_shapes(tree))  # pylint: disable=protected-access
+  params, _ = reference()
+  plain, scanned, fused = keys(params), keys(convert.stack_blocks(params)), keys(
+      convert.fuse_qkv(params))
+  hint = checkpoint.layout_hint(sorted(scanned - plain), sorted(plain - scanned))
+  assert "scan_layers" in hint and "fused_qkv" not in hint
+  hint = checkpoint.layout_hint(sorted(plain - scanned), sorted(scanned - plain))
+  assert "scan_layers" in hint
+  hint = checkpoint.layout_hint(sorted(fused - plain), sorted(plain - fused))
+  assert "fused_qkv" in hint and "scan_layers" not in hint
+  assert checkpoint.layout_hint(["['x']"], []) == ""

@@ -88,65 +88,84 @@ def _data_batches(config, setup):
       config.device_prefetch)
 
 
+class StepBenchmark:
+  """Compiles the train step for `config` once; `time(n)` times n more steps."""
+
+  def __init__(self, config, with_data: bool = False, devices=None):
+    self.config, self.with_data = config, with_data
+    self.setup = TrainSetup(config, devices)
+    self.device = self.setup.mesh.devices.flat[0]
+    self.num_devices = self.setup.mesh.devices.size
+    with self.setup.contexts()[0], self.setup.contexts()[1]:
+      self.state = self.setup.create_state()
+      if with_data:
+        self.batches = _data_batches(config, self.setup)
+        self.batch = next(self.batches)
+      else:
+        self.batch = sharding.make_global_batch(synthetic_batch(config), self.setup.mesh,
+                                                self.setup.rules)
+      t0 = time.perf_counter()
+      self.compiled = self.setup.step_fn.lower(self.state, self.batch).compile()
+      self.compile_s = time.perf_counter() - t0
+    self.loss = None
+
+  def time(self, steps: int):
+    """Runs `steps` steps, each waited for with block_until_ready; their seconds."""
+    times = []
+    with self.setup.contexts()[0], self.setup.contexts()[1]:
+      for _ in range(steps):
+        t0 = time.perf_counter()
+        if self.with_data:
+          self.batch = next(self.batches)
+        self.state, metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready((self.state, metrics))
+        times.append(time.perf_counter() - t0)
+    self.loss = float(metrics["loss"])
+    return times
+
+  def record(self, times) -> dict:
+    """The benchmark record (see README, "Performance") for the measured `times`."""
+    config, n_dev = self.config, self.num_devices
+    times = np.asarray(times)
+    step_s = float(np.median(times))
+    samples_s = config.batch_size / step_s
+    model_flops = flops_lib.train_flops_per_sample(config)
+    xla = flops_lib.xla_flops(self.compiled)
+    peak, peak_src = flops_lib.peak_flops(config.model.dtype, self.device)
+    tflops = samples_s * model_flops / n_dev / 1e12
+    return {
+        "step_time_s": {"median": step_s, "min": float(times.min()),
+                        "max": float(times.max()),
+                        "p10": float(np.percentile(times, 10)),
+                        "p90": float(np.percentile(times, 90)), "steps": int(times.size)},
+        "samples_per_s": samples_s,
+        "compile_s": self.compile_s,
+        "model_gflops_per_sample": model_flops / 1e9,
+        "model_gflops_per_sample_by_part_fwd": flops_lib.forward_gflops_by_part(config,
+                                                                                 True),
+        # XLA counts the per-device (SPMD-partitioned) program, elementwise ops included.
+        "xla_gflops_per_step_per_device": None if xla is None else xla / 1e9,
+        "xla_over_model_flops": None if xla is None else xla * n_dev / (
+            model_flops * config.batch_size),
+        "tflops_per_device": tflops,
+        "peak_tflops_per_device": peak / 1e12,
+        "peak_source": peak_src,
+        "mfu": tflops * 1e12 / peak,
+        "memory": memory_stats(self.compiled, self.device),
+        "device_kind": self.device.device_kind,
+        "num_devices": n_dev,
+        "platform": self.device.platform,
+        "jax_version": jax.__version__,
+        "batch_size": config.batch_size,
+        "dtype": config.model.dtype,
+        "with_data": self.with_data,
+        "final_loss": self.loss,
+    }
+
+
 def run(config, steps: int = 20, warmup: int = 2, with_data: bool = False,
         devices=None) -> dict:
-  """Compiles and times `steps` train steps; returns the benchmark record."""
-  setup = TrainSetup(config, devices)
-  device = setup.mesh.devices.flat[0]
-  n_dev = setup.mesh.devices.size
-  mesh_ctx, rules_ctx = setup.contexts()
-  with mesh_ctx, rules_ctx:
-    state = setup.create_state()
-    if with_data:
-      batches = _data_batches(config, setup)
-      batch = next(batches)
-    else:
-      batch = sharding.make_global_batch(synthetic_batch(config), setup.mesh, setup.rules)
-    t0 = time.perf_counter()
-    compiled = setup.step_fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(warmup + steps):
-      t0 = time.perf_counter()
-      if with_data and i:
-        batch = next(batches)
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready((state, metrics))
-      if i >= warmup:
-        times.append(time.perf_counter() - t0)
-    loss = float(metrics["loss"])
-  times = np.array(times)
-  step_s = float(np.median(times))
-  samples_s = config.batch_size / step_s
-  model_flops = flops_lib.train_flops_per_sample(config)
-  xla = flops_lib.xla_flops(compiled)
-  dtype = config.model.dtype
-  peak, peak_src = flops_lib.peak_flops(dtype, device)
-  tflops = samples_s * model_flops / n_dev / 1e12
-  return {
-      "step_time_s": {"median": step_s, "min": float(times.min()),
-                      "max": float(times.max()),
-                      "p10": float(np.percentile(times, 10)),
-                      "p90": float(np.percentile(times, 90)), "steps": int(times.size)},
-      "samples_per_s": samples_s,
-      "compile_s": compile_s,
-      "model_gflops_per_sample": model_flops / 1e9,
-      "model_gflops_per_sample_by_part_fwd": flops_lib.forward_gflops_by_part(config, True),
-      # XLA counts the per-device (SPMD-partitioned) program, elementwise ops included.
-      "xla_gflops_per_step_per_device": None if xla is None else xla / 1e9,
-      "xla_over_model_flops": None if xla is None else xla * n_dev / (
-          model_flops * config.batch_size),
-      "tflops_per_device": tflops,
-      "peak_tflops_per_device": peak / 1e12,
-      "peak_source": peak_src,
-      "mfu": tflops * 1e12 / peak,
-      "memory": memory_stats(compiled, device),
-      "device_kind": device.device_kind,
-      "num_devices": n_dev,
-      "platform": device.platform,
-      "jax_version": jax.__version__,
-      "batch_size": config.batch_size,
-      "dtype": dtype,
-      "with_data": with_data,
-      "final_loss": loss,
-  }
+  """Compiles and times `steps` train steps (after `warmup`); the benchmark record."""
+  bench = StepBenchmark(config, with_data, devices)
+  bench.time(warmup)
+  return bench.record(bench.time(steps))
