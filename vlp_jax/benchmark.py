@@ -147,6 +147,9 @@ class StepBenchmark:
         "xla_gflops_per_step_per_device": None if xla is None else xla / 1e9,
         "xla_over_model_flops": None if xla is None else xla * n_dev / (
             model_flops * config.batch_size),
+        **({"xla_flops_note": "scan_layers: XLA's cost analysis counts the scanned loop "
+                              "body once, not once per layer"}
+           if config.model.scan_layers else {}),
         "tflops_per_device": tflops,
         "peak_tflops_per_device": peak / 1e12,
         "peak_source": peak_src,
