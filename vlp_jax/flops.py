@@ -5,6 +5,7 @@ Counting convention (as open_clip's profile, PaLM's MFU and MaxText): matmuls on
 full (unmasked) sequence, training = 3 x forward (backward = 2 x forward), and no
 credit for rematerialisation. Norms, softmax and elementwise ops are not counted.
 """
+import functools
 import time
 
 import jax
@@ -105,8 +106,10 @@ def table_peak_flops(device_kind: str, dtype: str = "bfloat16"):
   return None
 
 
+@functools.cache
 def measure_matmul_peak(n: int = 1024, repeats: int = 10, device=None) -> float:
-  """Best-of-`repeats` float32 n x n matmul FLOP/s on `device` (for CPUs)."""
+  """Best-of-`repeats` float32 n x n matmul FLOP/s on `device` (for CPUs); measured
+  once per process, so every record of a run shares one peak."""
   device = device or jax.devices()[0]
   a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32), device)
   f = jax.jit(lambda x: x @ x)
