@@ -75,3 +75,6 @@ def test_device_prefetch_keeps_order_and_the_consumed_position():
   assert list(it) == [10, 20, 30, 40]
   assert json.loads(it.get_state()) == {"next": 5}
   assert list(prefetch.DevicePrefetcher(_Source(3), lambda x: x, size=0)) == [0, 1, 2]
+  src = _Source(10)
+  assert list(prefetch.DevicePrefetcher(src, lambda x: x, size=2, limit=4)) == [0, 1, 2, 3]
+  assert src.i == 4  # never reads past the limit

@@ -115,7 +115,7 @@ def run(config, workdir: str):
   evals = exp.eval_configs()
   # Device prefetch; `batches.get_state()` is the data position after the last step.
   batches = prefetch.DevicePrefetcher(data_iter, lambda b: _to_device(b, exp),
-                                      config.device_prefetch)
+                                      config.device_prefetch, config.total_steps - start)
   mfu = flops_lib.MfuMeter(config, exp.mesh)
   prof = profiler_lib.StepProfiler(workdir, config.profile_steps, exp.is_chief)
 

@@ -12,10 +12,13 @@ class DevicePrefetcher:
   ahead, so `get_state()` returns the source's state right after the batch most
   recently *yielded* (bytes of JSON, as grain's checkpoint handler expects from a
   non-grain iterator): checkpoints resume exactly at the next unconsumed batch.
+  With `limit`, at most that many batches are read from the source (training never
+  reads data past its last step).
   """
 
-  def __init__(self, source, transfer, size: int = 2):
+  def __init__(self, source, transfer, size: int = 2, limit=None):
     self._source, self._transfer, self._size = source, transfer, max(0, size)
+    self._left = float("inf") if limit is None else limit
     self._queue = collections.deque()
     self._has_state = hasattr(source, "get_state")
     self._state = self._source_state()
@@ -24,7 +27,10 @@ class DevicePrefetcher:
     return self._source.get_state() if self._has_state else None
 
   def _pull(self):
+    if self._left <= 0:
+      raise StopIteration
     item = self._transfer(next(self._source))
+    self._left -= 1
     self._queue.append((item, self._source_state()))
 
   def __iter__(self):
