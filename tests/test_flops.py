@@ -45,7 +45,7 @@ def test_peak_table():
   assert source.startswith("measured") and 1e8 < peak < 1e14
 
 
-@pytest.mark.parametrize("name", ["two_tower", "coca"])
+@pytest.mark.parametrize("name", ["two_tower", pytest.param("coca", marks=pytest.mark.slow)])
 def test_analytic_count_matches_xla_cost_analysis(name):
   c = test_train.tiny_config()
   c.model.name = name
