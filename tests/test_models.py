@@ -378,7 +378,8 @@ def test_tower_kwargs_variant_and_overrides():
                              patch_size=0))
   kw = two_tower.tower_kwargs(c.image, jnp.float32)
   assert kw == dict(width=384, depth=3, mlp_dim=1536, num_heads=6, patch_size=32,
-                    pool="cls", dtype=jnp.float32, dropout=0.0)
+                    pool="cls", dtype=jnp.float32, dropout=0.0, patch_dropout=0.0,
+                    opts=layers.TransformerOptions())
   c.image.update(variant="", depth=0)
   with pytest.raises(ValueError, match="depth"):
     two_tower.tower_kwargs(c.image, jnp.float32)

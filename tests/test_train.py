@@ -90,7 +90,8 @@ def test_signal_saves_and_resumes_exactly(reference_run, tmp_path, monkeypatch, 
 
   def signal_on_step_6(batch, mesh, rules):
     calls["n"] += 1
-    if calls["n"] == 6:
+    # Device prefetch transfers batch 6 + device_prefetch while fetching batch 6.
+    if calls["n"] == 6 + tiny_config().device_prefetch:
       os.kill(os.getpid(), signum)
     return original(batch, mesh, rules)
 

@@ -80,6 +80,15 @@ def default_config() -> ConfigDict:
 
   c.evals = ConfigDict()
   c.plot = True
+
+  # Performance switches (README "Performance"); none changes what is computed.
+  c.model.scan_layers = False  # nn.scan over blocks: params gain a leading `layers` axis.
+  c.model.remat = "none"  # none|full|dots_saveable|save_qkv_proj|... (layers.REMAT_POLICIES)
+  c.model.fused_qkv = False  # one (embed, 3, heads) QKV matmul in self-attention.
+  c.model.attention_impl = "auto"  # auto (cuDNN on GPU for bf16/fp16) | xla | cudnn
+  c.model.image.patch_dropout = 0.0  # FLIP: fraction of patch tokens dropped in training.
+  c.device_prefetch = 2  # Batches put on device ahead of the running step (0 = off).
+  c.profile_steps = [0, 0]  # [a, b]: jax.profiler trace of steps a..b-1 to workdir/profile.
   return c
 
 
@@ -130,7 +139,9 @@ def check_keys(config, schema, prefix="config"):
 
 def validate(config) -> None:
   """Checks keys, types and cross-field constraints; raises with a fix-it message."""
-  from vlp_jax import evaluators, objectives, registry, models  # pylint: disable=g-import-not-at-top,unused-import
+  from vlp_jax import objectives, registry, models  # pylint: disable=g-import-not-at-top,unused-import
+  if config.evals:  # Evaluators read data (grain): import only when some are configured.
+    from vlp_jax import evaluators  # pylint: disable=g-import-not-at-top,unused-import
   check_keys(config, default_config())
   for name, weight in config.objectives.items():
     registry.OBJECTIVES.get(name)
@@ -153,6 +164,7 @@ def validate(config) -> None:
     if config[key] <= 0:
       raise ValueError(f"config.{key} must be positive, got {config[key]}.")
   _validate_data(config.data)
+  _validate_perf(config)
   if config.accum_steps <= 0 or config.batch_size % config.accum_steps:
     raise ValueError(
         f"config.batch_size={config.batch_size} must be divisible by "
@@ -173,6 +185,27 @@ def _lists(value):
   if isinstance(value, (list, tuple)):
     return [_lists(v) for v in value]
   return value
+
+
+def _validate_perf(config):
+  from vlp_jax.models import layers  # pylint: disable=g-import-not-at-top
+  m = config.model
+  if m.remat not in layers.REMAT_POLICIES:
+    raise ValueError(f"config.model.remat='{m.remat}' is not one of "
+                     f"{sorted(layers.REMAT_POLICIES)}.")
+  if m.attention_impl not in layers.ATTENTION_IMPLS:
+    raise ValueError(f"config.model.attention_impl='{m.attention_impl}' is not one of "
+                     f"{layers.ATTENTION_IMPLS}.")
+  if not 0.0 <= m.image.patch_dropout < 1.0:
+    raise ValueError(f"config.model.image.patch_dropout={m.image.patch_dropout} must be "
+                     "in [0, 1) (the fraction of patch tokens dropped in training).")
+  if config.device_prefetch < 0:
+    raise ValueError(f"config.device_prefetch={config.device_prefetch} must be >= 0.")
+  steps = list(config.profile_steps)
+  if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or (
+      steps != [0, 0] and not 0 <= steps[0] < steps[1]):
+    raise ValueError(f"config.profile_steps={steps} must be [a, b] with 0 <= a < b "
+                     "(trace steps a..b-1), or [0, 0] for no profile.")
 
 
 def to_dict(config):

@@ -23,6 +23,7 @@ DEFAULT_RULES = (
     ("proj", None),
     ("patch", None),
     ("length", None),
+    ("layers", None),  # the stacked axis of scanned transformer blocks
 )
 
 

@@ -135,3 +135,26 @@ def test_batch_that_does_not_split_over_the_mesh_is_a_clear_error():
   config.batch_size, config.accum_steps = 32, 8
   with pytest.raises(ValueError, match="4 examples per"):
     loop.Experiment(config, "/unused")
+
+
+def coca_scan_config():
+  c = coca_config()
+  c.model.update(scan_layers=True, fused_qkv=True, remat="save_qkv_proj")
+  c.model.image.depth = 2
+  return c
+
+
+@pytest.mark.parametrize("mesh", ["data2_fsdp2_tensor2", "fsdp8"])
+def test_scan_fused_remat_on_a_mesh_matches_single_device(mesh):
+  """Scanned blocks (stacked `layers` axis unsharded), fused QKV (heads over tensor)."""
+  config = coca_scan_config()
+  it = iter(pipeline.train_dataset(config, pipeline.make_tokenizer(config.data)))
+  batches = [next(it) for _ in range(3)]
+  config.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+  ref_losses, ref_params = train(config, jax.devices()[:1], batches)
+  config = coca_scan_config()
+  config.mesh = MESHES[mesh]
+  losses, params = train(config, jax.devices(), batches)
+  assert_close(losses, ref_losses)
+  jax.tree.map(assert_close, params, ref_params)
+  assert ref_params["img"]["encoder"]["layers"]["block"]["attn"]["qkv_kernel"].shape[0] == 2

@@ -18,20 +18,22 @@ class CoCa(nn.Module):
 
   def setup(self):
     cfg = self.config
-    img_kw = two_tower.tower_kwargs(cfg.image, self.dtype)
+    opts = layers.options_from_config(cfg)
+    img_kw = two_tower.tower_kwargs(cfg.image, self.dtype, opts)
     img_kw["pool"] = "none"
     self.img = vit.ViT(**img_kw)
     heads_, mlp = img_kw["num_heads"], img_kw["mlp_dim"]
-    self.contrastive_pool = layers.AttentionPool(heads_, mlp, 1, self.dtype)
+    self.contrastive_pool = layers.AttentionPool(heads_, mlp, 1, self.dtype, opts=opts)
     self.caption_pool = layers.AttentionPool(heads_, mlp, cfg.decoder.num_queries,
-                                             self.dtype)
+                                             self.dtype, opts=opts)
     self.caption_pool_proj = layers.dense(cfg.text.width, ("embed_img", "embed"),
                                           self.dtype)
     self.txt = text.TextTransformer(**two_tower.text_kwargs(
-        cfg.text, self.dtype, causal=True, pool="eos"))
+        cfg.text, self.dtype, causal=True, pool="eos", opts=opts))
     self.decoder = layers.Transformer(
         cfg.decoder.depth, cfg.text.num_heads, cfg.text.mlp_dim, self.dtype,
-        causal=True, cross_attention=True, dropout=cfg.text.get("dropout", 0.0))
+        causal=True, cross_attention=True, dropout=cfg.text.get("dropout", 0.0),
+        opts=opts)
     self.vocab_proj = layers.dense(cfg.text.vocab_size, ("embed", "vocab"), self.dtype)
     self.img_proj = heads.Projection(cfg.embed_dim, self.dtype)
     self.txt_proj = heads.Projection(cfg.embed_dim, self.dtype)

@@ -1,19 +1,51 @@
 """Transformer building blocks whose parameters carry logical axis names.
 
 Logical axes used here: `embed` (model width), `mlp` (MLP hidden), `heads` (flattened
-heads x head_dim), `vocab`, `patch` (flattened patch pixels). Activations are
-constrained with `batch`, `length`, `embed`. Attention uses 2-D `nn.Dense` projections
+heads x head_dim), `vocab`, `patch` (flattened patch pixels), `layers` (the stacked
+layer axis of scanned blocks). Activations are constrained with `batch`, `length`,
+`embed`. Attention uses 2-D `nn.Dense` projections (or one explicit fused QKV kernel)
 plus `jax.nn.dot_product_attention` (3-D DenseGeneral kernels break under logical
 partitioning with an active mesh, flax issue #3676).
 """
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 Dtype = Any
 default_kernel_init = nn.initializers.xavier_uniform()
+
+# Rematerialisation policies by name (`config.model.remat`). Names of saveable
+# activations: 'qkv_proj' (q, k, v projections), 'attn_out', 'mlp_hidden', 'mlp_out'.
+_cp = jax.checkpoint_policies
+REMAT_POLICIES = {
+    "none": None,
+    "full": _cp.nothing_saveable,
+    "dots_saveable": _cp.dots_saveable,
+    "dots_with_no_batch_dims_saveable": _cp.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": _cp.save_only_these_names("qkv_proj"),
+    "save_qkv_proj_mlp_hidden": _cp.save_only_these_names("qkv_proj", "mlp_hidden"),
+}
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerOptions:
+  """Speed switches that do not change the function computed (`config.model.*`)."""
+  scan_layers: bool = False
+  remat: str = "none"
+  fused_qkv: bool = False
+  attention_impl: str = "auto"
+
+
+def options_from_config(model_cfg) -> TransformerOptions:
+  return TransformerOptions(
+      scan_layers=model_cfg.get("scan_layers", False), remat=model_cfg.get("remat", "none"),
+      fused_qkv=model_cfg.get("fused_qkv", False),
+      attention_impl=model_cfg.get("attention_impl", "auto"))
 
 
 def dense(features: int, axes, dtype, name=None, kernel_init=default_kernel_init,
@@ -36,30 +68,76 @@ def constrain(x, axes):
   return nn.with_logical_constraint(x, axes)
 
 
-class Attention(nn.Module):
-  """Multi-head (self or cross) attention with separate q/k/v projections.
+def attention_implementation(impl: str, dtype, head_dim: int, has_mask: bool) -> str:
+  """'xla' or 'cudnn' for `jax.nn.dot_product_attention`, decided at trace time.
 
-  `mask` is boolean, broadcastable to [B, heads, Lq, Lk], True = attend.
+  'auto' picks cuDNN flash attention on GPU for bf16/fp16 inputs with a head dim
+  cuDNN supports and no explicit mask (causal masking is fine); XLA otherwise.
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl '{impl}' is not one of {ATTENTION_IMPLS}.")
+  if impl != "auto":
+    return impl
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  ok_shape = head_dim <= 128 and head_dim % 8 == 0
+  if jax.default_backend() == "gpu" and half and ok_shape and not has_mask:
+    return "cudnn"
+  return "xla"
+
+
+def _stacked_init(init, n):
+  """Initialises an (in, n, out) kernel as n independent (in, out) kernels."""
+  def fn(key, shape, dtype=jnp.float32):
+    keys = jax.random.split(key, n)
+    return jnp.stack([init(k, (shape[0], shape[2]), dtype) for k in keys], axis=1)
+  return fn
+
+
+class Attention(nn.Module):
+  """Multi-head (self or cross) attention with q/k/v projections.
+
+  `mask` is boolean, broadcastable to [B, heads, Lq, Lk], True = attend. With
+  `opts.fused_qkv`, self-attention uses one (embed, 3, heads) kernel (one matmul);
+  its slices [:, 0], [:, 1], [:, 2] are the separate query/key/value kernels.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   causal: bool = False
+  opts: TransformerOptions = TransformerOptions()
+
+  def _fused_qkv(self, x, width):
+    kernel = self.param("qkv_kernel", nn.with_logical_partitioning(
+        _stacked_init(default_kernel_init, 3), ("embed", None, "heads")),
+                        (width, 3, width), jnp.float32)
+    # Biases for query and value only (see the note on the key bias below).
+    bias = self.param("qv_bias", nn.with_logical_partitioning(
+        nn.initializers.zeros, (None, "heads")), (2, width), jnp.float32)
+    qkv = jnp.einsum("bld,dkh->blkh", x.astype(self.dtype), kernel.astype(self.dtype))
+    bias = bias.astype(self.dtype)
+    return qkv[:, :, 0] + bias[0], qkv[:, :, 1], qkv[:, :, 2] + bias[1]
 
   @nn.compact
   def __call__(self, x, context=None, mask=None):
-    context = x if context is None else context
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
     head_dim = width // self.num_heads
     split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))
-    q = split(dense(width, ("embed", "heads"), self.dtype, "query")(x))
-    # No key bias: it adds the same q.b to every logit of a query, so softmax ignores
-    # it and its gradient is zero (Adam would only amplify rounding noise into it).
-    k = split(dense(width, ("embed", "heads"), self.dtype, "key", use_bias=False)(context))
-    v = split(dense(width, ("embed", "heads"), self.dtype, "value")(context))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
-    out = out.reshape(out.shape[:-2] + (width,))
+    if self.opts.fused_qkv and context is None:
+      q, k, v = self._fused_qkv(x, width)
+    else:
+      context = x if context is None else context
+      q = dense(width, ("embed", "heads"), self.dtype, "query")(x)
+      # No key bias: it adds the same q.b to every logit of a query, so softmax ignores
+      # it and its gradient is zero (Adam would only amplify rounding noise into it).
+      k = dense(width, ("embed", "heads"), self.dtype, "key", use_bias=False)(context)
+      v = dense(width, ("embed", "heads"), self.dtype, "value")(context)
+    q, k, v = (split(checkpoint_name(t, "qkv_proj")) for t in (q, k, v))
+    impl = attention_implementation(self.opts.attention_impl, q.dtype, head_dim,
+                                    mask is not None)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
+                                       implementation=impl)
+    out = checkpoint_name(out.reshape(out.shape[:-2] + (width,)), "attn_out")
     return dense(width, ("heads", "embed"), self.dtype, "out")(out)
 
 
@@ -72,10 +150,11 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     width = x.shape[-1]
-    h = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "fc1")(x)
+    h = checkpoint_name(dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "fc1")(x),
+                        "mlp_hidden")
     h = nn.gelu(h)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    return dense(width, ("mlp", "embed"), self.dtype, "fc2")(h)
+    return checkpoint_name(dense(width, ("mlp", "embed"), self.dtype, "fc2")(h), "mlp_out")
 
 
 class Block(nn.Module):
@@ -86,15 +165,16 @@ class Block(nn.Module):
   causal: bool = False
   cross_attention: bool = False
   dropout: float = 0.0
+  opts: TransformerOptions = TransformerOptions()
 
   @nn.compact
   def __call__(self, x, mask=None, context=None, context_mask=None, train=False):
     drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = Attention(self.num_heads, self.dtype, causal=self.causal, name="attn")(
-        layer_norm(self.dtype, "ln_attn")(x), mask=mask)
+    h = Attention(self.num_heads, self.dtype, causal=self.causal, opts=self.opts,
+                  name="attn")(layer_norm(self.dtype, "ln_attn")(x), mask=mask)
     x = constrain(x + drop(h), ("batch", "length", "embed"))
     if self.cross_attention:
-      h = Attention(self.num_heads, self.dtype, name="cross_attn")(
+      h = Attention(self.num_heads, self.dtype, opts=self.opts, name="cross_attn")(
           layer_norm(self.dtype, "ln_cross")(x), context=context, mask=context_mask)
       x = constrain(x + drop(h), ("batch", "length", "embed"))
     h = Mlp(self.mlp_dim, self.dtype, self.dropout, name="mlp")(
@@ -102,8 +182,30 @@ class Block(nn.Module):
     return constrain(x + drop(h), ("batch", "length", "embed"))
 
 
+class _ScanLayer(nn.Module):
+  """One block as an `nn.scan` body: carry x, broadcast masks/context, `train` static."""
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  causal: bool = False
+  cross_attention: bool = False
+  dropout: float = 0.0
+  opts: TransformerOptions = TransformerOptions()
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask, context, context_mask):
+    block = Block(self.num_heads, self.mlp_dim, self.dtype, self.causal,
+                  self.cross_attention, self.dropout, self.opts, name="block")
+    return block(x, mask, context, context_mask, self.train), None
+
+
 class Transformer(nn.Module):
-  """A stack of `depth` pre-LN blocks followed by a final LayerNorm."""
+  """A stack of `depth` pre-LN blocks followed by a final LayerNorm.
+
+  Unrolled, the blocks' params are `block_{i}`; with `opts.scan_layers` they are
+  stacked under `layers/block` with a leading `layers` axis of size `depth`.
+  """
   depth: int
   num_heads: int
   mlp_dim: int
@@ -112,14 +214,30 @@ class Transformer(nn.Module):
   cross_attention: bool = False
   dropout: float = 0.0
   final_norm: bool = True
+  opts: TransformerOptions = TransformerOptions()
 
   @nn.compact
   def __call__(self, x, mask=None, context=None, context_mask=None, train=False):
-    for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim, self.dtype, self.causal,
-                self.cross_attention, self.dropout, name=f"block_{i}")(
-                    x, mask=mask, context=context, context_mask=context_mask,
-                    train=train)
+    if self.opts.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat '{self.opts.remat}' is not one of "
+                       f"{sorted(REMAT_POLICIES)}.")
+    remat = self.opts.remat != "none"
+    policy = REMAT_POLICIES[self.opts.remat]
+    block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
+                 causal=self.causal, cross_attention=self.cross_attention,
+                 dropout=self.dropout, opts=self.opts)
+    if self.opts.scan_layers:
+      layer = nn.remat(_ScanLayer, policy=policy, prevent_cse=False) if remat else _ScanLayer
+      stack = nn.scan(layer, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(**block, train=train, name="layers")(x, mask, context, context_mask)
+    else:
+      # static_argnums counts `self` as 0: `train` is argument 5.
+      cls = nn.remat(Block, policy=policy, static_argnums=(5,)) if remat else Block
+      for i in range(self.depth):
+        x = cls(**block, name=f"block_{i}")(x, mask, context, context_mask, train)
     if self.final_norm:
       x = layer_norm(self.dtype, "ln_final")(x)
     return x
@@ -135,6 +253,7 @@ class AttentionPool(nn.Module):
   mlp_dim: int
   num_queries: int = 1
   dtype: Dtype = jnp.float32
+  opts: TransformerOptions = TransformerOptions()
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -144,7 +263,8 @@ class AttentionPool(nn.Module):
             nn.initializers.xavier_uniform(), (None, "length", "embed")),
         (1, self.num_queries, width), jnp.float32)
     probe = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0],) + probe.shape[1:])
-    h = Attention(self.num_heads, self.dtype, name="attn")(probe, context=x, mask=mask)
+    h = Attention(self.num_heads, self.dtype, opts=self.opts, name="attn")(
+        probe, context=x, mask=mask)
     y = layer_norm(self.dtype, "ln")(h)
     return h + Mlp(self.mlp_dim, self.dtype, name="mlp")(y)
 

@@ -44,6 +44,7 @@ class TextTransformer(nn.Module):
   pool: str = "eos"
   dtype: Any = jnp.float32
   dropout: float = 0.0
+  opts: layers.TransformerOptions = layers.TransformerOptions()
 
   @nn.compact
   def __call__(self, tokens, train: bool = False):
@@ -62,6 +63,7 @@ class TextTransformer(nn.Module):
     x = layers.constrain(x, ("batch", "length", "embed"))
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = layers.Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
-                           causal=self.causal, dropout=self.dropout, name="encoder")(
+                           causal=self.causal, dropout=self.dropout, opts=self.opts,
+                           name="encoder")(
                                x, mask=padding_mask(tokens), train=train)
     return pool_tokens(x, tokens, self.pool), x

@@ -2,10 +2,10 @@
 import flax.linen as nn
 import ml_collections
 
-from vlp_jax.models import heads, text, vit
+from vlp_jax.models import heads, layers, text, vit
 
 
-def tower_kwargs(cfg: ml_collections.ConfigDict, dtype):
+def tower_kwargs(cfg: ml_collections.ConfigDict, dtype, opts=None):
   """Image-tower keyword arguments from `model.image` (variant plus explicit fields)."""
   kw = vit.parse_variant(cfg.get("variant"))
   for key in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
@@ -15,16 +15,19 @@ def tower_kwargs(cfg: ml_collections.ConfigDict, dtype):
   if missing:
     raise ValueError(f"model.image needs a variant like 'B/16' or explicit "
                      f"{sorted(missing)}.")
-  return dict(kw, pool=cfg.pool, dtype=dtype, dropout=cfg.get("dropout", 0.0))
+  return dict(kw, pool=cfg.pool, dtype=dtype, dropout=cfg.get("dropout", 0.0),
+              patch_dropout=cfg.get("patch_dropout", 0.0),
+              opts=opts or layers.TransformerOptions())
 
 
-def text_kwargs(cfg: ml_collections.ConfigDict, dtype, causal=None, pool=None):
+def text_kwargs(cfg: ml_collections.ConfigDict, dtype, causal=None, pool=None,
+                opts=None):
   return dict(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth,
               mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads,
               context_length=cfg.context_length,
               causal=cfg.causal if causal is None else causal,
               pool=cfg.pool if pool is None else pool, dtype=dtype,
-              dropout=cfg.get("dropout", 0.0))
+              dropout=cfg.get("dropout", 0.0), opts=opts or layers.TransformerOptions())
 
 
 def scale_kwargs(cfg: ml_collections.ConfigDict):
@@ -39,8 +42,9 @@ class TwoTower(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.img = vit.ViT(**tower_kwargs(cfg.image, self.dtype))
-    self.txt = text.TextTransformer(**text_kwargs(cfg.text, self.dtype))
+    opts = layers.options_from_config(cfg)
+    self.img = vit.ViT(**tower_kwargs(cfg.image, self.dtype, opts))
+    self.txt = text.TextTransformer(**text_kwargs(cfg.text, self.dtype, opts=opts))
     self.img_proj = heads.Projection(cfg.embed_dim, self.dtype)
     self.txt_proj = heads.Projection(cfg.embed_dim, self.dtype)
     self.scale = heads.LogitScale(**scale_kwargs(cfg))

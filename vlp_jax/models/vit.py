@@ -3,6 +3,7 @@ from typing import Any, Optional
 
 import einops
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vlp_jax.models import layers
@@ -38,11 +39,25 @@ def parse_variant(variant: Optional[str]):
   return out
 
 
+def num_kept_patches(n: int, patch_dropout: float) -> int:
+  """How many of `n` patch tokens patch dropout keeps (at least one)."""
+  return max(1, int(round(n * (1.0 - patch_dropout))))
+
+
+def patch_keep_indices(rng, batch: int, n: int, patch_dropout: float):
+  """[batch, k] sorted indices of a uniformly random subset of k of n patches per example."""
+  noise = jax.random.uniform(rng, (batch, n))
+  keep = jnp.argsort(noise, axis=1)[:, :num_kept_patches(n, patch_dropout)]
+  return jnp.sort(keep, axis=1)
+
+
 class ViT(nn.Module):
   """ViT: patchify (reshape + matmul), learned positions, pre-LN encoder, pooling.
 
   Returns (pooled [B, W], tokens [B, N, W]); `pool` is 'cls', 'gap', 'map' or 'none'
-  (pooled is None).
+  (pooled is None). With `patch_dropout` p > 0 (FLIP), training keeps a random subset
+  of round(N (1 - p)) patch tokens per example (positions added first; the class token
+  is always kept); evaluation sees every patch.
   """
   width: int
   depth: int
@@ -52,6 +67,8 @@ class ViT(nn.Module):
   pool: str = "cls"
   dtype: Any = jnp.float32
   dropout: float = 0.0
+  patch_dropout: float = 0.0
+  opts: layers.TransformerOptions = layers.TransformerOptions()
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -61,11 +78,18 @@ class ViT(nn.Module):
       raise ValueError(f"Image size {h}x{w} is not divisible by patch size {p}.")
     patches = einops.rearrange(images, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)",
                                p1=p, p2=p).astype(self.dtype)
-    x = layers.dense(self.width, ("patch", "embed"), self.dtype, "embedding")(patches)
-    n = x.shape[1]
+    n = patches.shape[1]
     pos = self.param("pos_embedding", nn.with_logical_partitioning(
         nn.initializers.normal(stddev=1 / self.width ** 0.5), (None, "length", "embed")),
                      (1, n, self.width), jnp.float32)
+    pos = jnp.broadcast_to(pos, (b, n, self.width))
+    if train and self.patch_dropout > 0:
+      # Dropping raw patches and their positions before the (per-token) embedding
+      # equals embedding, adding positions, then dropping -- and skips the dropped work.
+      keep = patch_keep_indices(self.make_rng("dropout"), b, n, self.patch_dropout)
+      patches = jnp.take_along_axis(patches, keep[..., None], axis=1)
+      pos = jnp.take_along_axis(pos, keep[..., None], axis=1)
+    x = layers.dense(self.width, ("patch", "embed"), self.dtype, "embedding")(patches)
     x = x + pos.astype(self.dtype)
     if self.pool == "cls":
       cls = self.param("cls", nn.with_logical_partitioning(
@@ -75,14 +99,15 @@ class ViT(nn.Module):
     x = layers.constrain(x, ("batch", "length", "embed"))
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = layers.Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
-                           dropout=self.dropout, name="encoder")(x, train=train)
+                           dropout=self.dropout, opts=self.opts, name="encoder")(
+                               x, train=train)
     if self.pool == "cls":
       return x[:, 0], x[:, 1:]
     if self.pool == "gap":
       return jnp.mean(x, axis=1), x
     if self.pool == "map":
       pooled = layers.AttentionPool(self.num_heads, self.mlp_dim, 1, self.dtype,
-                                    name="map_head")(x)
+                                    opts=self.opts, name="map_head")(x)
       return pooled[:, 0], x
     if self.pool == "none":
       return None, x

@@ -39,7 +39,27 @@ def check_compatible(manager, step: int, abstract_state):
     raise ValueError(
         f"Checkpoint at step {step} in {manager.directory} does not match the model of "
         f"this config. Parameters {' | '.join(parts)}. Use a fresh --workdir, or the "
-        "config the checkpoint was written with.")
+        f"config the checkpoint was written with.{layout_hint(missing, unexpected)}")
+
+
+def layout_hint(missing, unexpected) -> str:
+  """Names the speed switch that changes the param tree, when that explains a mismatch."""
+  scanned = lambda keys: any("'layers']['block']" in k for k in keys)
+  unrolled = lambda keys: any("'block_0']" in k for k in keys)
+  fused = lambda keys: any("qkv_kernel" in k for k in keys)
+  hints = []
+  if (scanned(missing) and unrolled(unexpected)) or (
+      unrolled(missing) and scanned(unexpected)):
+    hints.append("config.model.scan_layers differs from the checkpoint's (scanned "
+                 "blocks are stacked under 'layers/block'; unrolled ones are "
+                 "'block_<i>'): set it as when the checkpoint was written, or convert "
+                 "the params with vlp_jax.models.convert.stack_blocks/unstack_blocks")
+  if fused(missing) != fused(unexpected):
+    hints.append("config.model.fused_qkv differs from the checkpoint's (fused: "
+                 "'qkv_kernel'/'qv_bias'; separate: 'query'/'key'/'value'); set it as "
+                 "when the checkpoint was written (vlp_jax.models.convert.fuse_qkv "
+                 "converts separate to fused)")
+  return "".join(f" Likely cause: {h}." for h in hints)
 
 
 def save(manager, step: int, state, data_iter=None, force: bool = False):

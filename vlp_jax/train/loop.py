@@ -11,10 +11,12 @@ from absl import logging
 
 from vlp_jax import config as config_lib
 from vlp_jax import evaluators, objectives, sharding  # pylint: disable=unused-import
+from vlp_jax import flops as flops_lib
 from vlp_jax.data import pipeline
 from vlp_jax.models import build_model
 from vlp_jax.registry import EVALUATORS
 from vlp_jax.train import checkpoint, metrics as metrics_lib, optim, predict, signals
+from vlp_jax.train import prefetch, profiler as profiler_lib
 from vlp_jax.train import state as state_lib
 from vlp_jax.train import step as step_lib
 
@@ -111,6 +113,11 @@ def run(config, workdir: str):
       exp.model, step_lib.objectives_from_config(config), exp.tx, exp.schedule,
       exp.state_shardings, batch_sharding, accum_steps=config.accum_steps)
   evals = exp.eval_configs()
+  # Device prefetch; `batches.get_state()` is the data position after the last step.
+  batches = prefetch.DevicePrefetcher(data_iter, lambda b: _to_device(b, exp),
+                                      config.device_prefetch, config.total_steps - start)
+  mfu = flops_lib.MfuMeter(config, exp.mesh)
+  prof = profiler_lib.StepProfiler(workdir, config.profile_steps, exp.is_chief)
 
   step, acc, n_acc = start, None, 0
   t_last, step_last = time.time(), start
@@ -118,10 +125,12 @@ def run(config, workdir: str):
   with signals.StopRequest() as stop, jax.set_mesh(exp.mesh), \
       nn.logical_axis_rules(exp.rules):
     while step < config.total_steps and not stop.requested:
-      batch, bad_stats = pipeline.split_bad_counts(next(data_iter))
-      batch = sharding.make_global_batch(batch, exp.mesh, exp.rules)
-      state, m = train_step(state, batch)
+      batch, bad_stats = next(batches)
+      prof.before_step(step)
+      with prof.annotation(step):
+        state, m = train_step(state, batch)
       step += 1
+      prof.after_step(step, m)
       acc = m if acc is None else jax.tree.map(lambda a, b: a + b, acc, m)
       n_acc += 1
       progress.update(1)
@@ -130,6 +139,7 @@ def run(config, workdir: str):
         dt = time.time() - t_last
         row["steps_per_sec"] = (step - step_last) / dt
         row["samples_per_sec"] = row["steps_per_sec"] * config.batch_size
+        row.update(mfu.row(row["samples_per_sec"]))
         row.update(bad_stats)
         writer.write(step, row)
         progress.set_postfix(loss=f"{row['loss']:.4f}")
@@ -137,10 +147,11 @@ def run(config, workdir: str):
         acc, n_acc, t_last, step_last = None, 0, time.time(), step
       if _due(step, config.checkpoint_every, config.total_steps) or (
           stop.requested and step > start):
-        checkpoint.save(manager, step, state, data_iter)
+        checkpoint.save(manager, step, state, batches)
       due = [n for n, c in evals.items() if _due(step, c.every, config.total_steps)]
       if due:
         writer.write(step, exp.run_evals(state.params, step, due))
+  prof.close()
   if stop.requested:
     progress.close()
     manager.wait_until_finished()
@@ -176,6 +187,11 @@ def evaluate(config, workdir: str, step=None):
   if exp.is_chief:
     metrics_lib.MetricWriter(workdir, True, resume_step=1 << 62).write(step, results)
   return results
+
+
+def _to_device(host_batch, exp):
+  batch, bad_stats = pipeline.split_bad_counts(host_batch)
+  return sharding.make_global_batch(batch, exp.mesh, exp.rules), bad_stats
 
 
 def _num_params(params):

@@ -1,0 +1,60 @@
+"""Times the real train step of a config and prints one JSON object.
+
+    python tools/benchmark.py --config=configs/clip_b16.py --config.batch_size=8
+    python tools/benchmark.py --config=configs/demo.py --steps=50 --with_data
+
+Synthetic device-resident batches (input excluded) unless --with_data. See README,
+"Performance", for the fields.
+"""
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vlp_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe: configs/NAME.py[:arg].",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steady-state steps (>= 1).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_WITH_DATA = flags.DEFINE_bool("with_data", False,
+                               "Feed the real input pipeline instead of synthetic batches.")
+_NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 0,
+                                        "Split the CPU into this many devices.")
+flags.mark_flags_as_required(["config"])
+
+
+def overrides(argv):
+  return {a.split("=", 1)[0][len("--config."):]: a.split("=", 1)[1] if "=" in a else True
+          for a in argv if a.startswith("--config.")}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _STEPS.value < 1:
+    raise app.UsageError("--steps must be >= 1.")
+  import jax  # pylint: disable=g-import-not-at-top
+  if _NUM_CPU_DEVICES.value:
+    jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
+  from vlp_jax import benchmark  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  if not _WITH_DATA.value:
+    config.unlock()
+    config.evals = {}  # evaluators read data; a benchmark never runs them
+  record = benchmark.run(config, steps=_STEPS.value, warmup=_WARMUP.value,
+                         with_data=_WITH_DATA.value)
+  record["config"] = _CONFIG_SPEC
+  record["overrides"] = overrides(_ARGV)
+  print(json.dumps(record, sort_keys=True))
+
+
+_ARGV = sys.argv
+_CONFIG_SPEC = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
+                    None)
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags_with_config_check)

@@ -1,0 +1,158 @@
+"""Analytic model FLOPs per training sample, device peak FLOP/s, and MFU.
+
+Counting convention (as open_clip's profile, PaLM's MFU and MaxText): matmuls only,
+2 FLOPs per multiply-add, attention scores (QK^T) and values (AV) included over the
+full (unmasked) sequence, training = 3 x forward (backward = 2 x forward), and no
+credit for rematerialisation. Norms, softmax and elementwise ops are not counted.
+"""
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+from vlp_jax.models import two_tower, vit
+
+
+def attention_macs(lq: int, lk: int, width: int, kv_width: int = None) -> int:
+  """Multiply-adds of one attention layer: q/k/v/out projections plus QK^T and AV."""
+  kv_width = width if kv_width is None else kv_width
+  proj = 2 * lq * width * width + 2 * lk * kv_width * width
+  return proj + 2 * lq * lk * width
+
+
+def block_macs(length: int, width: int, mlp_dim: int, context: int = 0) -> int:
+  """Multiply-adds of one pre-LN block (self-attention, optional cross-attention, MLP)."""
+  macs = attention_macs(length, length, width) + 2 * length * width * mlp_dim
+  if context:
+    macs += attention_macs(length, context, width)
+  return macs
+
+
+def pool_macs(num_queries: int, tokens: int, width: int, mlp_dim: int) -> int:
+  """Multiply-adds of a MAP / attentional pooler (probes attend to the tokens + MLP)."""
+  return attention_macs(num_queries, tokens, width) + 2 * num_queries * width * mlp_dim
+
+
+def image_tokens(model_cfg, image_size: int, train: bool = True) -> int:
+  """Patch tokens the image tower processes (after patch dropout when training)."""
+  kw = two_tower.tower_kwargs(model_cfg.image, None)
+  n = (image_size // kw["patch_size"]) ** 2
+  p = model_cfg.image.get("patch_dropout", 0.0)
+  return vit.num_kept_patches(n, p) if train and p > 0 else n
+
+
+def forward_macs(config, train: bool = True) -> dict:
+  """Per-sample forward multiply-adds by part: image, text, decoder, heads."""
+  m = config.model
+  kw = two_tower.tower_kwargs(m.image, None)
+  w, mlp, p = kw["width"], kw["mlp_dim"], kw["patch_size"]
+  n = image_tokens(m, config.data.image_size, train)
+  pool = "none" if m.name == "coca" else m.image.pool
+  seq = n + (pool == "cls")
+  image = n * p * p * 3 * w + kw["depth"] * block_macs(seq, w, mlp)
+  if pool == "map":
+    image += pool_macs(1, seq, w, mlp)
+  t = m.text
+  length = t.context_length
+  text = t.depth * block_macs(length, t.width, t.mlp_dim)
+  heads = (w + t.width) * m.embed_dim  # the two projections to the shared space
+  decoder = 0
+  if m.name == "coca":
+    q = m.decoder.num_queries
+    image += pool_macs(1, n, w, mlp) + pool_macs(q, n, w, mlp) + q * w * t.width
+    decoder = (m.decoder.depth * block_macs(length, t.width, t.mlp_dim, context=q)
+               + length * t.width * t.vocab_size)
+  # Contrastive logits: one row of the B x B similarity matrix per sample.
+  logits = config.batch_size * m.embed_dim
+  return {"image": image, "text": text, "decoder": decoder, "heads": heads,
+          "logits": logits}
+
+
+def train_flops_per_sample(config) -> float:
+  """Model FLOPs of one training sample: 3 x forward, 2 FLOPs per multiply-add."""
+  return 3.0 * 2.0 * sum(forward_macs(config, train=True).values())
+
+
+def forward_gflops_by_part(config, train: bool = False) -> dict:
+  return {k: 2.0 * v / 1e9 for k, v in forward_macs(config, train).items()}
+
+
+# Dense peak FLOP/s per chip: (substring of device_kind, lowercase) -> (bf16, f32).
+# f32 on GPUs is the TF32 tensor-core peak (XLA's default precision for f32 matmuls
+# there); TPUs run f32 matmuls through bf16 passes, so both entries equal bf16 peak.
+PEAK_FLOPS = (
+    ("h100 pcie", 756e12, 378e12),
+    ("h100", 989e12, 494e12),
+    ("h200", 989e12, 494e12),
+    ("gh200", 989e12, 494e12),
+    ("a100", 312e12, 156e12),
+    ("tpu v4", 275e12, 275e12),
+    ("tpu v5 lite", 197e12, 197e12),
+    ("tpu v5e", 197e12, 197e12),
+    ("tpu v5p", 459e12, 459e12),
+    ("tpu v5", 459e12, 459e12),
+    ("tpu v6 lite", 918e12, 918e12),
+    ("tpu v6e", 918e12, 918e12),
+)
+
+
+def table_peak_flops(device_kind: str, dtype: str = "bfloat16"):
+  """Peak dense FLOP/s of one device of `device_kind` for `dtype`, or None if unknown."""
+  kind = device_kind.lower()
+  for key, bf16, f32 in PEAK_FLOPS:
+    if key in kind:
+      return f32 if dtype == "float32" else bf16
+  return None
+
+
+@functools.cache
+def measure_matmul_peak(n: int = 1024, repeats: int = 10, device=None) -> float:
+  """Best-of-`repeats` float32 n x n matmul FLOP/s on `device` (for CPUs); measured
+  once per process, so every record of a run shares one peak."""
+  device = device or jax.devices()[0]
+  a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32), device)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best
+
+
+def peak_flops(dtype: str = "bfloat16", device=None):
+  """(peak FLOP/s per device, source): from the table, or measured on CPU/unknown."""
+  device = device or jax.devices()[0]
+  peak = table_peak_flops(device.device_kind, dtype)
+  if peak is not None:
+    return peak, "table"
+  return measure_matmul_peak(device=device), "measured f32 matmul"
+
+
+def xla_flops(compiled):
+  """FLOPs of a compiled computation from XLA's cost analysis (None if unavailable)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+class MfuMeter:
+  """Turns a measured samples/s into `perf/tflops_per_device` and `perf/mfu`."""
+
+  def __init__(self, config, mesh):
+    device = mesh.devices.flat[0]
+    self.num_devices = mesh.devices.size
+    self.flops_per_sample = train_flops_per_sample(config)
+    self.peak, self.peak_source = peak_flops(config.model.dtype, device)
+
+  def row(self, samples_per_sec: float) -> dict:
+    tflops = samples_per_sec * self.flops_per_sample / self.num_devices / 1e12
+    return {"perf/tflops_per_device": tflops, "perf/mfu": tflops * 1e12 / self.peak}
