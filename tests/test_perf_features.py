@@ -210,3 +210,17 @@ def test_checkpoint_mismatch_names_the_scan_and_fused_switches():
   hint = checkpoint.layout_hint(sorted(fused - plain), sorted(plain - fused))
   assert "fused_qkv" in hint and "scan_layers" not in hint
   assert checkpoint.layout_hint(["['x']"], []) == ""
+
+
+@pytest.mark.parametrize("length,causal", [(197, False), (77, True), (10, False)])
+def test_even_length_attention_matches_plain_attention(length, causal):
+  """The padding used for cuDNN (odd lengths) changes neither outputs nor gradients."""
+  q, k, v = (jax.random.normal(key, (2, length, 3, 8))
+             for key in jax.random.split(jax.random.key(0), 3))
+  padded = lambda q, k, v: layers.even_length_attention(q, k, v, causal, "xla")
+  plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+  np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), atol=1e-5)
+  loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2)
+  for a, b in zip(jax.grad(loss(padded), (0, 1, 2))(q, k, v),
+                  jax.grad(loss(plain), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=1e-4)

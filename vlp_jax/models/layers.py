@@ -85,6 +85,25 @@ def attention_implementation(impl: str, dtype, head_dim: int, has_mask: bool) ->
   return "xla"
 
 
+def even_length_attention(q, k, v, causal: bool, impl: str):
+  """`jax.nn.dot_product_attention` on [B, L, heads, head_dim] with odd lengths padded.
+
+  jax's cuDNN path rejects odd query/key lengths under differentiation (ViT's 197
+  tokens, CLIP's 77), so one padding position is appended and excluded through the
+  sequence lengths (cuDNN's padding mask, no bias); padded query rows are dropped.
+  """
+  lq, lk = q.shape[1], k.shape[1]
+  if lq % 2 == 0 and lk % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+  pad = lambda t: jnp.pad(t, ((0, 0), (0, t.shape[1] % 2), (0, 0), (0, 0)))
+  b = q.shape[0]
+  out = jax.nn.dot_product_attention(
+      pad(q), pad(k), pad(v), is_causal=causal, implementation=impl,
+      query_seq_lengths=jnp.full((b,), lq, jnp.int32),
+      key_value_seq_lengths=jnp.full((b,), lk, jnp.int32))
+  return out[:, :lq]
+
+
 def _stacked_init(init, n):
   """Initialises an (in, n, out) kernel as n independent (in, out) kernels."""
   def fn(key, shape, dtype=jnp.float32):
@@ -135,8 +154,11 @@ class Attention(nn.Module):
     q, k, v = (split(checkpoint_name(t, "qkv_proj")) for t in (q, k, v))
     impl = attention_implementation(self.opts.attention_impl, q.dtype, head_dim,
                                     mask is not None)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
-                                       implementation=impl)
+    if impl == "cudnn" and mask is None:
+      out = even_length_attention(q, k, v, self.causal, impl)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
+                                         implementation=impl)
     out = checkpoint_name(out.reshape(out.shape[:-2] + (width,)), "attn_out")
     return dense(width, ("heads", "embed"), self.dtype, "out")(out)
 
