@@ -54,7 +54,7 @@ def leaves_equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("accum_steps", [1, 2])
+@pytest.mark.parametrize("accum_steps", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_nonfinite_step_leaves_state_bitwise_unchanged(accum_steps):
   config = probe_config(accum_steps=accum_steps)
   exp = loop.Experiment(config, "/unused")
