@@ -149,6 +149,14 @@ def test_checkpoint_policy_keep_every_best_and_tmp_dirs(tmp_path):
   manager.close()
   assert step == 10 and int(state.step) == 10
   assert not tmp.exists()  # ... and is cleaned up at start-up.
+  # The best parameters can seed a new run (init_from a checkpoints_best/ step).
+  c.init_from.checkpoint = str(tmp_path / "checkpoints_best" / str(best_step))
+  params, _, report = init_from.load(c.init_from, state.params, exp.tx,
+                                     exp.state_shardings.opt_state)
+  assert report.loaded == list(freeze.named_leaves(state.params))
+  assert not report.missing and not report.unexpected and not report.shape_mismatch
+  if best_step != 10:  # Trained further after the best: the values differ.
+    assert not leaves_equal(jax.device_get(params), jax.device_get(state.params))
 
 
 def lit_config():
