@@ -22,15 +22,15 @@ def _abs(workdir):
   return workdir if "://" in workdir else os.path.abspath(workdir)
 
 
-def make_manager(workdir: str, config, read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(workdir: str, config, cleanup: bool = True) -> ocp.CheckpointManager:
   """A CheckpointManager under `workdir/checkpoints`: the newest `keep_checkpoints`,
-  plus every multiple of `keep_every` (if > 0)."""
+  plus every multiple of `keep_every` (if > 0). `cleanup` deletes leftovers of
+  interrupted saves (the trainer's job: never while another process may be saving)."""
   policies = [ocp.checkpoint_managers.LatestN(n=config.keep_checkpoints)]
   if config.keep_every > 0:
     policies.append(ocp.checkpoint_managers.EveryNSteps(config.keep_every))
   options = ocp.CheckpointManagerOptions(
-      create=not read_only, read_only=read_only, enable_async_checkpointing=True,
-      cleanup_tmp_directories=not read_only,
+      create=True, enable_async_checkpointing=True, cleanup_tmp_directories=cleanup,
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
   return ocp.CheckpointManager(
       os.path.join(_abs(workdir), "checkpoints"), options=options,
@@ -45,7 +45,7 @@ def make_best_manager(workdir: str, config):
     return None
   metric = config.best_metric
   options = ocp.CheckpointManagerOptions(
-      create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True,
+      create=True, enable_async_checkpointing=True, cleanup_tmp_directories=cleanup,
       preservation_policy=ocp.checkpoint_managers.BestN(
           get_metric_fn=lambda m: m[metric], reverse=config.best_mode == "min", n=1,
           keep_checkpoints_without_metrics=False))

@@ -62,7 +62,8 @@ def resolve(init_cfg):
 def _open(root):
   handlers = {"state": ocp.PyTreeCheckpointHandler(), "params": ocp.PyTreeCheckpointHandler()}
   return ocp.CheckpointManager(root, item_handlers=handlers,
-                               options=ocp.CheckpointManagerOptions(read_only=True))
+                               options=ocp.CheckpointManagerOptions(
+                                   read_only=True, create=False, save_interval_steps=0))
 
 
 def compare(init_cfg, source_shapes: dict, target_shapes: dict) -> Report:

@@ -189,7 +189,7 @@ def run(config, workdir: str, allow_config_change: bool = False):
 def evaluate(config, workdir: str, step=None):
   """Runs every configured evaluator on the checkpoint in `workdir` (default: latest)."""
   exp = Experiment(config, workdir)
-  manager = checkpoint.make_manager(workdir, config)
+  manager = checkpoint.make_manager(workdir, config, cleanup=False)  # Training may run.
   state, step = checkpoint.restore(manager, exp.abstract, step=step)
   manager.close()
   if state is None:
