@@ -1,4 +1,5 @@
 """The training loop: `run(config, workdir)` trains; `evaluate(config, workdir)` evaluates."""
+import contextlib
 import json
 import os
 import time
@@ -134,48 +135,41 @@ def run(config, workdir: str, allow_config_change: bool = False):
   step, acc, n_acc, stopping = start, None, 0, False
   t_last, step_last = time.time(), start
   progress = _progress_bar(start, config.total_steps, exp.is_chief)
-  try:
-    with signals.StopRequest() as stop, jax.set_mesh(exp.mesh), \
-        nn.logical_axis_rules(exp.rules):
-      while step < config.total_steps and not stopping:
-        batch, bad_stats = pipeline.split_bad_counts(next(data_iter))
-        batch = sharding.make_global_batch(batch, exp.mesh, exp.rules)
-        state, m = train_step(state, batch)
-        step += 1
-        monitor.add(step, m.pop("nonfinite"))
-        acc = m if acc is None else jax.tree.map(lambda a, b: a + b, acc, m)
-        n_acc += 1
-        progress.update(1)
-        if _due(step, config.log_every, config.total_steps):
-          monitor.check()
-          row = {k: float(v) / n_acc for k, v in jax.device_get(acc).items()}
-          dt = time.time() - t_last
-          row["steps_per_sec"] = (step - step_last) / dt
-          row["samples_per_sec"] = row["steps_per_sec"] * config.batch_size
-          row["nonfinite/skipped"] = monitor.skipped
-          row.update(bad_stats)
-          writer.write(step, row)
-          progress.set_postfix(loss=f"{row['loss']:.4f}")
-          logging.info("step %d/%d: %s", step, config.total_steps, _fmt(row))
-          acc, n_acc, t_last, step_last = None, 0, time.time(), step
-        stopping = preemption.should_stop(stop.requested, step, config.stop_sync_every)
-        due = [n for n, c in evals.items() if _due(step, c.every, config.total_steps)]
-        if due:
-          results = exp.run_evals(state.params, step, due)
-          writer.write(step, results)
-          tracker.on_eval(step, results, state.params)
-        if _due(step, config.checkpoint_every, config.total_steps) or (
-            stopping and step > start):
-          monitor.check()  # Under 'halt', a bad step stops the run before any save.
-          checkpoint.save(manager, step, state, data_iter,
-                          meta=tracker.meta(monitor.skipped))
-      monitor.check()
-  finally:
-    progress.close()
-    manager.wait_until_finished()
-    manager.close()
-    tracker.close()
-    writer.close()
+  with _closing(progress, manager, tracker, writer), signals.StopRequest() as stop, \
+      jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
+    while step < config.total_steps and not stopping:
+      batch, bad_stats = pipeline.split_bad_counts(next(data_iter))
+      batch = sharding.make_global_batch(batch, exp.mesh, exp.rules)
+      state, m = train_step(state, batch)
+      step += 1
+      monitor.add(step, m.pop("nonfinite"))
+      acc = m if acc is None else jax.tree.map(lambda a, b: a + b, acc, m)
+      n_acc += 1
+      progress.update(1)
+      if _due(step, config.log_every, config.total_steps):
+        monitor.check()
+        row = {k: float(v) / n_acc for k, v in jax.device_get(acc).items()}
+        dt = time.time() - t_last
+        row["steps_per_sec"] = (step - step_last) / dt
+        row["samples_per_sec"] = row["steps_per_sec"] * config.batch_size
+        row["nonfinite/skipped"] = monitor.skipped
+        row.update(bad_stats)
+        writer.write(step, row)
+        progress.set_postfix(loss=f"{row['loss']:.4f}")
+        logging.info("step %d/%d: %s", step, config.total_steps, _fmt(row))
+        acc, n_acc, t_last, step_last = None, 0, time.time(), step
+      stopping = preemption.should_stop(stop.requested, step, config.stop_sync_every)
+      due = [n for n, c in evals.items() if _due(step, c.every, config.total_steps)]
+      if due:
+        results = exp.run_evals(state.params, step, due)
+        writer.write(step, results)
+        tracker.on_eval(step, results, state.params)
+      if _due(step, config.checkpoint_every, config.total_steps) or (
+          stopping and step > start):
+        monitor.check()  # Under 'halt', a bad step stops the run before any save.
+        checkpoint.save(manager, step, state, data_iter,
+                        meta=tracker.meta(monitor.skipped))
+    monitor.check()
   if stopping:
     logging.warning("Stopped by %s at step %d with a checkpoint saved; run the same "
                     "command again to resume.", stop.requested or "another process",
@@ -184,6 +178,19 @@ def run(config, workdir: str, allow_config_change: bool = False):
   if exp.is_chief and config.plot and os.path.exists(writer.path):
     logging.info("Wrote %s", metrics_lib.plot_curves(workdir))
   return state
+
+
+@contextlib.contextmanager
+def _closing(progress, manager, tracker, writer):
+  """Waits for pending saves and closes everything, also when training raises."""
+  try:
+    yield
+  finally:
+    progress.close()
+    manager.wait_until_finished()
+    manager.close()
+    tracker.close()
+    writer.close()
 
 
 def evaluate(config, workdir: str, step=None):
