@@ -327,3 +327,17 @@ def test_bad_fault_tolerance_config_is_a_clear_error():
     c[key] = value
     with pytest.raises((ValueError, TypeError), match=re.escape(msg)):
       config_lib.validate(c)
+
+
+def test_resume_drops_rows_past_the_checkpoint_and_a_half_written_line(tmp_path):
+  """After a SIGKILL, metrics.jsonl may hold rows past the checkpoint and a cut line."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n"
+                          for s in range(1, 6)) + '{"step": 6, "lo')
+  writer = metrics_lib.MetricWriter(str(tmp_path), True, resume_step=3)
+  writer.write(4, {"loss": 0.5})
+  writer.close()
+  assert [r["step"] for r in metrics_lib.read_metrics(str(path))] == [1, 2, 3, 4]
+  path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')  # Corruption mid-file is an error.
+  with pytest.raises(json.JSONDecodeError):
+    metrics_lib.read_metrics(str(path))
