@@ -45,7 +45,7 @@ def make_best_manager(workdir: str, config):
     return None
   metric = config.best_metric
   options = ocp.CheckpointManagerOptions(
-      create=True, enable_async_checkpointing=True, cleanup_tmp_directories=cleanup,
+      create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True,
       preservation_policy=ocp.checkpoint_managers.BestN(
           get_metric_fn=lambda m: m[metric], reverse=config.best_mode == "min", n=1,
           keep_checkpoints_without_metrics=False))
