@@ -20,6 +20,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Multi-process: proces
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process: this process's index.")
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", 0, "Split the CPU into this many devices (to try meshes locally).")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir even though the model keys of its "
+    "saved config.json differ from this config's.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,7 +36,8 @@ def main(argv):
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _NUM_CPU_DEVICES.value)
   if _MODE.value == "train":
-    loop.run(_CONFIG.value, _WORKDIR.value)
+    loop.run(_CONFIG.value, _WORKDIR.value,
+             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   else:
     loop.evaluate(_CONFIG.value, _WORKDIR.value)
 

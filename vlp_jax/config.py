@@ -23,6 +23,18 @@ EVAL_KEYS = {
 }
 
 
+# Keys of `config.init_from` (parameters of another run loaded into a new one).
+INIT_FROM_KEYS = {
+    "workdir": "",  # A run's workdir (its checkpoints/ are read) ...
+    "checkpoint": "",  # ... or one checkpoint directory (workdir/checkpoints/STEP).
+    "step": -1,  # With `workdir`: the step to load; -1 = latest.
+    "include": [".*"],  # Regexes (full match) over '/'-joined param paths to load.
+    "exclude": [],  # ... minus these (they keep their fresh initialisation).
+    "allow_missing": [],  # Selected params absent from the checkpoint: init, no error.
+    "allow_shape_mismatch": [],  # Selected params of another shape: init, no error.
+}
+
+
 def eval_entry(**values) -> ConfigDict:
   """An entry of `config.evals` holding every evaluator key (so each is overridable
   from the command line), with `values` set."""
@@ -89,6 +101,15 @@ def default_config() -> ConfigDict:
   c.model.image.patch_dropout = 0.0  # FLIP: fraction of patch tokens dropped in training.
   c.device_prefetch = 2  # Batches put on device ahead of the running step (0 = off).
   c.profile_steps = [0, 0]  # [a, b]: jax.profiler trace of steps a..b-1 to workdir/profile.
+
+  # Fault tolerance (see vlp_jax/train/{nonfinite,checkpoint,init_from,freeze}.py).
+  c.nonfinite = "halt"  # NaN/Inf loss or gradient: 'halt' (error) or 'skip' the update.
+  c.keep_every = 0  # Also keep every checkpoint whose step is a multiple of this (0: off).
+  c.best_metric = ""  # e.g. 'eval/zeroshot/top1': keep the best in checkpoints_best/.
+  c.best_mode = "max"  # 'max' or 'min' for best_metric.
+  c.stop_sync_every = 1  # Multi-host: agree on SIGTERM/SIGINT stops every N steps.
+  c.frozen = []  # Regexes over '/'-joined param paths kept fixed (LiT: ['img/.*']).
+  c.init_from = ConfigDict(INIT_FROM_KEYS)
   return c
 
 
@@ -169,6 +190,47 @@ def validate(config) -> None:
     raise ValueError(
         f"config.batch_size={config.batch_size} must be divisible by "
         f"config.accum_steps={config.accum_steps} (a positive number of micro-batches).")
+  validate_fault_tolerance(config)
+
+
+def validate_fault_tolerance(config) -> None:
+  """Checks the fault-tolerance keys (nonfinite, checkpoint policy, init_from, frozen)."""
+  import re  # pylint: disable=g-import-not-at-top
+  if config.nonfinite not in ("halt", "skip"):
+    raise ValueError(f"config.nonfinite must be 'halt' or 'skip', got "
+                     f"{config.nonfinite!r}.")
+  if config.keep_every < 0 or config.keep_checkpoints <= 0:
+    raise ValueError("config.keep_every must be >= 0 and config.keep_checkpoints > 0, "
+                     f"got {config.keep_every} and {config.keep_checkpoints}.")
+  if config.stop_sync_every <= 0:
+    raise ValueError(f"config.stop_sync_every must be positive, got "
+                     f"{config.stop_sync_every}.")
+  if config.best_mode not in ("max", "min"):
+    raise ValueError(f"config.best_mode must be 'max' or 'min', got {config.best_mode!r}.")
+  if config.best_metric and not config.best_metric.startswith("eval/"):
+    raise ValueError(f"config.best_metric={config.best_metric!r} must name an evaluation "
+                     "metric 'eval/NAME/METRIC', e.g. 'eval/zeroshot/top1'.")
+  if config.best_metric:
+    name = config.best_metric.split("/")[1]
+    if name not in config.evals or config.evals[name].get("every", 0) < 0:
+      raise ValueError(f"config.best_metric={config.best_metric!r} needs the evaluator "
+                       f"'{name}' enabled in config.evals (have {list(config.evals)}).")
+  init = config.init_from
+  if init.workdir and init.checkpoint:
+    raise ValueError("config.init_from: set either 'workdir' or 'checkpoint', not both.")
+  for key in ("include", "exclude", "allow_missing", "allow_shape_mismatch"):
+    _check_regexes(init[key], f"config.init_from.{key}", re)
+  _check_regexes(config.frozen, "config.frozen", re)
+
+
+def _check_regexes(value, where, re):
+  if isinstance(value, str) or not all(isinstance(r, str) for r in value):
+    raise TypeError(f"{where} must be a list of regex strings, got {value!r}.")
+  for r in value:
+    try:
+      re.compile(r)
+    except re.error as e:
+      raise ValueError(f"{where}: invalid regex {r!r}: {e}.") from None
 
 
 def _validate_data(d):

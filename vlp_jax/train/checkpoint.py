@@ -1,20 +1,73 @@
-"""Orbax (async) checkpoints of the train state together with the data-iterator state."""
+"""Orbax (async) checkpoints of the train state together with the data-iterator state.
+
+`workdir/checkpoints/STEP/` holds `state` (params, optimizer state, step, RNG), `data`
+(the Grain iterator's position) and `meta` (JSON: resolved config, skipped-step count,
+best-metric history). The newest `keep_checkpoints` are kept, plus every step that is
+a multiple of `keep_every`. With `best_metric` set, the parameters of the best
+evaluation so far go to a separate manager under `workdir/checkpoints_best/STEP/`,
+so resuming always uses the latest checkpoint while the best one is never deleted.
+Orbax writes into a temporary directory and renames it when complete: an interrupted
+save is never listed as a step (and leftovers are deleted at start-up).
+"""
+import math
 import os
 
 import grain
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
 
-def make_manager(workdir: str, config) -> ocp.CheckpointManager:
-  """A CheckpointManager under `workdir/checkpoints`, keeping the newest few."""
+def _abs(workdir):
+  return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
+def make_manager(workdir: str, config, cleanup: bool = True) -> ocp.CheckpointManager:
+  """A CheckpointManager under `workdir/checkpoints`: the newest `keep_checkpoints`,
+  plus every multiple of `keep_every` (if > 0). `cleanup` deletes leftovers of
+  interrupted saves (the trainer's job: never while another process may be saving)."""
+  policies = [ocp.checkpoint_managers.LatestN(n=config.keep_checkpoints)]
+  if config.keep_every > 0:
+    policies.append(ocp.checkpoint_managers.EveryNSteps(config.keep_every))
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, create=True,
-      enable_async_checkpointing=True)
+      create=True, enable_async_checkpointing=True, cleanup_tmp_directories=cleanup,
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+      os.path.join(_abs(workdir), "checkpoints"), options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()})
+                     "data": grain.checkpoint.CheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+
+
+def make_best_manager(workdir: str, config):
+  """Keeps the parameters of the best `config.best_metric` evaluation (None if unset)."""
+  if not config.best_metric:
+    return None
+  metric = config.best_metric
+  options = ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True,
+      preservation_policy=ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda m: m[metric], reverse=config.best_mode == "min", n=1,
+          keep_checkpoints_without_metrics=False))
+  return ocp.CheckpointManager(
+      os.path.join(_abs(workdir), "checkpoints_best"), options=options,
+      item_handlers={"params": ocp.StandardCheckpointHandler()})
+
+
+def is_better(value, best, mode: str) -> bool:
+  """Whether eval `value` beats the `best` so far (None: nothing yet) under `mode`."""
+  if value is None or not math.isfinite(value):
+    return False
+  return best is None or (value > best if mode == "max" else value < best)
+
+
+def save_best(best_manager, step: int, params, value: float, metric: str):
+  """Saves `params` as the best checkpoint (once per step: a replay after a resume
+  finds the step already there)."""
+  if step in best_manager.all_steps():
+    return
+  best_manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
+                    metrics={metric: float(value)}, force=True)
 
 
 def _param_shapes(params):
@@ -62,11 +115,13 @@ def layout_hint(missing, unexpected) -> str:
   return "".join(f" Likely cause: {h}." for h in hints)
 
 
-def save(manager, step: int, state, data_iter=None, force: bool = False):
-  """Starts an async save of `state` (and the grain iterator's position)."""
+def save(manager, step: int, state, data_iter=None, force: bool = False, meta=None):
+  """Starts an async save of `state` (and the grain iterator's position, and `meta`)."""
   items = {"state": ocp.args.StandardSave(state)}
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+  if meta is not None:
+    items["meta"] = ocp.args.JsonSave(meta)
   manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -85,3 +140,11 @@ def restore(manager, abstract_state, data_iter=None, step=None):
     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored["state"], step
+
+
+def restore_meta(manager, step: int) -> dict:
+  """The `meta` JSON saved with checkpoint `step` ({} for checkpoints without one)."""
+  if not (epath.Path(manager.directory) / str(step) / "meta").exists():
+    return {}
+  return dict(manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))["meta"])

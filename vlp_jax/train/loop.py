@@ -1,4 +1,5 @@
 """The training loop: `run(config, workdir)` trains; `evaluate(config, workdir)` evaluates."""
+import contextlib
 import json
 import os
 import time
@@ -8,6 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from vlp_jax import config as config_lib
 from vlp_jax import evaluators, objectives, sharding  # pylint: disable=unused-import
@@ -17,6 +19,8 @@ from vlp_jax.models import build_model
 from vlp_jax.registry import EVALUATORS
 from vlp_jax.train import checkpoint, metrics as metrics_lib, optim, predict, signals
 from vlp_jax.train import prefetch, profiler as profiler_lib
+from vlp_jax.train import best as best_lib, freeze, init_from, nonfinite, preemption
+from vlp_jax.train import startup_checks
 from vlp_jax.train import state as state_lib
 from vlp_jax.train import step as step_lib
 
@@ -34,6 +38,7 @@ class Experiment:
           f"model.text.vocab_size is {config.model.text.vocab_size}; raise the latter.")
     self.model = build_model(config.model)
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
+    self.tx = freeze.apply(self.tx, config.frozen)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules_from_config(config.sharding_rules)
     shards = sharding.batch_shards(self.mesh, self.rules)
@@ -88,29 +93,41 @@ def _due(step, every, total):
   return step == total or (every > 0 and step % every == 0)
 
 
-def run(config, workdir: str):
-  """Trains `config` in `workdir`, resuming from its latest checkpoint if any."""
+def run(config, workdir: str, allow_config_change: bool = False):
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
+
+  `allow_config_change` permits resuming a workdir whose saved config.json differs in
+  model keys (see `startup_checks.py`).
+  """
   exp = Experiment(config, workdir)
+  startup_checks.check_workdir(workdir, exp.abstract, config.keep_checkpoints)
   train_ds = pipeline.train_dataset(config, exp.tokenizer)  # Bad data paths fail here.
-  os.makedirs(workdir, exist_ok=True)
+  manager = checkpoint.make_manager(workdir, config)
+  if manager.latest_step() is not None:
+    startup_checks.check_config_change(workdir, config_lib.to_dict(config),
+                                       allow_config_change)
+  if jax.process_count() > 1:  # Everyone read the old config.json before it changes.
+    multihost_utils.sync_global_devices("vlp_jax_config_checked")
   if exp.is_chief:
     _write_config(config, workdir)
-  manager = checkpoint.make_manager(workdir, config)
   data_iter = iter(train_ds)
   try:
     state, start = checkpoint.restore(manager, exp.abstract, data_iter)
   except Exception:
     manager.close()
     raise
+  meta = checkpoint.restore_meta(manager, start) if state is not None else {}
   if state is None:
     state, start = state_lib.create_state(exp.model, exp.tx, config, exp.mesh), 0
+    state = init_from.apply(config.init_from, state, exp.tx, exp.state_shardings)
     logging.info("Initialised a new model (%d parameters).", _num_params(state.params))
   else:
     logging.info("Resumed from the checkpoint at step %d in %s.", start, workdir)
   writer = metrics_lib.MetricWriter(workdir, exp.is_chief, resume_step=start)
   batch_sharding = sharding.batch_sharding(exp.mesh, exp.rules)
+  objs = step_lib.objectives_from_config(config)
   train_step = step_lib.make_train_step(
-      exp.model, step_lib.objectives_from_config(config), exp.tx, exp.schedule,
+      exp.model, objs, exp.tx, exp.schedule,
       exp.state_shardings, batch_sharding, accum_steps=config.accum_steps)
   evals = exp.eval_configs()
   # Device prefetch; `batches.get_state()` is the data position after the last step.
@@ -118,63 +135,81 @@ def run(config, workdir: str):
                                       config.device_prefetch, config.total_steps - start)
   mfu = flops_lib.MfuMeter(config, exp.mesh)
   prof = profiler_lib.StepProfiler(workdir, config.profile_steps, exp.is_chief)
+  monitor = nonfinite.Monitor(config.nonfinite, [o.name for o in objs],
+                              meta.get("nonfinite_skipped", 0))
+  tracker = best_lib.Tracker(config, workdir, meta, config_lib.to_dict(config))
 
-  step, acc, n_acc = start, None, 0
+  step, acc, n_acc, stopping = start, None, 0, False
   t_last, step_last = time.time(), start
   progress = _progress_bar(start, config.total_steps, exp.is_chief)
-  with signals.StopRequest() as stop, jax.set_mesh(exp.mesh), \
+  with _closing(progress, manager, tracker, writer, data_iter, prof), \
+      signals.StopRequest() as stop, jax.set_mesh(exp.mesh), \
       nn.logical_axis_rules(exp.rules):
-    while step < config.total_steps and not stop.requested:
+    while step < config.total_steps and not stopping:
       batch, bad_stats = next(batches)
       prof.before_step(step)
       with prof.annotation(step):
         state, m = train_step(state, batch)
       step += 1
       prof.after_step(step, m)
+      monitor.add(step, m.pop("nonfinite"))
       acc = m if acc is None else jax.tree.map(lambda a, b: a + b, acc, m)
       n_acc += 1
       progress.update(1)
       if _due(step, config.log_every, config.total_steps):
+        monitor.check()
         row = {k: float(v) / n_acc for k, v in jax.device_get(acc).items()}
         dt = time.time() - t_last
         row["steps_per_sec"] = (step - step_last) / dt
         row["samples_per_sec"] = row["steps_per_sec"] * config.batch_size
         row.update(mfu.row(row["samples_per_sec"]))
+        row["nonfinite/skipped"] = monitor.skipped
         row.update(bad_stats)
         writer.write(step, row)
         progress.set_postfix(loss=f"{row['loss']:.4f}")
         logging.info("step %d/%d: %s", step, config.total_steps, _fmt(row))
         acc, n_acc, t_last, step_last = None, 0, time.time(), step
-      if _due(step, config.checkpoint_every, config.total_steps) or (
-          stop.requested and step > start):
-        checkpoint.save(manager, step, state, batches)
+      stopping = preemption.should_stop(stop.requested, step, config.stop_sync_every)
       due = [n for n, c in evals.items() if _due(step, c.every, config.total_steps)]
       if due:
-        writer.write(step, exp.run_evals(state.params, step, due))
-  prof.close()
-  if stop.requested:
-    progress.close()
-    manager.wait_until_finished()
-    data_iter.close()  # Stops grain's worker processes (config.data.worker_count).
-    manager.close()
-    writer.close()
+        results = exp.run_evals(state.params, step, due)
+        writer.write(step, results)
+        tracker.on_eval(step, results, state.params)
+      if _due(step, config.checkpoint_every, config.total_steps) or (
+          stopping and step > start):
+        monitor.check()  # Under 'halt', a bad step stops the run before any save.
+        checkpoint.save(manager, step, state, batches,
+                        meta=tracker.meta(monitor.skipped))
+    monitor.check()
+  if stopping:
     logging.warning("Stopped by %s at step %d with a checkpoint saved; run the same "
-                    "command again to resume.", stop.requested, step)
+                    "command again to resume.", stop.requested or "another process",
+                    step)
     return state
-  progress.close()
-  manager.wait_until_finished()
-  data_iter.close()
-  manager.close()
-  writer.close()
   if exp.is_chief and config.plot and os.path.exists(writer.path):
     logging.info("Wrote %s", metrics_lib.plot_curves(workdir))
   return state
 
 
+@contextlib.contextmanager
+def _closing(progress, manager, tracker, writer, data_iter, prof):
+  """Waits for pending saves and closes everything, also when training raises."""
+  try:
+    yield
+  finally:
+    prof.close()
+    progress.close()
+    manager.wait_until_finished()
+    manager.close()
+    tracker.close()
+    writer.close()
+    data_iter.close()  # Stops grain's worker processes (config.data.worker_count).
+
+
 def evaluate(config, workdir: str, step=None):
   """Runs every configured evaluator on the checkpoint in `workdir` (default: latest)."""
   exp = Experiment(config, workdir)
-  manager = checkpoint.make_manager(workdir, config)
+  manager = checkpoint.make_manager(workdir, config, cleanup=False)  # Training may run.
   state, step = checkpoint.restore(manager, exp.abstract, step=step)
   manager.close()
   if state is None:

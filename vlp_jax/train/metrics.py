@@ -52,8 +52,17 @@ class MetricWriter:
 
 
 def read_metrics(path: str):
+  """The rows of a metrics.jsonl; a last line cut short by a kill is ignored."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise
+  return rows
 
 
 def plot_curves(workdir: str, keys_prefixes=("loss", "eval/")):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from vlp_jax.registry import OBJECTIVES
-from vlp_jax.train import accumulate
+from vlp_jax.train import accumulate, nonfinite
 
 
 class WeightedObjective(NamedTuple):
@@ -48,7 +48,9 @@ def train_step(state, batch, *, model, objectives, tx, schedule, accum_steps=1):
   """One optimisation step; returns (new_state, metrics).
 
   With `accum_steps` > 1 the gradient is accumulated over that many micro-batches,
-  keeping all negatives of the batch (see `accumulate.py`).
+  keeping all negatives of the batch (see `accumulate.py`). A step with a non-finite
+  loss or gradient leaves params and optimizer state unchanged (see `nonfinite.py`);
+  `metrics['nonfinite']` holds its flags.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   if accum_steps > 1:
@@ -59,8 +61,12 @@ def train_step(state, batch, *, model, objectives, tx, schedule, accum_steps=1):
     grads, metrics = grad_fn(state.params, model, objectives, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  flags = nonfinite.flags(metrics, grads, [o.name for o in objectives])
+  params, opt_state = nonfinite.guard(flags[0], (params, opt_state),
+                                      (state.params, state.opt_state))
   metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["lr"] = schedule(state.step)
+  metrics["nonfinite"] = flags
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
 

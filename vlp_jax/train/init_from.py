@@ -1,0 +1,163 @@
+"""`config.init_from`: start a new run from another run's parameters (fine-tuning, LiT).
+
+Only parameters are loaded (the optimizer starts fresh at step 0), and only when the
+workdir has no checkpoint of its own: a resumed fine-tune continues from its own.
+
+Parameters are named by their '/'-joined paths. A name is *selected* if it fully
+matches an `include` regex and no `exclude` regex; unselected parameters keep their
+fresh initialisation. Among selected names:
+  loaded          in the checkpoint and the model with the same shape;
+  missing         in the model only: an error unless matched by `allow_missing`;
+  shape mismatch  other shape: an error unless matched by `allow_shape_mismatch`;
+  unexpected      in the checkpoint only: an error (exclude them to proceed).
+Allowed missing / mismatched parameters keep their initialisation.
+"""
+import dataclasses
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from vlp_jax.train import freeze
+
+
+@dataclasses.dataclass
+class Report:
+  loaded: list
+  not_selected: list
+  missing: list
+  shape_mismatch: list
+  unexpected: list
+
+  def summary(self) -> str:
+    show = lambda xs: ", ".join(xs[:8]) + (f" (+{len(xs) - 8} more)" if len(xs) > 8 else "")
+    return "; ".join(f"{k.replace('_', ' ')} {len(v)}" + (f": {show(v)}" if v and
+                                                           k != "loaded" else "")
+                     for k, v in dataclasses.asdict(self).items())
+
+
+def resolve(init_cfg):
+  """(checkpoints dir, step) of the checkpoint `init_cfg` names; errors if absent."""
+  if init_cfg.workdir:
+    root = epath.Path(init_cfg.workdir) / "checkpoints"
+    if not root.exists():
+      raise FileNotFoundError(f"config.init_from.workdir={init_cfg.workdir!r} has no "
+                              "checkpoints/ directory.")
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+    step = steps[-1] if steps and init_cfg.step < 0 else init_cfg.step
+    if step not in steps:
+      raise FileNotFoundError(f"config.init_from: no checkpoint at step {step} in {root} "
+                              f"(have {steps}).")
+    return root, step
+  path = epath.Path(init_cfg.checkpoint)
+  if not path.name.isdigit() or not path.exists():
+    raise FileNotFoundError(
+        f"config.init_from.checkpoint={init_cfg.checkpoint!r} must be an existing "
+        "checkpoint step directory such as WORKDIR/checkpoints/1000 (or "
+        "WORKDIR/checkpoints_best/STEP).")
+  return path.parent, int(path.name)
+
+
+def _open(root):
+  handlers = {"state": ocp.PyTreeCheckpointHandler(), "params": ocp.PyTreeCheckpointHandler()}
+  return ocp.CheckpointManager(root, item_handlers=handlers,
+                               options=ocp.CheckpointManagerOptions(
+                                   read_only=True, create=False, save_interval_steps=0))
+
+
+def compare(init_cfg, source_shapes: dict, target_shapes: dict) -> Report:
+  """Classifies parameter names (see the module docstring)."""
+  def selected(n):
+    return freeze.matches(n, init_cfg.include) and not freeze.matches(n, init_cfg.exclude)
+  report = Report([], [], [], [], [])
+  for name, shape in target_shapes.items():
+    if not selected(name):
+      report.not_selected.append(name)
+    elif name not in source_shapes:
+      report.missing.append(name)
+    elif tuple(source_shapes[name]) != tuple(shape):
+      report.shape_mismatch.append(
+          f"{name} {tuple(source_shapes[name])}->{tuple(shape)}")
+    else:
+      report.loaded.append(name)
+  report.unexpected = [n for n in source_shapes if selected(n) and n not in target_shapes]
+  return report
+
+
+def check(init_cfg, report: Report, where: str):
+  """Raises ValueError on the mismatches `init_cfg` does not allow."""
+  problems = []
+  bad_missing = [n for n in report.missing if not freeze.matches(n, init_cfg.allow_missing)]
+  bad_shape = [s for s in report.shape_mismatch
+               if not freeze.matches(s.split(" ")[0], init_cfg.allow_shape_mismatch)]
+  if bad_missing:
+    problems.append(f"missing from the checkpoint {len(bad_missing)}: {bad_missing[:8]} "
+                    "(allow with init_from.allow_missing)")
+  if bad_shape:
+    problems.append(f"with other shapes {len(bad_shape)}: {bad_shape[:8]} (allow with "
+                    "init_from.allow_shape_mismatch)")
+  if report.unexpected:
+    problems.append(f"in the checkpoint but not the model {len(report.unexpected)}: "
+                    f"{report.unexpected[:8]} (add them to init_from.exclude)")
+  if problems:
+    raise ValueError(f"config.init_from {where}: parameters " + " | ".join(problems) + ".")
+  if not report.loaded:
+    raise ValueError(f"config.init_from {where}: no parameter selected by include="
+                     f"{list(init_cfg.include)} / exclude={list(init_cfg.exclude)} was "
+                     "found in the checkpoint.")
+
+
+def load(init_cfg, params, tx, opt_shardings):
+  """(params with the selected checkpoint values, fresh optimizer state, Report)."""
+  root, step = resolve(init_cfg)
+  where = f"({root}/{step})"
+  manager = _open(root)
+  try:
+    meta = manager.item_metadata(step)
+    item = "state" if meta.get("state") is not None else "params"
+    tree = meta[item]["params"] if item == "state" else meta[item]
+    source = {k: tuple(v.shape) for k, v in freeze.named_leaves(tree).items()}
+    target = freeze.named_leaves(params)
+    report = compare(init_cfg, source, {k: v.shape for k, v in target.items()})
+    check(init_cfg, report, where)
+    loaded = set(report.loaded)
+
+    def wanted(path, x):  # Restore only the loaded names, straight into their shardings.
+      name = freeze.path_str(path)
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) \
+          if name in loaded else None
+    abstract = jax.tree_util.tree_map_with_path(wanted, params)
+    abstract = _prune(abstract)
+    target_item = {"params": abstract} if item == "state" else abstract
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
+                                       dtype=x.dtype), target_item)
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        item: ocp.args.PyTreeRestore(item=target_item, restore_args=restore_args,
+                                     partial_restore=True)}))[item]
+  finally:
+    manager.close()
+  values = freeze.named_leaves(restored["params"] if item == "state" else restored)
+  new_params = jax.tree_util.tree_map_with_path(
+      lambda path, x: values.get(freeze.path_str(path), x), params)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(new_params)
+  logging.info("init_from %s: %s", where, report.summary())
+  return new_params, opt_state, report
+
+
+def _prune(tree):
+  """Drops None leaves and then-empty dicts."""
+  if isinstance(tree, dict):
+    out = {k: _prune(v) for k, v in tree.items()}
+    return {k: v for k, v in out.items() if v is not None and v != {}}
+  return tree
+
+
+def apply(init_cfg, state, tx, state_shardings):
+  """`state` with parameters from `init_cfg`'s checkpoint (if it names one)."""
+  if not (init_cfg.workdir or init_cfg.checkpoint):
+    return state
+  params, opt_state, _ = load(init_cfg, state.params, tx, state_shardings.opt_state)
+  return state.replace(params=params, opt_state=opt_state)
+

@@ -1,0 +1,76 @@
+"""Non-finite (NaN/Inf) steps: detected inside the jitted step, acted on by the host.
+
+Inside the step (`flags`, `guard`): the update is applied only if the loss, every
+objective's metrics and every gradient are finite; otherwise params and optimizer
+state keep their exact previous values (the step counter still advances). So no
+non-finite value ever reaches the train state, whatever `config.nonfinite` says.
+
+On the host (`Monitor`): the per-step flags are read lazily (at log steps, before
+checkpoints and at the end, so the step stays asynchronous); `'skip'` counts the
+skipped steps, `'halt'` raises `NonFiniteError` naming the first bad step and the
+objectives that went non-finite.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+
+class NonFiniteError(FloatingPointError):
+  """A train step produced a NaN/Inf loss or gradient under config.nonfinite='halt'."""
+
+
+def _all_finite(tree):
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def flags(metrics, grads, objective_names):
+  """bool[2 + n]: [any problem, gradient non-finite, objective i non-finite ...]."""
+  grads_bad = ~_all_finite(grads)
+  obj_bad = [~_all_finite({k: v for k, v in metrics.items() if k.startswith(f"{n}/")})
+             for n in objective_names]
+  loss_bad = ~jnp.isfinite(metrics["loss"])
+  any_bad = grads_bad | loss_bad
+  for b in obj_bad:
+    any_bad = any_bad | b
+  return jnp.stack([any_bad, grads_bad] + obj_bad)
+
+
+def guard(bad, new, old):
+  """`old` where `bad` else `new`, leaf by leaf (bitwise: no arithmetic on either)."""
+  return jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
+
+
+class Monitor:
+  """Host side: collects each step's flags, and counts or halts on bad ones."""
+
+  def __init__(self, mode: str, objective_names, skipped: int = 0):
+    self.mode, self.names = mode, list(objective_names)
+    self.skipped = int(skipped)
+    self._pending = []  # (step, device flags)
+
+  def add(self, step: int, step_flags):
+    self._pending.append((step, step_flags))
+
+  def check(self):
+    """Reads the pending flags; raises NonFiniteError on a bad step under 'halt'."""
+    pending, self._pending = self._pending, []
+    for step, f in pending:
+      f = np.asarray(jax.device_get(f))
+      if not f[0]:
+        continue
+      what = [n for n, bad in zip(self.names, f[2:]) if bad]
+      if f[1]:
+        what.append("gradient")
+      what = ", ".join(what) or "total loss"
+      if self.mode == "halt":
+        raise NonFiniteError(
+            f"Step {step} produced non-finite values in: {what}. The run stopped "
+            "without saving this step (the last checkpoint holds finite values). Lower "
+            "the learning rate, check the data, or set config.nonfinite='skip' to skip "
+            "such updates.")
+      self.skipped += 1
+      logging.warning("Step %d: non-finite %s; skipped the update (%d skipped so far).",
+                      step, what, self.skipped)
