@@ -1,5 +1,16 @@
 """Shared pytest set-up for the vlp_jax tests."""
+import os
+import tempfile
+
 from absl import flags
+
+# Many tests (and the subprocesses they start, which inherit the environment) compile
+# the same tiny programs: share one compilation cache per test session. It starts
+# empty each session, so no result depends on an earlier run.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlp_jax_jit_cache_")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 # Grain worker processes (and library code that reads absl flags) raise
 # UnparsedFlagAccessError unless the flags were parsed once; pytest never does so.

@@ -6,16 +6,27 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_multidevice_suite():
+def _run_suite(marks):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marks,
        os.path.join(ROOT, "tests", "multidevice")],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
   tail = proc.stdout[-4000:] + proc.stderr[-2000:]
   assert proc.returncode == 0, tail
   assert " passed" in proc.stdout and "failed" not in proc.stdout, tail
   print(proc.stdout[-1500:])
+
+
+def test_multidevice_suite():
+  _run_suite("not slow")
+
+
+@pytest.mark.slow
+def test_multidevice_suite_slow_cases():
+  _run_suite("slow")

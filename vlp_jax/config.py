@@ -120,6 +120,10 @@ def b16_recipe() -> ConfigDict:
   c.log_every = 100
   c.checkpoint_every = 2000
   c.model.embed_dim = 512
+  # Accelerator defaults (README "Performance"): bf16 compute with float32 params and
+  # optimizer state, one fused QKV matmul. --config.model.dtype=float32 for f32.
+  c.model.dtype = "bfloat16"
+  c.model.fused_qkv = True
   c.model.image.update(variant="B/16")
   c.model.text.update(vocab_size=49408, width=512, depth=12, mlp_dim=2048, num_heads=8,
                       context_length=77, causal=True, pool="eos")

@@ -68,8 +68,17 @@ def assert_close(actual, expected):
   np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mesh", list(MESHES))
-@pytest.mark.parametrize("name", list(CONFIGS))
+# `make test` covers each kind of parallelism once (data, fsdp, all three axes); the
+# remaining combinations are `slow` (`make test-all`).
+FAST_CASES = {("siglip", "data8"), ("siglip", "fsdp8"), ("coca", "data2_fsdp2_tensor2")}
+
+
+def _cases(names, meshes, fast):
+  return [pytest.param(n, m, marks=() if (n, m) in fast else pytest.mark.slow)
+          for n in names for m in meshes]
+
+
+@pytest.mark.parametrize("name,mesh", _cases(CONFIGS, MESHES, FAST_CASES))
 def test_mesh_matches_single_device(name, mesh):
   assert jax.device_count() == 8
   batches, (ref_losses, ref_params) = reference(name)
@@ -100,7 +109,7 @@ def test_parallelism_is_a_config_change():
   assert tuple(fc1.spec) == (None, ("fsdp", "tensor"))
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", ["siglip", pytest.param("coca", marks=pytest.mark.slow)])
 def test_accumulation_on_a_mesh_matches_one_device_full_batch(name):
   """accum_steps=4 on (data=2, fsdp=4) equals the plain full-batch step on one device
   (CoCa: clip only, since caption losses accumulate as a mean of micro-batch means)."""
@@ -144,7 +153,8 @@ def coca_scan_config():
   return c
 
 
-@pytest.mark.parametrize("mesh", ["data2_fsdp2_tensor2", "fsdp8"])
+@pytest.mark.parametrize("mesh", ["data2_fsdp2_tensor2",
+                                  pytest.param("fsdp8", marks=pytest.mark.slow)])
 def test_scan_fused_remat_on_a_mesh_matches_single_device(mesh):
   """Scanned blocks (stacked `layers` axis unsharded), fused QKV (heads over tensor)."""
   config = coca_scan_config()
