@@ -59,7 +59,8 @@ def wait_for(proc, cond, timeout=240):
     time.sleep(0.02)
 
 
-@pytest.mark.slow  # ~2 min on 2 busy cores: six launches of main.py.
+# ~50 s on 2 cores (six launches of main.py sharing one compilation cache); in
+# `make test` because it is the acceptance test of kill-and-resume.
 def test_sigkill_and_sigterm_restarts_reproduce_an_uninterrupted_run(tmp_path):
   ref_dir, workdir = str(tmp_path / "ref"), str(tmp_path / "run")
   cache = tmp_path / "jax_cache"
