@@ -5,39 +5,12 @@ where only jax/flax/optax are installed.
 """
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 
-from vlp_jax import config as config_lib
 from vlp_jax import flops as flops_lib
 from vlp_jax import sharding
-from vlp_jax.models import build_model
-from vlp_jax.train import optim, state as state_lib, step as step_lib
-
-
-class TrainSetup:
-  """Model, optimizer, mesh, state and jitted step exactly as `loop.Experiment`/`run`."""
-
-  def __init__(self, config, devices=None):
-    config_lib.validate(config)
-    self.config = config
-    self.model = build_model(config.model)
-    self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
-    self.mesh = sharding.make_mesh(config.mesh, devices)
-    self.rules = sharding.rules_from_config(config.sharding_rules)
-    abstract = state_lib.unboxed_abstract_state(self.model, self.tx, config, self.mesh)
-    self.state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
-    self.step_fn = step_lib.make_train_step(
-        self.model, step_lib.objectives_from_config(config), self.tx, self.schedule,
-        self.state_shardings, self.batch_sharding, accum_steps=config.accum_steps)
-
-  def create_state(self):
-    return state_lib.create_state(self.model, self.tx, self.config, self.mesh)
-
-  def contexts(self):
-    return jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules)
+from vlp_jax.train.setup import TrainSetup
 
 
 def synthetic_batch(config, seed: int = 0):

@@ -15,42 +15,25 @@ from vlp_jax import config as config_lib
 from vlp_jax import evaluators, objectives, sharding  # pylint: disable=unused-import
 from vlp_jax import flops as flops_lib
 from vlp_jax.data import pipeline
-from vlp_jax.models import build_model
 from vlp_jax.registry import EVALUATORS
-from vlp_jax.train import checkpoint, metrics as metrics_lib, optim, predict, signals
+from vlp_jax.train import checkpoint, metrics as metrics_lib, predict, signals
 from vlp_jax.train import prefetch, profiler as profiler_lib
-from vlp_jax.train import best as best_lib, freeze, init_from, nonfinite, preemption
+from vlp_jax.train import best as best_lib, init_from, nonfinite, preemption
 from vlp_jax.train import startup_checks
-from vlp_jax.train import state as state_lib
-from vlp_jax.train import step as step_lib
+from vlp_jax.train import setup as setup_lib, state as state_lib
 
 
-class Experiment:
-  """Everything derived from a validated config: model, optimizer, mesh, shardings."""
+class Experiment(setup_lib.TrainSetup):
+  """The train setup plus what training and evaluation add: tokenizer, predict fns."""
 
   def __init__(self, config, workdir: str, devices=None):
-    config_lib.validate(config)
-    self.config, self.workdir = config, workdir
+    super().__init__(config, devices)
+    self.workdir = workdir
     self.tokenizer = pipeline.make_tokenizer(config.data)
     if self.tokenizer.vocab_size > config.model.text.vocab_size:
       raise ValueError(
           f"Tokenizer '{config.data.tokenizer}' has {self.tokenizer.vocab_size} ids but "
           f"model.text.vocab_size is {config.model.text.vocab_size}; raise the latter.")
-    self.model = build_model(config.model)
-    self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
-    self.tx = freeze.apply(self.tx, config.frozen)
-    self.mesh = sharding.make_mesh(config.mesh, devices)
-    self.rules = sharding.rules_from_config(config.sharding_rules)
-    shards = sharding.batch_shards(self.mesh, self.rules)
-    micro = config.batch_size // config.accum_steps
-    if micro % shards:
-      raise ValueError(
-          f"The batch of {micro} examples per (micro-)step (batch_size "
-          f"{config.batch_size} / accum_steps {config.accum_steps}) cannot be split over "
-          f"the {shards} data-parallel shards of mesh {dict(self.mesh.shape)}; use a "
-          f"multiple of {shards}.")
-    self.abstract = state_lib.unboxed_abstract_state(self.model, self.tx, config, self.mesh)
-    self.state_shardings = jax.tree.map(lambda a: a.sharding, self.abstract)
     self.predict_fns = predict.make_predict_fns(
         self.model, self.tokenizer, config.model.text.context_length)
     self.is_chief = jax.process_index() == 0
@@ -124,18 +107,13 @@ def run(config, workdir: str, allow_config_change: bool = False):
   else:
     logging.info("Resumed from the checkpoint at step %d in %s.", start, workdir)
   writer = metrics_lib.MetricWriter(workdir, exp.is_chief, resume_step=start)
-  batch_sharding = sharding.batch_sharding(exp.mesh, exp.rules)
-  objs = step_lib.objectives_from_config(config)
-  train_step = step_lib.make_train_step(
-      exp.model, objs, exp.tx, exp.schedule,
-      exp.state_shardings, batch_sharding, accum_steps=config.accum_steps)
   evals = exp.eval_configs()
   # Device prefetch; `batches.get_state()` is the data position after the last step.
   batches = prefetch.DevicePrefetcher(data_iter, lambda b: _to_device(b, exp),
                                       config.device_prefetch, config.total_steps - start)
   mfu = flops_lib.MfuMeter(config, exp.mesh)
   prof = profiler_lib.StepProfiler(workdir, config.profile_steps, exp.is_chief)
-  monitor = nonfinite.Monitor(config.nonfinite, [o.name for o in objs],
+  monitor = nonfinite.Monitor(config.nonfinite, [o.name for o in exp.objectives],
                               meta.get("nonfinite_skipped", 0))
   tracker = best_lib.Tracker(config, workdir, meta, config_lib.to_dict(config))
 
@@ -149,7 +127,7 @@ def run(config, workdir: str, allow_config_change: bool = False):
       batch, bad_stats = next(batches)
       prof.before_step(step)
       with prof.annotation(step):
-        state, m = train_step(state, batch)
+        state, m = exp.step_fn(state, batch)
       step += 1
       prof.after_step(step, m)
       monitor.add(step, m.pop("nonfinite"))

@@ -1,0 +1,45 @@
+"""What the trainer and the benchmark build from a config: model, optimizer, mesh,
+shardings and the jitted train step. Imports nothing from the data pipeline (grain),
+so the benchmark runs where only jax/flax/optax are installed."""
+import flax.linen as nn
+import jax
+
+from vlp_jax import config as config_lib
+from vlp_jax import sharding
+from vlp_jax.models import build_model
+from vlp_jax.train import freeze, optim, state as state_lib, step as step_lib
+
+
+class TrainSetup:
+  """Everything the train step needs, derived from a validated config."""
+
+  def __init__(self, config, devices=None):
+    config_lib.validate(config)
+    self.config = config
+    self.model = build_model(config.model)
+    self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
+    self.tx = freeze.apply(self.tx, config.frozen)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.rules = sharding.rules_from_config(config.sharding_rules)
+    shards = sharding.batch_shards(self.mesh, self.rules)
+    micro = config.batch_size // config.accum_steps
+    if micro % shards:
+      raise ValueError(
+          f"The batch of {micro} examples per (micro-)step (batch_size "
+          f"{config.batch_size} / accum_steps {config.accum_steps}) cannot be split over "
+          f"the {shards} data-parallel shards of mesh {dict(self.mesh.shape)}; use a "
+          f"multiple of {shards}.")
+    self.abstract = state_lib.unboxed_abstract_state(self.model, self.tx, config, self.mesh)
+    self.state_shardings = jax.tree.map(lambda a: a.sharding, self.abstract)
+    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    self.objectives = step_lib.objectives_from_config(config)
+    self.step_fn = step_lib.make_train_step(
+        self.model, self.objectives, self.tx, self.schedule, self.state_shardings,
+        self.batch_sharding, accum_steps=config.accum_steps)
+
+  def create_state(self):
+    return state_lib.create_state(self.model, self.tx, self.config, self.mesh)
+
+  def contexts(self):
+    """(mesh, logical-axis rules) context managers the step is traced under."""
+    return jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules)
