@@ -57,13 +57,18 @@ def train_dataset(config, tokenizer) -> grain.IterDataset:
   return robust.BadRecordMonitor(stream, name, d.max_bad_fraction)
 
 
-def _random_access_elements(config, tokenizer, spec, seed):
+def _shuffled_source(config, spec, seed):
+  """(the training split of `spec`, shuffled with `seed` and repeated; its length)."""
   d = config.data
   source = robust.SafeSource(
       sources.make_source(spec, "train", d.size, config.seed, d.image_size), spec)
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  return grain.MapDataset.source(source).seed(seed).shuffle().repeat(), len(source)
+
+
+def _random_access_elements(config, tokenizer, spec, seed):
+  ds, size = _shuffled_source(config, spec, seed)
   ds = ds.random_map(_train_transform(config, tokenizer))
-  return batches.ReplaceBad(ds, len(source), seed, spec)
+  return batches.ReplaceBad(ds, size, seed, spec)
 
 
 def _random_access_batches(config, tokenizer, specs):
@@ -87,9 +92,7 @@ def _streamed_batches(config, tokenizer, specs):
       ds = sources_wds.open_wds(spec.partition(":")[2], seed, d.shuffle_buffer,
                                 jax.process_index(), jax.process_count())
     else:
-      source = robust.SafeSource(
-          sources.make_source(spec, "train", d.size, config.seed, d.image_size), spec)
-      ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+      ds = _shuffled_source(config, spec, seed)[0]
       ds = ds[jax.process_index()::jax.process_count()].to_iter_dataset()
     ds = ds.random_map(_train_transform(config, tokenizer), seed=seed)
     parts.append(ds.map(functools.partial(robust.tag_source, spec)))
