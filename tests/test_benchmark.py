@@ -23,7 +23,9 @@ def run_tool(tmp_path, args):
 
 
 def test_benchmark_prints_one_json_record_without_grain(tmp_path):
-  proc = run_tool(tmp_path, TINY + ["--config.model.scan_layers=True"])
+  prof = tmp_path / "prof"
+  proc = run_tool(tmp_path, TINY + ["--config.model.scan_layers=True",
+                                    f"--profile_dir={prof}", "--profile_steps=2"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
   assert len(lines) == 1, proc.stdout
@@ -39,6 +41,15 @@ def test_benchmark_prints_one_json_record_without_grain(tmp_path):
   assert rec["device_kind"] == "cpu" and rec["jax_version"]
   assert rec["overrides"]["model.scan_layers"] == "True"
   assert rec["with_data"] is False
+  # --profile_dir: a trace, the compiled HLO and a summary with the matmuls found.
+  p = rec["profile"]
+  assert p["steps"] == 2 and p["timeline"] == "host" and p["step_wall_ms"] > 0
+  assert p["categories"]["matmul"]["fraction"] > 0.05
+  assert (prof / "hlo.txt").exists() and "| matmul |" in (prof / "summary.md").read_text()
+  out = subprocess.run([sys.executable, "tools/profile_summary.py", str(prof), "--top=5"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "| matmul |" in out.stdout and out.stdout.count("\n| ") >= 5
 
 
 def test_benchmark_unknown_key_is_a_clean_error(tmp_path):

@@ -64,3 +64,62 @@ def test_analytic_count_matches_xla_cost_analysis(name):
   analytic = flops.train_flops_per_sample(c) * c.batch_size
   assert xla is not None
   assert analytic == pytest.approx(xla, rel=0.10), (analytic, xla)
+
+
+def test_tower_counts_add_up_to_the_train_step():
+  for name in ("two_tower", "coca"):
+    c = clip_b16.get_config() if name == "two_tower" else coca_b16.get_config()
+    both = (flops.tower_train_flops_per_sample(c, "image")
+            + flops.tower_train_flops_per_sample(c, "text"))
+    macs = flops.forward_macs(c)
+    rest = macs["logits"] + macs["decoder"]
+    if name == "coca":  # the caption pooler feeds only the decoder
+      q, n, w = c.model.decoder.num_queries, 196, 768
+      rest += flops.pool_macs(q, n, w, 3072) + q * w * c.model.text.width
+    assert both + 6.0 * rest == pytest.approx(flops.train_flops_per_sample(c), rel=1e-9)
+  c = clip_b16.get_config()
+  full = flops.tower_train_flops_per_sample(c, "image")
+  assert full / 1e9 == pytest.approx(3 * 35.13, rel=0.005)  # open_clip's image forward
+  c.model.image.patch_dropout = 0.5
+  # FLIP at 0.5: the image tower does a bit under half the work (98 of 196 patches).
+  assert 0.45 < flops.tower_train_flops_per_sample(c, "image") / full < 0.52
+
+
+def test_tower_benchmark_times_only_its_tower():
+  c = test_train.tiny_config()
+  c.model.image.update(width=128, depth=2, mlp_dim=512, num_heads=2, patch_size=8)
+  c.model.text.update(width=128, depth=2, mlp_dim=512, num_heads=2)
+  c.model.embed_dim = 128
+  bench = benchmark.TowerBenchmark(c, "image")
+  times = bench.time(2)
+  rec = bench.record(times)
+  assert rec["measured"] == "image tower forward + backward"
+  assert rec["model_gflops_per_sample"] * 1e9 == flops.tower_train_flops_per_sample(
+      c, "image")
+  # XLA's count of the compiled program agrees: no text-tower work was left in it.
+  assert 0.9 < rec["xla_over_model_flops"] < 1.1, rec["xla_over_model_flops"]
+  # It returns exactly the image tower's gradients, equal to a plain jax.grad.
+  params = bench.state.params
+  used = benchmark.used_leaves(lambda p: p["img"]["pos_embedding"].sum(), params)
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(params)[0]]
+  assert [p for p, u in zip(paths, used) if u] == ["['img']['pos_embedding']"]
+  grads = bench.compiled(*bench.args)
+  model = bench.setup.model
+
+  def objective(p):
+    emb, _ = model.apply({"params": p}, bench.args[1], train=True, method="embed_image",
+                         rngs={"dropout": bench.args[2]})
+    return (emb.astype("float32") ** 2).sum()
+  # tiny_config is CoCa: its image embedding also reads the contrastive pooler.
+  used = benchmark.used_leaves(objective, params)
+  ref = jax.tree.leaves(jax.grad(objective)(params))
+  assert len(grads) == sum(used) > 0
+  kept = [r for r, u in zip(ref, used) if u]
+  for g, r in zip(grads, kept):
+    assert jax.numpy.allclose(g, r, rtol=1e-5, atol=1e-6)
+  used_paths = {p for p, u in zip(paths, used) if u}
+  assert any(p.startswith("['img']") for p in used_paths)
+  assert not any(p.startswith("['txt']") or p.startswith("['decoder']") for p in used_paths)
+  # What was dropped is exactly the zero gradients.
+  assert all(not jax.numpy.any(r) for r, u in zip(ref, used) if not u)

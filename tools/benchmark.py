@@ -2,6 +2,8 @@
 
     python tools/benchmark.py --config=configs/clip_b16.py --config.batch_size=8
     python tools/benchmark.py --config=configs/demo.py --steps=50 --with_data
+    python tools/benchmark.py --config=configs/clip_b16.py --tower=image
+    python tools/benchmark.py --config=configs/clip_b16.py --profile_dir=/tmp/prof
 
 Synthetic device-resident batches (input excluded) unless --with_data. See README,
 "Performance", for the fields.
@@ -22,6 +24,13 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steady-state steps (>= 1).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _WITH_DATA = flags.DEFINE_bool("with_data", False,
                                "Feed the real input pipeline instead of synthetic batches.")
+_TOWER = flags.DEFINE_enum(
+    "tower", "", ["", "image", "text"],
+    "Time one tower's forward + backward alone instead of the train step.")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", "", "After timing, trace --profile_steps more steps here and "
+    "summarise where the time goes (summary.md; tools/profile_summary.py).")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile_dir.")
 _NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 0,
                                         "Split the CPU into this many devices.")
 flags.mark_flags_as_required(["config"])
@@ -37,6 +46,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _STEPS.value < 1:
     raise app.UsageError("--steps must be >= 1.")
+  if _TOWER.value and _WITH_DATA.value:
+    raise app.UsageError("--tower times synthetic batches; drop --with_data.")
   import jax  # pylint: disable=g-import-not-at-top
   if _NUM_CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
@@ -46,7 +57,9 @@ def main(argv):
     config.unlock()
     config.evals = {}  # evaluators read data; a benchmark never runs them
   record = benchmark.run(config, steps=_STEPS.value, warmup=_WARMUP.value,
-                         with_data=_WITH_DATA.value)
+                         with_data=_WITH_DATA.value, tower=_TOWER.value,
+                         profile_dir=_PROFILE_DIR.value,
+                         profile_steps=_PROFILE_STEPS.value)
   record["config"] = _CONFIG_SPEC
   record["overrides"] = overrides(_ARGV)
   print(json.dumps(record, sort_keys=True))

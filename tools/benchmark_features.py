@@ -3,6 +3,8 @@
     python tools/benchmark_features.py --config=configs/demo.py
     python tools/benchmark_features.py --config=configs/clip_b16.py --config.batch_size=8 \\
         --steps=3 --repeats=1
+    python tools/benchmark_features.py --config=configs/clip_b16.py --tower=image \\
+        --variants=patch_dropout_0.5   # one tower's forward + backward alone
 
 Prints a markdown table (and, with --json_out, the full records). The baseline runs
 first and last; ratios use the mean of its two medians, and the spread between them
@@ -25,6 +27,9 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timing rounds per variant.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
 _VARIANTS = flags.DEFINE_list("variants", None, "Subset of variant names (default: all).")
+_TOWER = flags.DEFINE_enum(
+    "tower", "", ["", "image", "text"],
+    "Time one tower's forward + backward alone instead of the train step.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write the records here as JSON.")
 _INTERLEAVE = flags.DEFINE_bool(
     "interleave", True, "Compile every variant first, then time them round-robin, one "
@@ -56,9 +61,15 @@ def _apply(config, overrides):
   return config
 
 
-def measure(config, name):
+def _bench(config):
   from vlp_jax import benchmark  # pylint: disable=g-import-not-at-top
-  bench = benchmark.StepBenchmark(config)
+  if _TOWER.value:
+    return benchmark.TowerBenchmark(config, _TOWER.value)
+  return benchmark.StepBenchmark(config)
+
+
+def measure(config, name):
+  bench = _bench(config)
   bench.time(_WARMUP.value)
   rounds = [bench.time(_STEPS.value) for _ in range(_REPEATS.value)]
   rec = bench.record([t for r in rounds for t in r])
@@ -71,10 +82,9 @@ def measure(config, name):
 
 def interleaved(configs):
   """Round-robin timing; ratios are per round against that round's baseline."""
-  from vlp_jax import benchmark  # pylint: disable=g-import-not-at-top
   benches = {}
   for name, config in configs.items():
-    benches[name] = benchmark.StepBenchmark(config)
+    benches[name] = _bench(config)
     benches[name].time(_WARMUP.value)
     print(f"{name}: compiled in {benches[name].compile_s:.1f} s", file=sys.stderr,
           flush=True)
@@ -122,7 +132,8 @@ def main(argv):
     spread = lambda r: "-"
     note = (f"sequential; baseline first and last, which differ by "
             f"{abs(b0 - b1) / base_s:.1%}")
-  print(f"\n{spec} {extra} (batch {base.batch_size}, {records[0]['device_kind']}, "
+  what = f"{_TOWER.value} tower forward + backward" if _TOWER.value else "train step"
+  print(f"\n{spec} {extra}: {what} (batch {base.batch_size}, {records[0]['device_kind']}, "
         f"{_REPEATS.value} x {_STEPS.value} timed steps per variant; {note})\n")
   print("| variant | step s (median) | samples/s | speed vs baseline | per-round range | "
         "compile s | compile vs baseline | MFU |")

@@ -3,9 +3,11 @@
 Imports nothing from the data pipeline (grain) unless `with_data` is set, so it runs
 where only jax/flax/optax are installed.
 """
+import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vlp_jax import flops as flops_lib
@@ -78,9 +80,19 @@ class StepBenchmark:
         self.batch = sharding.make_global_batch(synthetic_batch(config), self.setup.mesh,
                                                 self.setup.rules)
       t0 = time.perf_counter()
-      self.compiled = self.setup.step_fn.lower(self.state, self.batch).compile()
+      self.compiled = self._compile()
       self.compile_s = time.perf_counter() - t0
     self.loss = None
+
+  def _compile(self):
+    return self.setup.step_fn.lower(self.state, self.batch).compile()
+
+  def _run_once(self):
+    """One step; (what to wait for, the loss)."""
+    if self.with_data:
+      self.batch = next(self.batches)
+    self.state, metrics = self.compiled(self.state, self.batch)
+    return (self.state, metrics), metrics["loss"]
 
   def time(self, steps: int):
     """Runs `steps` steps, each waited for with block_until_ready; their seconds."""
@@ -88,13 +100,37 @@ class StepBenchmark:
     with self.setup.contexts()[0], self.setup.contexts()[1]:
       for _ in range(steps):
         t0 = time.perf_counter()
-        if self.with_data:
-          self.batch = next(self.batches)
-        self.state, metrics = self.compiled(self.state, self.batch)
-        jax.block_until_ready((self.state, metrics))
+        out, loss = self._run_once()
+        jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
-    self.loss = float(metrics["loss"])
+    self.loss = float(loss)
     return times
+
+  def profile(self, logdir: str, steps: int = 3) -> dict:
+    """Traces `steps` more steps into `logdir` (jax.profiler, perfetto JSON included),
+    writes the compiled HLO (`hlo.txt`) and a per-op summary (`summary.md`) there;
+    returns the summary's headline figures."""
+    from vlp_jax import trace_summary  # pylint: disable=g-import-not-at-top
+    os.makedirs(logdir, exist_ok=True)
+    hlo = self.compiled.as_text()
+    with open(os.path.join(logdir, "hlo.txt"), "w") as f:
+      f.write(hlo)
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+      for i in range(steps):
+        with jax.profiler.StepTraceAnnotation("train", step_num=i):
+          self.time(1)
+    summary = trace_summary.summarize(
+        trace_summary.load_events(trace_summary.find_trace(logdir)), hlo)
+    with open(os.path.join(logdir, "summary.md"), "w") as f:
+      f.write(trace_summary.markdown(summary) + "\n")
+    return {"dir": logdir, **{k: summary[k] for k in (
+        "steps", "timeline", "step_wall_ms", "busy_ms_per_step", "idle_fraction")},
+            "categories": summary["categories"],
+            "top_ops": [{k: o[k] for k in ("hlo_op", "kernel", "category", "ms_per_step")}
+                        for o in summary["ops"][:10]]}
+
+  def flops_per_sample(self) -> float:
+    return flops_lib.train_flops_per_sample(self.config)
 
   def record(self, times) -> dict:
     """The benchmark record (see README, "Performance") for the measured `times`."""
@@ -102,7 +138,7 @@ class StepBenchmark:
     times = np.asarray(times)
     step_s = float(np.median(times))
     samples_s = config.batch_size / step_s
-    model_flops = flops_lib.train_flops_per_sample(config)
+    model_flops = self.flops_per_sample()
     xla = flops_lib.xla_flops(self.compiled)
     peak, peak_src = flops_lib.peak_flops(config.model.dtype, self.device)
     tflops = samples_s * model_flops / n_dev / 1e12
@@ -135,13 +171,79 @@ class StepBenchmark:
         "batch_size": config.batch_size,
         "dtype": config.model.dtype,
         "with_data": self.with_data,
+        "num_params": int(sum(x.size for x in jax.tree.leaves(self.state.params))),
         "final_loss": self.loss,
+        "measured": self.measured,
     }
+
+  measured = "train step"
+
+
+class TowerBenchmark(StepBenchmark):
+  """Forward + backward of one tower alone: the gradient of sum(embedding^2) with
+  respect to the parameters that tower uses; no other tower, loss or optimizer.
+  Isolates a tower's speed (e.g. FLIP patch dropout, which only shortens the image
+  tower); FLOPs are that tower's 3 x forward (with its projection head)."""
+
+  def __init__(self, config, tower: str = "image", devices=None):
+    if tower not in _TOWER_METHODS:
+      raise ValueError(f"tower must be one of {sorted(_TOWER_METHODS)}, got {tower!r}.")
+    self.tower = tower
+    self.measured = f"{tower} tower forward + backward"
+    super().__init__(config, False, devices)
+
+  def _compile(self):
+    method, key = _TOWER_METHODS[self.tower]
+    model = self.setup.model
+
+    def objective(params, x, rng):
+      emb, _ = model.apply({"params": params}, x, train=True, method=method,
+                           rngs={"dropout": rng})
+      return jnp.sum(jnp.square(emb.astype(jnp.float32)))
+
+    args = (self.state.params, self.batch[key], jax.random.PRNGKey(0))
+    used = used_leaves(objective, args[0], *args[1:])
+    # Gradients of parameters the tower never reads would be zeros; not returning
+    # them lets XLA drop them, so only the tower's own work is timed.
+    fn = lambda *a: [g for g, u in zip(jax.tree.leaves(jax.grad(objective)(*a)), used)
+                     if u]
+    self.args = args
+    return jax.jit(fn).lower(*args).compile()
+
+  def _run_once(self):
+    grads = self.compiled(*self.args)
+    return grads, grads[0].ravel()[0]
+
+  def flops_per_sample(self) -> float:
+    return flops_lib.tower_train_flops_per_sample(self.config, self.tower)
+
+
+_TOWER_METHODS = {"image": ("embed_image", "image"), "text": ("embed_text", "text")}
+
+
+def used_leaves(fn, tree, *args) -> list:
+  """For each leaf of `tree` (fn's first argument), whether fn's result depends on it
+  (a backward liveness pass over fn's jaxpr: reads whose results are dropped, such as
+  sharding constraints on unused parameters, do not count)."""
+  jaxpr = jax.make_jaxpr(fn)(tree, *args).jaxpr
+  live = {id(v) for v in jaxpr.outvars}
+  for eqn in reversed(jaxpr.eqns):
+    if any(id(v) in live for v in eqn.outvars):
+      live |= {id(v) for v in eqn.invars}
+  n = len(jax.tree.leaves(tree))
+  return [id(v) in live for v in jaxpr.invars[:n]]
 
 
 def run(config, steps: int = 20, warmup: int = 2, with_data: bool = False,
-        devices=None) -> dict:
-  """Compiles and times `steps` train steps (after `warmup`); the benchmark record."""
-  bench = StepBenchmark(config, with_data, devices)
+        devices=None, tower: str = "", profile_dir: str = "",
+        profile_steps: int = 3) -> dict:
+  """Compiles and times `steps` train steps (after `warmup`); the benchmark record.
+  With `tower` ('image' or 'text'), times that tower's forward + backward alone. With
+  `profile_dir`, then traces `profile_steps` more steps there (record["profile"])."""
+  bench = (TowerBenchmark(config, tower, devices) if tower
+           else StepBenchmark(config, with_data, devices))
   bench.time(warmup)
-  return bench.record(bench.time(steps))
+  record = bench.record(bench.time(steps))
+  if profile_dir:
+    record["profile"] = bench.profile(profile_dir, profile_steps)
+  return record

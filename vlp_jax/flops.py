@@ -74,6 +74,24 @@ def train_flops_per_sample(config) -> float:
   return 3.0 * 2.0 * sum(forward_macs(config, train=True).values())
 
 
+def tower_train_flops_per_sample(config, tower: str) -> float:
+  """Model FLOPs of one sample through one tower alone ('image' or 'text', with its
+  projection to the shared space; for CoCa's image tower, without the caption pooler):
+  3 x forward, 2 FLOPs per multiply-add."""
+  m = config.model
+  macs = forward_macs(config, train=True)[tower]
+  if tower == "image":
+    kw = two_tower.tower_kwargs(m.image, None)
+    width = kw["width"]
+    if m.name == "coca":
+      n = image_tokens(m, config.data.image_size, train=True)
+      q = m.decoder.num_queries
+      macs -= pool_macs(q, n, width, kw["mlp_dim"]) + q * width * m.text.width
+  else:
+    width = m.text.width
+  return 3.0 * 2.0 * (macs + width * m.embed_dim)
+
+
 def forward_gflops_by_part(config, train: bool = False) -> dict:
   return {k: 2.0 * v / 1e9 for k, v in forward_macs(config, train).items()}
 

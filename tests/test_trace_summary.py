@@ -1,0 +1,80 @@
+"""vlp_jax/trace_summary.py: per-op and per-kind step time from a profiler trace."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from vlp_jax import trace_summary
+
+
+def _op(pid, name, hlo_op, ts, dur):
+  return {"ph": "X", "pid": pid, "tid": 1, "name": name, "ts": ts, "dur": dur,
+          "args": {"hlo_op": hlo_op}}
+
+
+def _events():
+  """Two steps on a GPU timeline (pid 2), plus host launch events (pid 1)."""
+  ev = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+  for step, t0 in enumerate((0.0, 1000.0)):
+    ev.append({"ph": "X", "pid": 1, "tid": 9, "name": "train", "ts": t0, "dur": 1000.0,
+               "args": {"step_num": str(step)}})
+    ev.append(_op(1, "launch", "fusion.1", t0, 5.0))  # host side: must be ignored
+    ev.append(_op(2, "nvjet_hsh_128x256_gemm", "custom-call.3", t0 + 10, 400.0))
+    ev.append(_op(2, "cudnn_generated_sdpa_fwd", "custom-call.7", t0 + 410, 200.0))
+    ev.append(_op(2, "loop_add_fusion", "fusion.1", t0 + 610, 100.0))
+    ev.append(_op(2, "input_reduce_fusion", "fusion.2", t0 + 650, 100.0))  # overlaps
+  return ev
+
+
+def test_device_timeline_per_step_figures():
+  s = trace_summary.summarize(_events())
+  assert s["steps"] == 2 and s["timeline"] == "device"
+  assert s["step_wall_ms"] == pytest.approx(1.0)
+  # Union of [10,410) [410,610) [610,710) [650,750) = 740 us; summed op time 800 us.
+  assert s["busy_ms_per_step"] == pytest.approx(0.74)
+  assert s["idle_fraction"] == pytest.approx(0.26)
+  assert s["op_ms_per_step"] == pytest.approx(0.8)
+  cats = {k: v["ms_per_step"] for k, v in s["categories"].items()}
+  assert cats == pytest.approx({"matmul": 0.4, "attention": 0.2, "elementwise": 0.1,
+                                "reduction": 0.1})
+  assert [o["hlo_op"] for o in s["ops"]][:2] == ["custom-call.3", "custom-call.7"]
+  assert s["ops"][0]["count"] == 2 and s["ops"][0]["fraction"] == pytest.approx(0.5)
+  text = trace_summary.markdown(s, top=2)
+  assert "| matmul | 0.400 | 50.0% |" in text and "fusion.2" not in text
+
+
+def test_hlo_contents_decide_the_kind():
+  # A fusion named like an elementwise one but holding a dot is a matmul.
+  hlo = "\n".join([
+      "%fused_computation.9 (p0: f32[4,4], p1: f32[4,4]) -> f32[4,4] {",
+      "  %p0 = f32[4,4]{1,0} parameter(0)",
+      "  %p1 = f32[4,4]{1,0} parameter(1)",
+      "  %dot.1 = f32[4,4]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}",
+      "  ROOT %tanh.2 = f32[4,4]{1,0} tanh(%dot.1)",
+      "}",
+      "ENTRY %main.5 (a: f32[4,4], b: f32[4,4]) -> f32[4,4] {",
+      "  %a = f32[4,4]{1,0} parameter(0)",
+      "  %b = f32[4,4]{1,0} parameter(1)",
+      "  ROOT %loop_fusion.3 = f32[4,4]{1,0} fusion(%a, %b), kind=kOutput, "
+      "calls=%fused_computation.9",
+      "}"])
+  contents = trace_summary.hlo_op_contents(hlo)
+  assert {"dot", "tanh", "fusion"} <= contents["loop_fusion.3"]
+  events = [_op(0, "loop_fusion.3", "loop_fusion.3", 0.0, 10.0)]
+  assert trace_summary.summarize(events)["ops"][0]["category"] == "elementwise"
+  assert trace_summary.summarize(events, hlo)["ops"][0]["category"] == "matmul"
+
+
+def test_real_compiled_hlo_is_parsed():
+  f = jax.jit(lambda a, b: jnp.tanh(a @ b).sum())
+  x = jnp.ones((64, 64))
+  contents = trace_summary.hlo_op_contents(f.lower(x, x).compile().as_text())
+  assert any("dot" in ops for ops in contents.values())
+  assert any("reduce" in ops for ops in contents.values())
+
+
+def test_missing_trace_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="profile_steps"):
+    trace_summary.find_trace(str(tmp_path))
+  with pytest.raises(ValueError, match="no XLA op events"):
+    trace_summary.summarize([{"ph": "X", "pid": 0, "name": "x", "ts": 0, "dur": 1}])

@@ -1,0 +1,201 @@
+"""Where a train step's time goes, from a jax.profiler trace (`*.trace.json.gz`).
+
+Reads the Chrome-trace JSON that `jax.profiler` writes next to its xplane file, keeps
+the XLA op executions (events carrying an `hlo_op`), preferring the accelerator's
+device timelines (`/device:GPU:0`, `/device:TPU:0`) and falling back to the host's on
+CPU, and sums their time per op and per kind of work: matmul, attention, elementwise
+and reduction fusions, copies, collectives. Steps are the `StepTraceAnnotation` events
+the trainer and tools/benchmark.py write (name `train`).
+"""
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+
+# (category, pattern) in order; the first that matches the kernel name or the HLO op wins.
+CATEGORIES = (
+    ("attention", r"sdpa|fmha|flash|fused_attention|dot_product_attention|cudnn"),
+    ("collective", r"nccl|all-reduce|all-gather|reduce-scatter|all-to-all|"
+                   r"collective-permute|allreduce|allgather"),
+    ("matmul", r"gemm|xmma|cutlass|nvjet|cublas|matmul|\bdot|convolution"),
+    ("copy", r"memcpy|memset|copy|transpose|dynamic-update-slice"),
+    ("reduction", r"reduce"),
+    ("elementwise", r"fusion|loop_|add|multiply|select|convert|broadcast"),
+)
+
+
+def category(kernel: str, hlo_op: str, contents=()) -> str:
+  """The kind of work an op does, from its kernel name, HLO op name and (when the
+  compiled HLO is at hand) the opcodes and custom-call targets it contains."""
+  text = f"{kernel} {hlo_op} {' '.join(sorted(contents))}".lower()
+  if contents:  # what the op computes decides, not what it happens to be called
+    if re.search(CATEGORIES[0][1], text):
+      return "attention"
+    if {"dot", "convolution"} & set(contents) or re.search(r"gemm|matmul", text):
+      return "matmul"
+  for name, pattern in CATEGORIES:
+    if re.search(pattern, text):
+      return name
+  return "other"
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([^\s(]+)\s*\(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+)\s*=\s*(.*)$")
+_OPCODE = re.compile(r"\s([a-z][\w\-]*)\(")
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations|"
+                    r"called_computations)=\{?([^},]+(?:,\s*%[^},]+)*)\}?")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def hlo_op_contents(hlo_text: str) -> dict:
+  """Compiled HLO text -> {instruction name: set of opcodes (and custom-call targets)
+  it runs, through the computations it calls}."""
+  own, calls, comp_of, comps = {}, {}, {}, collections.defaultdict(list)
+  current = None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header and "=" not in line.split("(", 1)[0]:
+      current = header.group(1)
+      continue
+    m = _INSTRUCTION.match(line)
+    if not m or current is None:
+      continue
+    name, rest = m.group(1), m.group(2)
+    op = _OPCODE.search(" " + rest)
+    ops = {op.group(1)} if op else set()
+    ops |= set(_TARGET.findall(rest))
+    own[name] = ops
+    calls[name] = [c.strip().lstrip("%") for g in _CALLS.findall(rest)
+                   for c in g.split(",")]
+    comps[current].append(name)
+    comp_of[name] = current
+
+  memo = {}
+
+  def comp_contents(comp, seen):
+    if comp in memo:
+      return memo[comp]
+    out = set()
+    for inst in comps.get(comp, ()):
+      out |= own[inst]
+      for c in calls[inst]:
+        if c not in seen:
+          out |= comp_contents(c, seen | {c})
+    memo[comp] = out
+    return out
+
+  result = {}
+  for name in own:
+    out = set(own[name])
+    for c in calls[name]:
+      out |= comp_contents(c, {c})
+    result[name] = out
+  return result
+
+
+def find_trace(path: str) -> str:
+  """`path` itself if it is a trace file, else the newest `*.trace.json.gz` under it."""
+  if os.path.isfile(path):
+    return path
+  found = glob.glob(os.path.join(path, "**", "*.trace.json.gz"), recursive=True)
+  if not found:
+    raise FileNotFoundError(
+        f"No *.trace.json.gz under {path}. Write one with --config.profile_steps=[a,b] "
+        f"(trainer) or tools/benchmark.py --profile_dir={path}.")
+  return max(found, key=os.path.getmtime)
+
+
+def load_events(path: str) -> list:
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    data = json.load(f)
+  return data["traceEvents"] if isinstance(data, dict) else data
+
+
+@dataclasses.dataclass
+class OpTime:
+  hlo_op: str
+  kernel: str
+  category: str
+  total_us: float = 0.0
+  count: int = 0
+
+
+def _union_us(intervals) -> float:
+  """Length of the union of (start, end) intervals: time at least one op ran."""
+  total, end = 0.0, float("-inf")
+  for s, e in sorted(intervals):
+    if e > end:
+      total += e - max(s, end)
+      end = e
+  return total
+
+
+def summarize(events: list, hlo_text: str = "") -> dict:
+  """Per-step time by category and by op (see module docstring). With the compiled
+  HLO text (`compiled.as_text()`), ops are classified by what they contain."""
+  contents = hlo_op_contents(hlo_text) if hlo_text else {}
+  names = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+  device_pids = {e["pid"] for e in ops if "/device:" in names.get(e["pid"], "")}
+  if device_pids:
+    ops = [e for e in ops if e["pid"] in device_pids]
+  if not ops:
+    raise ValueError("The trace has no XLA op events (args.hlo_op); was a step run "
+                     "while tracing?")
+  steps = [e for e in events if e.get("ph") == "X" and e.get("name") == "train"
+           and "step_num" in e.get("args", {})]
+  num_steps = max(1, len(steps))
+  if steps:
+    wall_us = sum(e["dur"] for e in steps) / num_steps
+  else:
+    wall_us = max(e["ts"] + e["dur"] for e in ops) - min(e["ts"] for e in ops)
+  by_op = {}
+  for e in ops:
+    key = (e["args"]["hlo_op"], e["name"])
+    if key not in by_op:
+      by_op[key] = OpTime(key[0], key[1],
+                          category(e["name"], key[0], contents.get(key[0], ())))
+    by_op[key].total_us += e["dur"]
+    by_op[key].count += 1
+  total_us = sum(o.total_us for o in by_op.values())
+  cats = collections.defaultdict(float)
+  for o in by_op.values():
+    cats[o.category] += o.total_us
+  busy_us = _union_us((e["ts"], e["ts"] + e["dur"]) for e in ops) / num_steps
+  return {
+      "steps": len(steps), "timeline": "device" if device_pids else "host",
+      "step_wall_ms": wall_us / 1e3,
+      "busy_ms_per_step": busy_us / 1e3,
+      "idle_fraction": max(0.0, 1.0 - busy_us / wall_us) if wall_us else 0.0,
+      "op_ms_per_step": total_us / num_steps / 1e3,
+      "categories": {k: {"ms_per_step": v / num_steps / 1e3, "fraction": v / total_us}
+                     for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+      "ops": [dict(dataclasses.asdict(o), ms_per_step=o.total_us / num_steps / 1e3,
+                   fraction=o.total_us / total_us)
+              for o in sorted(by_op.values(), key=lambda o: -o.total_us)],
+  }
+
+
+def markdown(summary: dict, top: int = 25) -> str:
+  """The summary as two markdown tables (categories, then the `top` ops)."""
+  s = summary
+  lines = [
+      f"{s['steps']} step(s) on the {s['timeline']} timeline: {s['step_wall_ms']:.2f} ms "
+      f"per step, ops busy {s['busy_ms_per_step']:.2f} ms (idle "
+      f"{s['idle_fraction']:.1%}); op time summed over streams/threads "
+      f"{s['op_ms_per_step']:.2f} ms.", "",
+      "| kind | ms/step | share |", "|---|---|---|"]
+  lines += [f"| {k} | {v['ms_per_step']:.3f} | {v['fraction']:.1%} |"
+            for k, v in s["categories"].items()]
+  lines += ["", "| op | kernel | kind | ms/step | share | calls |", "|---|---|---|---|---|---|"]
+  n = max(1, s["steps"])
+  for o in s["ops"][:top]:
+    kernel = o["kernel"] if len(o["kernel"]) <= 60 else o["kernel"][:57] + "..."
+    lines.append(f"| {o['hlo_op']} | {kernel} | {o['category']} | "
+                 f"{o['ms_per_step']:.3f} | {o['fraction']:.1%} | {o['count'] / n:g} |")
+  return "\n".join(lines)
