@@ -341,3 +341,24 @@ def test_resume_drops_rows_past_the_checkpoint_and_a_half_written_line(tmp_path)
   path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')  # Corruption mid-file is an error.
   with pytest.raises(json.JSONDecodeError):
     metrics_lib.read_metrics(str(path))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, None])
+def test_flags_match_a_per_leaf_reference(value):
+  """The one-norm gradient check flags exactly what a per-leaf isfinite loop flags."""
+  rng = np.random.default_rng(0)
+  grads = {"a": rng.standard_normal((3, 4)).astype(np.float32),
+           "b": {"c": rng.standard_normal(5).astype(np.float32),
+                 "d": rng.standard_normal((2, 2)).astype(np.float32)}}
+  metrics = {"loss": np.float32(1.0), "clip/loss": np.float32(1.0),
+             "caption/loss": np.float32(2.0)}
+  if value is not None:
+    leaf = ["a", "c", "d"][rng.integers(3)]
+    target = grads[leaf] if leaf == "a" else grads["b"][leaf]
+    target.flat[rng.integers(target.size)] = value
+    metrics["caption/loss"] = np.float32(value)
+  got = np.asarray(nonfinite.flags(metrics, grads, ["clip", "caption"]))
+  grads_bad = not all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  caption_bad = not np.isfinite(metrics["caption/loss"])
+  want = [grads_bad or caption_bad, grads_bad, False, caption_bad]
+  assert got.tolist() == want

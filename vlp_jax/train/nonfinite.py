@@ -13,6 +13,7 @@ objectives that went non-finite.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 
 
@@ -26,9 +27,16 @@ def _all_finite(tree):
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def flags(metrics, grads, objective_names):
-  """bool[2 + n]: [any problem, gradient non-finite, objective i non-finite ...]."""
-  grads_bad = ~_all_finite(grads)
+def flags(metrics, grads, objective_names, grad_norm=None):
+  """bool[2 + n]: [any problem, gradient non-finite, objective i non-finite ...].
+
+  The gradient check is one test of the global gradient norm (`grad_norm`, computed
+  here if not given), which is NaN or Inf iff some gradient is, or if the norm
+  overflows float32 (a step to skip as well). A per-leaf isfinite reduction gives
+  the same flags but made XLA's CPU compilation of the B/16 step ~6x slower."""
+  if grad_norm is None:
+    grad_norm = optax.tree.norm(grads)
+  grads_bad = ~jnp.isfinite(grad_norm)
   obj_bad = [~_all_finite({k: v for k, v in metrics.items() if k.startswith(f"{n}/")})
              for n in objective_names]
   loss_bad = ~jnp.isfinite(metrics["loss"])

@@ -61,10 +61,11 @@ def train_step(state, batch, *, model, objectives, tx, schedule, accum_steps=1):
     grads, metrics = grad_fn(state.params, model, objectives, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  flags = nonfinite.flags(metrics, grads, [o.name for o in objectives])
+  grad_norm = optax.tree.norm(grads)
+  flags = nonfinite.flags(metrics, grads, [o.name for o in objectives], grad_norm)
   params, opt_state = nonfinite.guard(flags[0], (params, opt_state),
                                       (state.params, state.opt_state))
-  metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics["grad_norm"] = grad_norm
   metrics["lr"] = schedule(state.step)
   metrics["nonfinite"] = flags
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
