@@ -14,15 +14,21 @@ def _op(pid, name, hlo_op, ts, dur):
 def _events():
   """Two steps on a GPU timeline (pid 2), plus host launch events (pid 1)."""
   ev = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
-        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "tid": 5, "name": "thread_name",
+         "args": {"name": "XLA Modules"}}]
   for step, t0 in enumerate((0.0, 1000.0)):
     ev.append({"ph": "X", "pid": 1, "tid": 9, "name": "train", "ts": t0, "dur": 1000.0,
                "args": {"step_num": str(step)}})
     ev.append(_op(1, "launch", "fusion.1", t0, 5.0))  # host side: must be ignored
+    ev.append({"ph": "X", "pid": 2, "tid": 5, "name": "jit_train_step", "ts": t0 + 10,
+               "dur": 740.0})  # a summary line over the ops below: must be ignored
     ev.append(_op(2, "nvjet_hsh_128x256_gemm", "custom-call.3", t0 + 10, 400.0))
     ev.append(_op(2, "cudnn_generated_sdpa_fwd", "custom-call.7", t0 + 410, 200.0))
     ev.append(_op(2, "loop_add_fusion", "fusion.1", t0 + 610, 100.0))
     ev.append(_op(2, "input_reduce_fusion", "fusion.2", t0 + 650, 100.0))  # overlaps
+    ev.append({"ph": "X", "pid": 2, "tid": 1, "name": "Memcpy DtoD", "ts": t0 + 750,
+               "dur": 50.0})  # a device event without an hlo_op: named by itself
   return ev
 
 
@@ -30,17 +36,18 @@ def test_device_timeline_per_step_figures():
   s = trace_summary.summarize(_events())
   assert s["steps"] == 2 and s["timeline"] == "device"
   assert s["step_wall_ms"] == pytest.approx(1.0)
-  # Union of [10,410) [410,610) [610,710) [650,750) = 740 us; summed op time 800 us.
-  assert s["busy_ms_per_step"] == pytest.approx(0.74)
-  assert s["idle_fraction"] == pytest.approx(0.26)
-  assert s["op_ms_per_step"] == pytest.approx(0.8)
+  # Union of [10,410) [410,610) [610,710) [650,750) [750,800) = 790 us; op sum 850 us.
+  assert s["busy_ms_per_step"] == pytest.approx(0.79)
+  assert s["idle_fraction"] == pytest.approx(0.21)
+  assert s["op_ms_per_step"] == pytest.approx(0.85)
   cats = {k: v["ms_per_step"] for k, v in s["categories"].items()}
   assert cats == pytest.approx({"matmul": 0.4, "attention": 0.2, "elementwise": 0.1,
-                                "reduction": 0.1})
+                                "reduction": 0.1, "copy": 0.05})
   assert [o["hlo_op"] for o in s["ops"]][:2] == ["custom-call.3", "custom-call.7"]
-  assert s["ops"][0]["count"] == 2 and s["ops"][0]["fraction"] == pytest.approx(0.5)
+  assert s["ops"][0]["count"] == 2 and s["ops"][0]["fraction"] == pytest.approx(400 / 850)
+  assert s["ops"][-1]["hlo_op"] == "Memcpy DtoD"
   text = trace_summary.markdown(s, top=2)
-  assert "| matmul | 0.400 | 50.0% |" in text and "fusion.2" not in text
+  assert "| matmul | 0.400 | 47.1% |" in text and "fusion.2" not in text
 
 
 def test_hlo_contents_decide_the_kind():

@@ -1,10 +1,11 @@
 """Where a train step's time goes, from a jax.profiler trace (`*.trace.json.gz`).
 
 Reads the Chrome-trace JSON that `jax.profiler` writes next to its xplane file, keeps
-the XLA op executions (events carrying an `hlo_op`), preferring the accelerator's
-device timelines (`/device:GPU:0`, `/device:TPU:0`) and falling back to the host's on
-CPU, and sums their time per op and per kind of work: matmul, attention, elementwise
-and reduction fusions, copies, collectives. Steps are the `StepTraceAnnotation` events
+the work on the accelerator's device timelines (`/device:GPU:0`, `/device:TPU:0`:
+kernels, named by their HLO op where the trace says; summary lines such as "Steps",
+"XLA Modules" or framework name scopes are skipped), or on CPU the XLA op executions
+on host threads (events carrying an `hlo_op`), and sums their time per op and per kind
+of work: matmul, attention, elementwise and reduction fusions, copies, collectives. Steps are the `StepTraceAnnotation` events
 the trainer and tools/benchmark.py write (name `train`).
 """
 import collections
@@ -96,6 +97,10 @@ def hlo_op_contents(hlo_text: str) -> dict:
   return result
 
 
+# Device timeline lines that summarise other lines (their spans would count twice).
+_SUMMARY_LINE = re.compile(r"step|module|framework|scope|source|launch", re.IGNORECASE)
+
+
 def find_trace(path: str) -> str:
   """`path` itself if it is a trace file, else the newest `*.trace.json.gz` under it."""
   if os.path.isfile(path):
@@ -140,10 +145,15 @@ def summarize(events: list, hlo_text: str = "") -> dict:
   contents = hlo_op_contents(hlo_text) if hlo_text else {}
   names = {e["pid"]: e["args"]["name"] for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
-  ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
-  device_pids = {e["pid"] for e in ops if "/device:" in names.get(e["pid"], "")}
-  if device_pids:
-    ops = [e for e in ops if e["pid"] in device_pids]
+  device_pids = {pid for pid, name in names.items() if "/device:" in name}
+  summary_lines = {(e["pid"], e.get("tid")) for e in events
+                   if e.get("ph") == "M" and e.get("name") == "thread_name"
+                   and _SUMMARY_LINE.search(e["args"]["name"])}
+  ops = [e for e in events if e.get("ph") == "X" and e["pid"] in device_pids
+         and (e["pid"], e.get("tid")) not in summary_lines]
+  if not ops:  # CPU: XLA's thunks run on host threads, tagged with their hlo_op
+    device_pids = set()
+    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
   if not ops:
     raise ValueError("The trace has no XLA op events (args.hlo_op); was a step run "
                      "while tracing?")
@@ -156,7 +166,7 @@ def summarize(events: list, hlo_text: str = "") -> dict:
     wall_us = max(e["ts"] + e["dur"] for e in ops) - min(e["ts"] for e in ops)
   by_op = {}
   for e in ops:
-    key = (e["args"]["hlo_op"], e["name"])
+    key = (e.get("args", {}).get("hlo_op", e["name"]), e["name"])
     if key not in by_op:
       by_op[key] = OpTime(key[0], key[1],
                           category(e["name"], key[0], contents.get(key[0], ())))
