@@ -167,7 +167,8 @@ def test_bfloat16_computes_with_float32_params_and_optimizer_state():
 
 def test_attention_implementation_is_chosen_by_platform(monkeypatch):
   pick = layers.attention_implementation
-  assert pick("auto", jnp.bfloat16, 64, False) == "xla"  # CPU here
+  assert pick("auto", jnp.bfloat16, 64, False) == "einsum"  # CPU here
+  assert pick("auto", jnp.float32, 64, True) == "einsum"
   assert pick("xla", jnp.bfloat16, 64, False) == "xla"
   assert pick("cudnn", jnp.float32, 64, True) == "cudnn"
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -176,8 +177,36 @@ def test_attention_implementation_is_chosen_by_platform(monkeypatch):
   assert pick("auto", jnp.float32, 64, False) == "xla"
   assert pick("auto", jnp.bfloat16, 64, True) == "xla"  # explicit masks stay on XLA
   assert pick("auto", jnp.bfloat16, 36, False) == "xla"  # head dim not a multiple of 8
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert pick("auto", jnp.bfloat16, 64, False) == "xla"
   with pytest.raises(ValueError, match="attention_impl"):
     pick("flash", jnp.bfloat16, 64, False)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind", ["none", "causal", "padding", "causal+padding"])
+def test_einsum_attention_equals_jax_xla_attention(kind, dtype):
+  """Values and gradients of layers.einsum_attention against jax's own XLA attention,
+  at an odd length, with the masks the towers use."""
+  b, length, heads, dim = 3, 13, 4, 8
+  keys = jax.random.split(jax.random.PRNGKey(1), 4)
+  q, k, v, g = (jax.random.normal(kk, (b, length, heads, dim)).astype(dtype)
+                for kk in keys)
+  causal = "causal" in kind
+  mask = None
+  if "padding" in kind:  # text.padding_mask's [B, 1, 1, L] form; one row all padding
+    lengths = jnp.array([length, 5, 0])
+    mask = (jnp.arange(length)[None, :] < lengths[:, None])[:, None, None, :]
+  ref = lambda *t: jax.nn.dot_product_attention(*t, mask=mask, is_causal=causal,
+                                                implementation="xla")
+  ours = lambda *t: layers.einsum_attention(*t, mask, causal)
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  out_ref, vjp_ref = jax.vjp(ref, q, k, v)
+  out, vjp = jax.vjp(ours, q, k, v)
+  assert out.dtype == out_ref.dtype == dtype
+  np.testing.assert_allclose(np.float32(out), np.float32(out_ref), **tol)
+  for got, want in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(np.float32(got), np.float32(want), **tol)
 
 
 def test_bad_switch_values_are_clear_errors():

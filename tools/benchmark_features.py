@@ -46,6 +46,7 @@ VARIANTS = {
     "fused_qkv": {"model.fused_qkv": True},
     "patch_dropout_0.5": {"model.image.patch_dropout": 0.5},
     "fused+patch_dropout_0.5": {"model.fused_qkv": True, "model.image.patch_dropout": 0.5},
+    "xla_attention": {"model.attention_impl": "xla"},
 }
 
 

@@ -97,7 +97,8 @@ def default_config() -> ConfigDict:
   c.model.scan_layers = False  # nn.scan over blocks: params gain a leading `layers` axis.
   c.model.remat = "none"  # none|full|dots_saveable|save_qkv_proj|... (layers.REMAT_POLICIES)
   c.model.fused_qkv = False  # one (embed, 3, heads) QKV matmul in self-attention.
-  c.model.attention_impl = "auto"  # auto (cuDNN on GPU for bf16/fp16) | xla | cudnn
+  # auto (cuDNN on GPU for bf16/fp16, einsum on CPU) | xla | cudnn | einsum
+  c.model.attention_impl = "auto"
   c.model.image.patch_dropout = 0.0  # FLIP: fraction of patch tokens dropped in training.
   c.device_prefetch = 2  # Batches put on device ahead of the running step (0 = off).
   c.profile_steps = [0, 0]  # [a, b]: jax.profiler trace of steps a..b-1 to workdir/profile.

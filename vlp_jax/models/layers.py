@@ -8,6 +8,7 @@ plus `jax.nn.dot_product_attention` (3-D DenseGeneral kernels break under logica
 partitioning with an active mesh, flax issue #3676).
 """
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -29,7 +30,7 @@ REMAT_POLICIES = {
     "save_qkv_proj": _cp.save_only_these_names("qkv_proj"),
     "save_qkv_proj_mlp_hidden": _cp.save_only_these_names("qkv_proj", "mlp_hidden"),
 }
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +70,11 @@ def constrain(x, axes):
 
 
 def attention_implementation(impl: str, dtype, head_dim: int, has_mask: bool) -> str:
-  """'xla' or 'cudnn' for `jax.nn.dot_product_attention`, decided at trace time.
+  """'xla', 'cudnn' or 'einsum' (see `einsum_attention`), decided at trace time.
 
   'auto' picks cuDNN flash attention on GPU for bf16/fp16 inputs with a head dim
-  cuDNN supports and no explicit mask (causal masking is fine); XLA otherwise.
+  cuDNN supports and no explicit mask (causal masking is fine); on CPU 'einsum'
+  (1.04x the whole B/16 step at batch 8, 1.13x at 32); XLA otherwise.
   """
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl '{impl}' is not one of {ATTENTION_IMPLS}.")
@@ -80,9 +82,32 @@ def attention_implementation(impl: str, dtype, head_dim: int, has_mask: bool) ->
     return impl
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   ok_shape = head_dim <= 128 and head_dim % 8 == 0
-  if jax.default_backend() == "gpu" and half and ok_shape and not has_mask:
+  backend = jax.default_backend()
+  if backend == "gpu" and half and ok_shape and not has_mask:
     return "cudnn"
-  return "xla"
+  return "einsum" if backend == "cpu" else "xla"
+
+
+def einsum_attention(q, k, v, mask=None, causal: bool = False):
+  """jax.nn.dot_product_attention's XLA computation on [B, L, heads, head_dim], with
+  q, k, v moved to head-major [B, heads, L, head_dim] first, so that every matmul
+  (forward and backward) is a plain batched matmul over (B, heads). XLA's CPU backend
+  runs the backward of the token-major form's value product much slower (a 20x
+  slowdown from batch 8 to 32 at ViT-B/16's 197 tokens). Same logits dtype, mask
+  value and float32 softmax as jax's own."""
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=logits_dtype)
+  logits = logits * jnp.array(1.0 / math.sqrt(q.shape[-1]), logits.dtype)
+  if mask is not None or causal:
+    keep = jnp.ones(logits.shape, bool) if mask is None else jnp.broadcast_to(
+        mask, logits.shape)
+    if causal:
+      keep = keep & jnp.tril(jnp.ones(logits.shape[-2:], bool))
+    big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
+    logits = jnp.where(keep, logits, jnp.array(big_negative, logits.dtype))
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+  return jnp.swapaxes(jnp.einsum("bnts,bnsh->bnth", probs, v), 1, 2)
 
 
 def even_length_attention(q, k, v, causal: bool, impl: str):
@@ -156,6 +181,8 @@ class Attention(nn.Module):
                                     mask is not None)
     if impl == "cudnn" and mask is None:
       out = even_length_attention(q, k, v, self.causal, impl)
+    elif impl == "einsum":
+      out = einsum_attention(q, k, v, mask, self.causal)
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
                                          implementation=impl)
