@@ -66,6 +66,8 @@ def _data_batches(config, setup):
 class StepBenchmark:
   """Compiles the train step for `config` once; `time(n)` times n more steps."""
 
+  measured = "train step"  # what `time` runs, as the record names it
+
   def __init__(self, config, with_data: bool = False, devices=None):
     self.config, self.with_data = config, with_data
     self.setup = TrainSetup(config, devices)
@@ -175,8 +177,6 @@ class StepBenchmark:
         "final_loss": self.loss,
         "measured": self.measured,
     }
-
-  measured = "train step"
 
 
 class TowerBenchmark(StepBenchmark):

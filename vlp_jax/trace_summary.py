@@ -5,8 +5,9 @@ the work on the accelerator's device timelines (`/device:GPU:0`, `/device:TPU:0`
 kernels, named by their HLO op where the trace says; summary lines such as "Steps",
 "XLA Modules" or framework name scopes are skipped), or on CPU the XLA op executions
 on host threads (events carrying an `hlo_op`), and sums their time per op and per kind
-of work: matmul, attention, elementwise and reduction fusions, copies, collectives. Steps are the `StepTraceAnnotation` events
-the trainer and tools/benchmark.py write (name `train`).
+of work: matmul, attention, elementwise and reduction fusions, copies, collectives.
+Steps are the `StepTraceAnnotation` events the trainer and tools/benchmark.py write
+(name `train`).
 """
 import collections
 import dataclasses
@@ -54,7 +55,7 @@ _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 def hlo_op_contents(hlo_text: str) -> dict:
   """Compiled HLO text -> {instruction name: set of opcodes (and custom-call targets)
   it runs, through the computations it calls}."""
-  own, calls, comp_of, comps = {}, {}, {}, collections.defaultdict(list)
+  own, calls, comps = {}, {}, collections.defaultdict(list)
   current = None
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
@@ -72,7 +73,6 @@ def hlo_op_contents(hlo_text: str) -> dict:
     calls[name] = [c.strip().lstrip("%") for g in _CALLS.findall(rest)
                    for c in g.split(",")]
     comps[current].append(name)
-    comp_of[name] = current
 
   memo = {}
 

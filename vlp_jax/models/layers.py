@@ -74,7 +74,7 @@ def attention_implementation(impl: str, dtype, head_dim: int, has_mask: bool) ->
 
   'auto' picks cuDNN flash attention on GPU for bf16/fp16 inputs with a head dim
   cuDNN supports and no explicit mask (causal masking is fine); on CPU 'einsum'
-  (1.04x the whole B/16 step at batch 8, 1.13x at 32); XLA otherwise.
+  (1.04x the whole B/16 step at batch 8, 1.11x at 32); XLA otherwise.
   """
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl '{impl}' is not one of {ATTENTION_IMPLS}.")
