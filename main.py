@@ -3,6 +3,9 @@
     python main.py --config=configs/demo.py --workdir=/tmp/demo [--config.a.b=value ...]
     python main.py --config=configs/demo.py --workdir=/tmp/demo --mode=eval
 """
+import os
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -23,12 +26,28 @@ _NUM_CPU_DEVICES = flags.DEFINE_integer(
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir even though the model keys of its "
     "saved config.json differ from this config's.")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show the traceback of user errors (bad config, data path, "
+    "workdir, checkpoint) too; also VLP_JAX_VERBOSE=1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from vlp_jax import errors  # pylint: disable=g-import-not-at-top
+  try:
+    _main()
+  except errors.UserError as e:
+    if _VERBOSE.value or os.environ.get("VLP_JAX_VERBOSE", "") not in ("", "0"):
+      raise
+    # A problem the user can fix: its message, without a traceback.
+    print(f"error: {e}\n(--verbose or VLP_JAX_VERBOSE=1 shows the traceback.)",
+          file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _main():
   from vlp_jax import distributed  # pylint: disable=g-import-not-at-top
   from vlp_jax.train import loop  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)

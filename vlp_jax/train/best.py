@@ -15,8 +15,9 @@ class Tracker:
     self.best = meta.get("best")  # {"step": int, "value": float} or None
     self.manager = checkpoint.make_best_manager(workdir, config)
 
-  def meta(self, nonfinite_skipped: int) -> dict:
+  def meta(self, nonfinite_skipped: int, nonfinite_consecutive: int = 0) -> dict:
     return {"config": self.config_dict, "nonfinite_skipped": int(nonfinite_skipped),
+            "nonfinite_consecutive": int(nonfinite_consecutive),
             "best_metric": self.metric, "best_mode": self.mode,
             "best_history": [list(x) for x in self.history], "best": self.best}
 

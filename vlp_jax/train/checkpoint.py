@@ -13,9 +13,14 @@ import math
 import os
 
 import grain
+from absl import logging
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from vlp_jax import errors
+from vlp_jax.train import checkpoint_health
 
 
 def _abs(workdir):
@@ -75,9 +80,11 @@ def _param_shapes(params):
           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
-def check_compatible(manager, step: int, abstract_state):
-  """Raises ValueError listing missing / unexpected / reshaped parameters, if any."""
-  saved = _param_shapes(manager.item_metadata(step)["state"]["params"])
+def check_compatible(manager, step: int, abstract_state, saved_params=None):
+  """Raises CheckpointError listing missing / unexpected / reshaped parameters, if any."""
+  if saved_params is None:
+    saved_params = manager.item_metadata(step)["state"]["params"]
+  saved = _param_shapes(saved_params)
   wanted = _param_shapes(abstract_state.params)
   missing = sorted(set(wanted) - set(saved))
   unexpected = sorted(set(saved) - set(wanted))
@@ -89,7 +96,7 @@ def check_compatible(manager, step: int, abstract_state):
         ("missing from the checkpoint", missing), ("unexpected in the checkpoint",
                                                    unexpected),
         ("with other shapes", reshaped)) if xs]
-    raise ValueError(
+    raise errors.CheckpointError(
         f"Checkpoint at step {step} in {manager.directory} does not match the model of "
         f"this config. Parameters {' | '.join(parts)}. Use a fresh --workdir, or the "
         f"config the checkpoint was written with.{layout_hint(missing, unexpected)}")
@@ -125,21 +132,86 @@ def save(manager, step: int, state, data_iter=None, force: bool = False, meta=No
   manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def restore(manager, abstract_state, data_iter=None, step=None):
-  """Restores (state, step) from `step` (default: latest) into `abstract_state`'s shardings.
+def restore(manager, abstract_state, data_iter=None, step=None, fallback: bool = True,
+            quarantine: bool = False):
+  """Restores (state, step) from `step` (default: the newest good checkpoint) into
+  `abstract_state`'s shardings; (None, None) when there is no checkpoint.
 
-  The data iterator, if given, is restored in place. Returns (None, None) when there
-  is no checkpoint.
+  The data iterator, if given, is restored in place. Each candidate step is checked
+  (`checkpoint_health.problems`, then the restore itself): a damaged newest step is
+  reported and, with `fallback`, the next older one is tried (each skipped step is
+  logged with what is wrong); without it, or when no step is good, `CheckpointError`
+  says which steps are damaged and how. `quarantine` (the trainer's job) moves the
+  damaged steps to `checkpoints_damaged/` once a good one is restored. A checkpoint of
+  another model is never skipped: that is a `CheckpointError` at once.
   """
-  step = manager.latest_step() if step is None else step
-  if step is None:
+  steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+  damaged = []  # (step, what is wrong)
+  for s in steps:
+    what = checkpoint_health.problems(str(manager.directory / str(s)), data_iter is not None)
+    restored = None
+    if not what:
+      try:
+        saved = manager.item_metadata(s)["state"]["params"]
+      except Exception as e:  # pylint: disable=broad-except
+        what = [checkpoint_health.summarize(e)]
+    if not what:
+      check_compatible(manager, s, abstract_state, saved)
+      items = {"state": ocp.args.StandardRestore(abstract_state)}
+      if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      try:
+        restored = manager.restore(s, args=ocp.args.Composite(**items))
+      except Exception as e:  # pylint: disable=broad-except
+        what = [checkpoint_health.summarize(e)]
+    if _all_agree(not what):
+      _report_damaged(manager, damaged, s, quarantine)
+      return restored["state"], s
+    what = what or ["another process could not read it"]
+    damaged.append((s, "; ".join(what)))
+    logging.warning("Checkpoint step %d in %s is damaged: %s.", s, manager.directory,
+                    damaged[-1][1])
+    if not fallback:
+      break
+  if not damaged:
     return None, None
-  check_compatible(manager, step, abstract_state)
-  items = {"state": ocp.args.StandardRestore(abstract_state)}
-  if data_iter is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
-  return restored["state"], step
+  listing = "; ".join(f"step {s}: {w}" for s, w in damaged)
+  older = [s for s in steps if s < damaged[-1][0]]
+  fix = (f"set config.damaged_checkpoint='fall_back' to resume from step {older[0]}"
+         if older and not fallback else "repair or remove the damaged steps")
+  raise errors.CheckpointError(
+      f"No usable checkpoint in {manager.directory}: {listing}. Nothing was changed; "
+      f"{fix}, or use a fresh --workdir.")
+
+
+def _all_agree(ok: bool) -> bool:
+  """True iff `ok` on every process (so all processes restore the same step)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _report_damaged(manager, damaged, step, quarantine):
+  if not damaged:
+    return
+  lost = damaged[0][0] - step
+  moved = ""
+  if quarantine:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("vlp_jax_restored_before_quarantine")
+    if jax.process_index() == 0:
+      paths = [checkpoint_health.quarantine(str(manager.directory), s) for s, _ in damaged]
+      moved = f" Moved the damaged steps to {', '.join(paths)} (nothing deleted)."
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("vlp_jax_quarantined")
+    manager.reload()
+  logging.warning(
+      "Resumed from step %d instead of the newest checkpoint step %d, which is "
+      "damaged (%s); %d steps will be computed again.%s", step, damaged[0][0],
+      "; ".join(f"step {s}: {w}" for s, w in damaged), lost, moved)
 
 
 def restore_meta(manager, step: int) -> dict:

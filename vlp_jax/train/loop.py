@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import sys
 import time
 
 import flax.linen as nn
@@ -11,7 +12,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vlp_jax import config as config_lib
+from vlp_jax import config as config_lib, errors
 from vlp_jax import evaluators, objectives, sharding  # pylint: disable=unused-import
 from vlp_jax import flops as flops_lib
 from vlp_jax.data import pipeline
@@ -19,7 +20,7 @@ from vlp_jax.registry import EVALUATORS
 from vlp_jax.train import checkpoint, metrics as metrics_lib, predict, signals
 from vlp_jax.train import prefetch, profiler as profiler_lib
 from vlp_jax.train import best as best_lib, init_from, nonfinite, preemption
-from vlp_jax.train import startup_checks
+from vlp_jax.train import startup_checks, workdir_lock
 from vlp_jax.train import setup as setup_lib, state as state_lib
 
 
@@ -68,8 +69,11 @@ class Experiment(setup_lib.TrainSetup):
 
 
 def _write_config(config, workdir):
-  with open(os.path.join(workdir, "config.json"), "w") as f:
+  """Writes config.json atomically (a crash leaves the old one or the new one)."""
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
     json.dump(config_lib.to_dict(config), f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
 
 
 def _due(step, every, total):
@@ -77,29 +81,40 @@ def _due(step, every, total):
 
 
 def run(config, workdir: str, allow_config_change: bool = False):
-  """Trains `config` in `workdir`, resuming from its latest checkpoint if any.
+  """Trains `config` in `workdir`, resuming from its latest good checkpoint if any.
 
   `allow_config_change` permits resuming a workdir whose saved config.json differs in
-  model keys (see `startup_checks.py`).
+  model keys (see `startup_checks.py`). The run holds the workdir's lock
+  (`workdir_lock.py`) from before it touches anything there until it ends.
   """
   exp = Experiment(config, workdir)
   startup_checks.check_workdir(workdir, exp.abstract, config.keep_checkpoints)
+  with workdir_lock.acquire_for_run(workdir, config.lock_stale_after_s):
+    return _train(exp, config, workdir, allow_config_change)
+
+
+def _train(exp, config, workdir, allow_config_change):
   train_ds = pipeline.train_dataset(config, exp.tokenizer)  # Bad data paths fail here.
   manager = checkpoint.make_manager(workdir, config)
   if manager.latest_step() is not None:
     startup_checks.check_config_change(workdir, config_lib.to_dict(config),
                                        allow_config_change)
+  data_iter = iter(train_ds)
+  try:
+    state, start = checkpoint.restore(
+        manager, exp.abstract, data_iter,
+        fallback=config.damaged_checkpoint == "fall_back", quarantine=True)
+    meta = checkpoint.restore_meta(manager, start) if state is not None else {}
+  except BaseException:
+    manager.close()
+    data_iter.close()
+    raise
+  # Only now, with the state restored and checked, may config.json change: a failed
+  # resume leaves the workdir's config as it was.
   if jax.process_count() > 1:  # Everyone read the old config.json before it changes.
     multihost_utils.sync_global_devices("vlp_jax_config_checked")
   if exp.is_chief:
     _write_config(config, workdir)
-  data_iter = iter(train_ds)
-  try:
-    state, start = checkpoint.restore(manager, exp.abstract, data_iter)
-  except Exception:
-    manager.close()
-    raise
-  meta = checkpoint.restore_meta(manager, start) if state is not None else {}
   if state is None:
     state, start = state_lib.create_state(exp.model, exp.tx, config, exp.mesh), 0
     state = init_from.apply(config.init_from, state, exp.tx, exp.state_shardings)
@@ -114,7 +129,9 @@ def run(config, workdir: str, allow_config_change: bool = False):
   mfu = flops_lib.MfuMeter(config, exp.mesh)
   prof = profiler_lib.StepProfiler(workdir, config.profile_steps, exp.is_chief)
   monitor = nonfinite.Monitor(config.nonfinite, [o.name for o in exp.objectives],
-                              meta.get("nonfinite_skipped", 0))
+                              meta.get("nonfinite_skipped", 0),
+                              config.nonfinite_max_consecutive,
+                              meta.get("nonfinite_consecutive", 0))
   tracker = best_lib.Tracker(config, workdir, meta, config_lib.to_dict(config))
 
   step, acc, n_acc, stopping = start, None, 0, False
@@ -157,7 +174,7 @@ def run(config, workdir: str, allow_config_change: bool = False):
           stopping and step > start):
         monitor.check()  # Under 'halt', a bad step stops the run before any save.
         checkpoint.save(manager, step, state, batches,
-                        meta=tracker.meta(monitor.skipped))
+                        meta=tracker.meta(monitor.skipped, monitor.consecutive))
     monitor.check()
   if stopping:
     logging.warning("Stopped by %s at step %d with a checkpoint saved; run the same "
@@ -185,17 +202,27 @@ def _closing(progress, manager, tracker, writer, data_iter, prof):
 
 
 def evaluate(config, workdir: str, step=None):
-  """Runs every configured evaluator on the checkpoint in `workdir` (default: latest)."""
+  """Runs every configured evaluator on the checkpoint in `workdir` (default: the
+  newest good one). Reads only: takes no lock, creates and deletes nothing (a training
+  run may be writing the workdir)."""
   exp = Experiment(config, workdir)
-  manager = checkpoint.make_manager(workdir, config, cleanup=False)  # Training may run.
-  state, step = checkpoint.restore(manager, exp.abstract, step=step)
-  manager.close()
-  if state is None:
-    raise FileNotFoundError(f"No checkpoint found in {workdir}/checkpoints; train first "
-                            "(--mode=train) or pass the workdir of a trained run.")
-  evals = {n: c for n, c in exp.eval_configs().items()}
+  evals = exp.eval_configs()
   if not evals:
-    raise ValueError("config.evals enables no evaluator (each needs every >= 0).")
+    raise errors.ConfigError("config.evals enables no evaluator (each needs every >= 0); "
+                             "enable one, e.g. --config.evals.zeroshot.every=0.")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if "://" not in workdir and not os.path.isdir(ckpt_dir):
+    raise errors.WorkdirError(
+        f"No checkpoints to evaluate: {ckpt_dir} does not exist. Pass the --workdir of a "
+        "trained run (or train first with --mode=train).")
+  manager = checkpoint.make_manager(workdir, config, cleanup=False)  # Training may run.
+  try:
+    state, step = checkpoint.restore(manager, exp.abstract, step=step)
+  finally:
+    manager.close()
+  if state is None:
+    raise errors.WorkdirError(f"No checkpoint found in {ckpt_dir}; train first "
+                              "(--mode=train) or pass the workdir of a trained run.")
   results = exp.run_evals(state.params, step)
   if exp.is_chief:
     metrics_lib.MetricWriter(workdir, True, resume_step=1 << 62).write(step, results)
@@ -215,7 +242,11 @@ def _fmt(row):
   return ", ".join(f"{k}={v:.4g}" for k, v in sorted(row.items()))
 
 
-def _progress_bar(start, total, enabled):
+def _progress_bar(start, total, enabled, stream=None):
+  """A tqdm bar on a terminal; off when the output is a file or pipe (CI, nohup,
+  SLURM logs), where the periodic log lines report progress instead."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=start, disable=not enabled, desc="train",
-              unit="step", dynamic_ncols=True)
+  stream = sys.stderr if stream is None else stream
+  interactive = hasattr(stream, "isatty") and stream.isatty()
+  return tqdm(total=total, initial=start, disable=not (enabled and interactive),
+              desc="train", unit="step", dynamic_ncols=True, file=stream)

@@ -16,8 +16,10 @@ import numpy as np
 import optax
 from absl import logging
 
+from vlp_jax import errors
 
-class NonFiniteError(FloatingPointError):
+
+class NonFiniteError(errors.UserError, FloatingPointError):
   """A train step produced a NaN/Inf loss or gradient under config.nonfinite='halt'."""
 
 
@@ -52,33 +54,51 @@ def guard(bad, new, old):
 
 
 class Monitor:
-  """Host side: collects each step's flags, and counts or halts on bad ones."""
+  """Host side: collects each step's flags, and counts or halts on bad ones.
 
-  def __init__(self, mode: str, objective_names, skipped: int = 0):
+  Under 'skip', more than `max_consecutive` non-finite steps in a row (0: no bound)
+  halt the run as 'halt' would: a diverged run would otherwise skip every update to
+  `total_steps` and fill its checkpoints with the same state. `consecutive` (the
+  current run of bad steps) is saved with each checkpoint, so the bound holds across
+  resumes."""
+
+  def __init__(self, mode: str, objective_names, skipped: int = 0,
+               max_consecutive: int = 0, consecutive: int = 0):
     self.mode, self.names = mode, list(objective_names)
     self.skipped = int(skipped)
+    self.max_consecutive = int(max_consecutive)
+    self.consecutive = int(consecutive)
     self._pending = []  # (step, device flags)
 
   def add(self, step: int, step_flags):
     self._pending.append((step, step_flags))
 
   def check(self):
-    """Reads the pending flags; raises NonFiniteError on a bad step under 'halt'."""
+    """Reads the pending flags; raises NonFiniteError on a bad step under 'halt', or
+    past `max_consecutive` bad steps in a row under 'skip'."""
     pending, self._pending = self._pending, []
     for step, f in pending:
       f = np.asarray(jax.device_get(f))
       if not f[0]:
+        self.consecutive = 0
         continue
+      self.consecutive += 1
       what = [n for n, bad in zip(self.names, f[2:]) if bad]
       if f[1]:
         what.append("gradient")
       what = ", ".join(what) or "total loss"
+      advice = ("The run stopped without saving this step (the last checkpoint holds "
+                "finite values). Lower the learning rate, check the data")
       if self.mode == "halt":
         raise NonFiniteError(
-            f"Step {step} produced non-finite values in: {what}. The run stopped "
-            "without saving this step (the last checkpoint holds finite values). Lower "
-            "the learning rate, check the data, or set config.nonfinite='skip' to skip "
-            "such updates.")
+            f"Step {step} produced non-finite values in: {what}. {advice}, or set "
+            "config.nonfinite='skip' to skip such updates.")
+      if self.max_consecutive and self.consecutive > self.max_consecutive:
+        raise NonFiniteError(
+            f"Steps {step - self.consecutive + 1}..{step}: {self.consecutive} "
+            f"consecutive steps produced non-finite values (the last in: {what}), more "
+            f"than config.nonfinite_max_consecutive={self.max_consecutive}; the run has "
+            f"diverged. {advice}, or resume from an earlier checkpoint.")
       self.skipped += 1
-      logging.warning("Step %d: non-finite %s; skipped the update (%d skipped so far).",
-                      step, what, self.skipped)
+      logging.warning("Step %d: non-finite %s; skipped the update (%d skipped so far, %d "
+                      "in a row).", step, what, self.skipped, self.consecutive)
