@@ -8,7 +8,7 @@ import time
 import ml_collections
 import pytest
 
-from vlp_jax import cli
+from vlp_jax import cli, errors
 from vlp_jax import config as config_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,6 +177,122 @@ def test_non_positive_counts(key, value):
     config_lib.validate(c)
 
 
+def _set(c, path, value):
+  *parents, leaf = path.split(".")
+  node = c
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def test_negative_lr_is_a_config_error_naming_key_value_and_range():
+  c = config_lib.default_config()
+  c.optim.lr = -1.0  # gradient ascent: used to train (away) silently
+  with pytest.raises(errors.ConfigError) as e:
+    config_lib.validate(c)
+  msg = str(e.value)
+  assert "config.optim.lr=-1.0" in msg and ">= 0" in msg and "gradient ascent" in msg
+  assert isinstance(e.value, ValueError) and isinstance(e.value, errors.UserError)
+
+
+@pytest.mark.parametrize("path,value,valid", [
+    ("optim.lr", float("nan"), ">= 0"),
+    ("optim.lr", float("inf"), ">= 0"),
+    ("optim.warmup_steps", -1, "an integer >= 0"),
+    ("optim.end_lr_ratio", 1.5, "in [0, 1]"),
+    ("optim.end_lr_ratio", -0.1, "in [0, 1]"),
+    ("optim.b1", 1.0, "in [0, 1)"),
+    ("optim.b1", -0.1, "in [0, 1)"),
+    ("optim.b2", 1.0, "in [0, 1)"),
+    ("optim.b2", 1.5, "in [0, 1)"),
+    ("optim.eps", -1e-8, ">= 0"),
+    ("optim.weight_decay", -0.1, ">= 0"),
+    ("optim.grad_clip_norm", -1.0, "0 = no clipping"),
+    ("data.image_size", 0, "an integer >= 1"),
+    ("data.image_size", -224, "an integer >= 1"),
+    ("data.max_bad_fraction", 1.5, "in [0, 1]"),
+    ("data.max_bad_fraction", -0.01, "in [0, 1]"),
+    ("data.size", -1, ">= 0"),
+    ("data.prefetch", -1, ">= 0"),
+    ("checkpoint_every", -1, "0 = only at the end"),
+    ("model.embed_dim", 0, ">= 1"),
+    ("model.text.context_length", 1, ">= 2"),
+    ("model.text.dropout", 1.0, "in [0, 1)"),
+    ("model.image.width", -1, "0 = taken from config.model.image.variant"),
+    ("model.decoder.num_queries", 0, ">= 1"),
+])
+def test_out_of_range_value_is_a_config_error(path, value, valid):
+  c = config_lib.default_config()
+  _set(c, path, value)
+  with pytest.raises(errors.ConfigError) as e:
+    config_lib.validate(c)
+  msg = str(e.value)
+  assert f"config.{path}={value!r} is invalid" in msg, msg
+  assert valid in msg, msg
+
+
+def test_non_integer_warmup_steps_is_a_type_error():
+  d = config_lib.default_config().to_dict()
+  d["optim"]["warmup_steps"] = 1.5
+  with pytest.raises(errors.ConfigTypeError, match=r"config\.optim\.warmup_steps"):
+    config_lib.validate(_from_dict(d))
+
+
+@pytest.mark.parametrize("scale", [[0.0, 1.0], [0.9, 0.8], [0.5, 1.1], [1.0], [-0.5, 0.5]])
+def test_bad_crop_scale(scale):
+  c = config_lib.default_config()
+  c.data.crop_scale = scale
+  with pytest.raises(errors.ConfigError, match=r"config\.data\.crop_scale=.*0 < a <= b <= 1"):
+    config_lib.validate(c)
+
+
+def test_image_size_zero_fails_at_validation_before_data_is_read():
+  # Used to surface only while reading: every record unreadable -> TooManyBadRecords.
+  c = config_lib.default_config()
+  c.data.source = "jsonl:/nonexistent/train.jsonl"  # never opened by validate()
+  c.data.image_size = 0
+  with pytest.raises(errors.ConfigError, match=r"config\.data\.image_size=0 is invalid"):
+    config_lib.validate(c)
+
+
+def test_other_unvalidated_values():
+  c = config_lib.default_config()
+  c.data.normalization = "clp"
+  with pytest.raises(errors.ConfigError, match=r"normalization='clp'.*'clip'"):
+    config_lib.validate(c)
+  c = config_lib.default_config()
+  c.evals = {"retrieval": config_lib.eval_entry(type="retrieval", batch_size=0)}
+  with pytest.raises(errors.ConfigError, match=r"config\.evals\.retrieval\.batch_size=0"):
+    config_lib.validate(c)
+
+
+def test_normalizations_match_the_transforms():
+  from vlp_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  assert set(config_lib.NORMALIZATIONS) == set(transforms.NORMALIZATIONS)
+
+
+def test_boundary_values_with_a_meaning_are_accepted():
+  c = config_lib.default_config()
+  c.optim.update(lr=0.0, warmup_steps=0, end_lr_ratio=1.0, b1=0.0, b2=0.0, eps=0.0,
+                 weight_decay=0.0, grad_clip_norm=0.0)
+  c.data.update(max_bad_fraction=1.0, crop_scale=[0.08, 1.0], size=0, prefetch=0)
+  c.checkpoint_every = 0
+  c.evals = {"retrieval": config_lib.eval_entry(type="retrieval", every=-1)}
+  config_lib.validate(c)
+  c.data.max_bad_fraction = 0.0
+  config_lib.validate(c)
+
+
+def test_every_recipe_passes_the_value_checks():
+  recipes = sorted(f for f in os.listdir(os.path.join(REPO_ROOT, "configs"))
+                   if f.endswith(".py") and not f.startswith("_"))
+  assert len(recipes) >= len(RECIPES)
+  for name in recipes:
+    c = _recipe(name[:-3])
+    config_lib._check_numbers(c.optim, "config.optim", config_lib.OPTIM_RANGES)  # pylint: disable=protected-access
+    config_lib.validate(c)
+
+
 # -------------------------------------------------------------------------------- CLI
 
 
@@ -226,5 +342,14 @@ def test_cli_missing_data_file_names_the_path(tmp_path):
                            "--config.data.source=jsonl:/nonexistent/train.jsonl",
                            "--config.total_steps=1")
   assert proc.returncode != 0, out
-  assert "FileNotFoundError" in out, out
+  assert "Data file not found" in out and "Traceback" not in out, out
   assert "/nonexistent/train.jsonl" in out, out
+
+
+def test_cli_image_size_zero_is_a_config_error_before_data_is_read(tmp_path):
+  proc, out, _ = _run_main(f"--workdir={tmp_path / 'wd'}",
+                           "--config.data.source=jsonl:/nonexistent/train.jsonl",
+                           "--config.data.image_size=0", "--config.total_steps=1")
+  assert proc.returncode != 0, out
+  assert "config.data.image_size=0 is invalid" in out, out
+  assert "Data file not found" not in out and "Traceback" not in out, out

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlp_jax import cli
+from vlp_jax import cli, errors
 from vlp_jax.data import pipeline, sources, sources_arrayrecord, sources_tfds, tokenizers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,6 +109,32 @@ def test_csv_errors(csv_dir):
     _make("csv:" + str(csv_dir / "train.tsv") + "?colour=red")
   with pytest.raises(ValueError, match="needs a path"):
     _make("csv")
+
+
+@pytest.mark.parametrize("source,ext", [("jsonl", ".jsonl"), ("csv", ".csv")])
+def test_directory_instead_of_a_file_says_so(tmp_path, source, ext):
+  # Used to say "file not found" for a folder that exists.
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(errors.DataPathError) as e:
+    _make(f"{source}:{empty}")
+  msg = str(e.value)
+  assert f"'{empty}' is a directory" in msg and "not found" not in msg, msg
+  assert f"holds no {ext}" in msg and f"{source}:{empty}/train{ext}" in msg, msg
+  assert isinstance(e.value, FileNotFoundError)
+  data = tmp_path / "data"
+  data.mkdir()
+  names = [f"part{i}{ext}" for i in range(7)]
+  for name in names + ["notes.txt"]:
+    (data / name).write_text("")
+  (data / f"sub{ext}").mkdir()  # a folder is not listed
+  with pytest.raises(errors.DataPathError) as e:
+    _make(f"{source}:{data}")
+  msg = str(e.value)
+  assert f"'{data}' is a directory" in msg and f"{source}:{data}/part0{ext}" in msg, msg
+  for name in names[:5]:
+    assert f"'{data / name}'" in msg, msg
+  assert "and 2 more" in msg and "notes.txt" not in msg and f"sub{ext}" not in msg, msg
 
 
 # ----------------------------------------------------------------------- imagefolder

@@ -9,6 +9,7 @@ import pytest
 from tests import datagen
 from tests.test_data_scale import captions, small_config, take
 from vlp_jax import config as config_lib
+from vlp_jax import errors
 from vlp_jax.data import robust, sources, sources_wds
 
 
@@ -43,6 +44,32 @@ def test_startup_errors_name_the_pattern_or_file(shards, tmp_path):
   config = small_config("wds:" + missing)
   with pytest.raises(FileNotFoundError, match="none-"):
     take(config, 1)
+
+
+def test_missing_shards_named_by_braces_or_lists_are_an_error(tmp_path):
+  # {000..007} with half the shards missing used to train on the other half silently.
+  datagen.write_wds(str(tmp_path), 4, 2)  # shard-000.tar .. shard-003.tar
+  pattern = str(tmp_path / "shard-{000..007}.tar")
+  with pytest.raises(errors.DataPathError) as e:
+    sources_wds.expand_pattern(pattern)
+  msg = str(e.value)
+  assert "4 of the 8 webdataset shards" in msg and pattern in msg, msg
+  for i in range(4, 8):
+    assert f"'{tmp_path}/shard-{i:03d}.tar'" in msg, msg
+  assert "shard-003.tar" not in msg and "glob" in msg, msg
+  assert isinstance(e.value, FileNotFoundError)
+  config = small_config("wds:" + pattern)  # the same error when training starts
+  with pytest.raises(errors.DataPathError, match="4 of the 8"):
+    take(config, 1)
+  # Comma lists too; more than five missing are counted, not all listed.
+  present = str(tmp_path / "shard-000.tar")
+  with pytest.raises(errors.DataPathError, match=r"1 of the 2 .*'.*nope\.tar'"):
+    sources_wds.expand_pattern(f"{present},{tmp_path}/nope.tar")
+  with pytest.raises(errors.DataPathError, match=r"16 of the 20 .*and 11 more"):
+    sources_wds.expand_pattern(str(tmp_path / "shard-{000..019}.tar"))
+  # A glob keeps matching the shards that exist.
+  assert len(sources_wds.expand_pattern(str(tmp_path / "shard-*.tar"))) == 4
+  assert len(sources_wds.expand_pattern(str(tmp_path / "shard-{000..003}.tar"))) == 4
 
 
 def test_members_are_grouped_by_key(shards):

@@ -6,13 +6,15 @@ import sys
 from absl import flags
 
 from vlp_jax import config as config_lib
+from vlp_jax import errors
 
 
 def load_config_file(spec: str):
   """'configs/x.py[:arg]' -> ConfigDict, as ml_collections' config_flags would load it."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"Config file not found: '{path}'.")
+    raise errors.DataPathError(f"Config file not found: '{path}'. Pass a recipe file, "
+                               "e.g. --config=configs/demo.py.")
   module_spec = importlib.util.spec_from_file_location("_vlp_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

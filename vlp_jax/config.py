@@ -9,7 +9,7 @@ import math
 
 import ml_collections
 
-from vlp_jax import sharding
+from vlp_jax import errors, sharding
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -111,6 +111,14 @@ def default_config() -> ConfigDict:
   c.stop_sync_every = 1  # Multi-host: agree on SIGTERM/SIGINT stops every N steps.
   c.frozen = []  # Regexes over '/'-joined param paths kept fixed (LiT: ['img/.*']).
   c.init_from = ConfigDict(INIT_FROM_KEYS)
+  # Under nonfinite='skip', halt after this many consecutive skipped steps (0: never).
+  c.nonfinite_max_consecutive = 10
+  # Newest checkpoint incomplete or unreadable: 'fall_back' to the newest good one
+  # (logged; the damaged steps move to checkpoints_damaged/) or 'stop' with an error.
+  c.damaged_checkpoint = "fall_back"
+  # A workdir lock whose holder is on another host and whose heartbeat is older than
+  # this is taken over (on the same host: as soon as the holder's pid is gone).
+  c.lock_stale_after_s = 600.0
   return c
 
 
@@ -143,24 +151,27 @@ def _closest(key, options):
 
 
 def check_keys(config, schema, prefix="config"):
-  """Raises KeyError for the first key of `config` that `schema` lacks."""
+  """Raises ConfigKeyError for the first key of `config` that `schema` lacks."""
   for key in config.keys():
     path = f"{prefix}.{key}"
     if key not in schema:
-      raise KeyError(f"Unknown config key '{path}'.{_closest(key, schema.keys())} "
-                     f"Valid keys here: {sorted(schema.keys())}.")
+      raise errors.ConfigKeyError(
+          f"Unknown config key '{path}'.{_closest(key, schema.keys())} "
+          f"Valid keys here: {sorted(schema.keys())}.")
     value, ref = config[key], schema[key]
     if key in OPEN_KEYS and prefix == "config":
       continue
     if isinstance(ref, ConfigDict):
       if not isinstance(value, (ConfigDict, dict)):
-        raise TypeError(f"'{path}' must be a group of keys, got {value!r}.")
+        raise errors.ConfigTypeError(
+            f"'{path}' must be a group of keys, got {value!r}.")
       check_keys(value, ref, path)
     elif isinstance(ref, bool) != isinstance(value, bool) or (
         isinstance(ref, (int, float)) and not isinstance(value, (int, float))) or (
             isinstance(ref, int) and isinstance(value, float)) or (
                 isinstance(ref, str) and not isinstance(value, str)):
-      raise TypeError(f"'{path}' must be of type {type(ref).__name__}, got {value!r}.")
+      raise errors.ConfigTypeError(
+          f"'{path}' must be of type {type(ref).__name__}, got {value!r}.")
 
 
 def validate(config) -> None:
@@ -172,27 +183,38 @@ def validate(config) -> None:
   for name, weight in config.objectives.items():
     registry.OBJECTIVES.get(name)
     if not isinstance(weight, (int, float)):
-      raise TypeError(f"config.objectives.{name} must be a number (its weight).")
+      raise errors.ConfigTypeError(
+          f"config.objectives.{name} must be a number (its weight).")
   for name in config.objective_cfg.keys():
     if name not in config.objectives:
-      raise KeyError(f"config.objective_cfg.{name} configures an objective that is "
-                     f"not in config.objectives {list(config.objectives)}.")
+      raise errors.ConfigKeyError(
+          f"config.objective_cfg.{name} configures an objective that is "
+          f"not in config.objectives {list(config.objectives)}.")
   if not config.objectives:
-    raise ValueError("config.objectives is empty: select at least one, e.g. {'clip': 1.0}.")
+    raise errors.ConfigError(
+        "config.objectives is empty: select at least one, e.g. {'clip': 1.0}.")
   registry.MODELS.get(config.model.name)
   if "caption" in config.objectives and config.model.name != "coca":
-    raise ValueError("The 'caption' objective needs model.name='coca' (the only "
-                     "model with a text decoder).")
+    raise errors.ConfigError("The 'caption' objective needs model.name='coca' (the only "
+                             "model with a text decoder).")
   for name, ev in config.evals.items():
     check_keys(ev, ConfigDict(EVAL_KEYS), f"config.evals.{name}")
     registry.EVALUATORS.get(ev.get("type", name))
+    _check_numbers(ev, f"config.evals.{name}", EVAL_RANGES)
   for key in ("batch_size", "total_steps", "log_every"):
     if config[key] <= 0:
-      raise ValueError(f"config.{key} must be positive, got {config[key]}.")
+      raise errors.ConfigError(f"config.{key} must be positive, got {config[key]}.")
+  _check_numbers(config, "config", TOP_RANGES)
+  _check_numbers(config.optim, "config.optim", OPTIM_RANGES)
+  for group in ("", ".image", ".text", ".decoder"):
+    node = config.model
+    for key in group.split(".")[1:]:
+      node = node[key]
+    _check_numbers(node, "config.model" + group, MODEL_RANGES[group])
   _validate_data(config.data)
   _validate_perf(config)
   if config.accum_steps <= 0 or config.batch_size % config.accum_steps:
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.batch_size={config.batch_size} must be divisible by "
         f"config.accum_steps={config.accum_steps} (a positive number of micro-batches).")
   validate_fault_tolerance(config)
@@ -202,27 +224,42 @@ def validate_fault_tolerance(config) -> None:
   """Checks the fault-tolerance keys (nonfinite, checkpoint policy, init_from, frozen)."""
   import re  # pylint: disable=g-import-not-at-top
   if config.nonfinite not in ("halt", "skip"):
-    raise ValueError(f"config.nonfinite must be 'halt' or 'skip', got "
-                     f"{config.nonfinite!r}.")
+    raise errors.ConfigError(f"config.nonfinite must be 'halt' or 'skip', got "
+                             f"{config.nonfinite!r}.")
+  if config.nonfinite_max_consecutive < 0:
+    raise errors.ConfigError(
+        "config.nonfinite_max_consecutive must be >= 0 (0: skip without bound), got "
+        f"{config.nonfinite_max_consecutive}.")
+  if config.damaged_checkpoint not in ("fall_back", "stop"):
+    raise errors.ConfigError("config.damaged_checkpoint must be 'fall_back' or 'stop', "
+                             f"got {config.damaged_checkpoint!r}.")
+  if not config.lock_stale_after_s > 0:
+    raise errors.ConfigError("config.lock_stale_after_s must be > 0 (seconds), got "
+                             f"{config.lock_stale_after_s}.")
   if config.keep_every < 0 or config.keep_checkpoints <= 0:
-    raise ValueError("config.keep_every must be >= 0 and config.keep_checkpoints > 0, "
-                     f"got {config.keep_every} and {config.keep_checkpoints}.")
+    raise errors.ConfigError(
+        "config.keep_every must be >= 0 and config.keep_checkpoints > 0, "
+        f"got {config.keep_every} and {config.keep_checkpoints}.")
   if config.stop_sync_every <= 0:
-    raise ValueError(f"config.stop_sync_every must be positive, got "
-                     f"{config.stop_sync_every}.")
+    raise errors.ConfigError(f"config.stop_sync_every must be positive, got "
+                             f"{config.stop_sync_every}.")
   if config.best_mode not in ("max", "min"):
-    raise ValueError(f"config.best_mode must be 'max' or 'min', got {config.best_mode!r}.")
+    raise errors.ConfigError(
+        f"config.best_mode must be 'max' or 'min', got {config.best_mode!r}.")
   if config.best_metric and not config.best_metric.startswith("eval/"):
-    raise ValueError(f"config.best_metric={config.best_metric!r} must name an evaluation "
-                     "metric 'eval/NAME/METRIC', e.g. 'eval/zeroshot/top1'.")
+    raise errors.ConfigError(
+        f"config.best_metric={config.best_metric!r} must name an evaluation "
+        "metric 'eval/NAME/METRIC', e.g. 'eval/zeroshot/top1'.")
   if config.best_metric:
     name = config.best_metric.split("/")[1]
     if name not in config.evals or config.evals[name].get("every", 0) < 0:
-      raise ValueError(f"config.best_metric={config.best_metric!r} needs the evaluator "
-                       f"'{name}' enabled in config.evals (have {list(config.evals)}).")
+      raise errors.ConfigError(
+          f"config.best_metric={config.best_metric!r} needs the evaluator "
+          f"'{name}' enabled in config.evals (have {list(config.evals)}).")
   init = config.init_from
   if init.workdir and init.checkpoint:
-    raise ValueError("config.init_from: set either 'workdir' or 'checkpoint', not both.")
+    raise errors.ConfigError(
+        "config.init_from: set either 'workdir' or 'checkpoint', not both.")
   for key in ("include", "exclude", "allow_missing", "allow_shape_mismatch"):
     _check_regexes(init[key], f"config.init_from.{key}", re)
   _check_regexes(config.frozen, "config.frozen", re)
@@ -230,20 +267,122 @@ def validate_fault_tolerance(config) -> None:
 
 def _check_regexes(value, where, re):
   if isinstance(value, str) or not all(isinstance(r, str) for r in value):
-    raise TypeError(f"{where} must be a list of regex strings, got {value!r}.")
+    raise errors.ConfigTypeError(f"{where} must be a list of regex strings, got {value!r}.")
   for r in value:
     try:
       re.compile(r)
     except re.error as e:
-      raise ValueError(f"{where}: invalid regex {r!r}: {e}.") from None
+      raise errors.ConfigError(f"{where}: invalid regex {r!r}: {e}.") from None
+
+
+# Valid values of numeric keys: key -> (integer?, test, what is valid, what it means).
+# Every value must also be a finite number. Keys whose negative values mean 'off'
+# (config.evals.*.every, config.mesh.*, init_from.step) are not listed.
+_GE0, _GE1 = (lambda v: v >= 0), (lambda v: v >= 1)
+_UNIT, _UNIT_OPEN = (lambda v: 0 <= v <= 1), (lambda v: 0 <= v < 1)
+
+OPTIM_RANGES = {
+    "lr": (False, _GE0, ">= 0", "the peak learning rate of the warmup + cosine "
+           "schedule, e.g. 5e-4; a negative lr would do gradient ascent"),
+    "warmup_steps": (True, _GE0, ">= 0", "steps of linear warmup from 0 to lr; 0 = none"),
+    "end_lr_ratio": (False, _UNIT, "in [0, 1]",
+                     "the final learning rate as a fraction of lr, reached at the end "
+                     "of the cosine decay"),
+    "weight_decay": (False, _GE0, ">= 0",
+                     "AdamW's decoupled weight decay on kernels; 0 = none"),
+    "b1": (False, _UNIT_OPEN, "in [0, 1)", "Adam's first-moment decay rate, e.g. 0.9"),
+    "b2": (False, _UNIT_OPEN, "in [0, 1)",
+           "Adam's second-moment decay rate, e.g. 0.98 or 0.999"),
+    "eps": (False, _GE0, ">= 0", "Adam's epsilon added to the denominator, e.g. 1e-6"),
+    "grad_clip_norm": (False, _GE0, ">= 0",
+                       "the global gradient norm gradients are clipped to; 0 = no "
+                       "clipping"),
+}
+DATA_RANGES = {
+    "image_size": (True, _GE1, ">= 1",
+                   "the side in pixels of the square images the model sees, e.g. 224"),
+    "size": (True, _GE0, ">= 0", "records used of each source; 0 = all"),
+    "prefetch": (True, _GE0, ">= 0", "batches prefetched by the data pipeline"),
+    "max_bad_fraction": (False, _UNIT, "in [0, 1]",
+                         "the fraction of unreadable records tolerated before the run "
+                         "stops; 0 = none"),
+}
+TOP_RANGES = {
+    "checkpoint_every": (True, _GE0, ">= 0",
+                         "steps between checkpoints; 0 = only at the end"),
+}
+_DIM = (True, _GE1, ">= 1", "a model dimension")
+_FROM_VARIANT = (True, _GE0, ">= 0", "0 = taken from config.model.image.variant")
+_DROPOUT = (False, _UNIT_OPEN, "in [0, 1)", "a dropout rate")
+MODEL_RANGES = {
+    "": {"embed_dim": _DIM,
+         "logit_scale_max": (False, lambda v: v > 0, "> 0",
+                             "the largest value the learned logit scale may reach")},
+    ".image": {"width": _FROM_VARIANT, "depth": _FROM_VARIANT, "mlp_dim": _FROM_VARIANT,
+               "num_heads": _FROM_VARIANT, "patch_size": _FROM_VARIANT,
+               "dropout": _DROPOUT},
+    ".text": {"vocab_size": _DIM, "width": _DIM, "depth": (True, _GE0, ">= 0", "layers"),
+              "mlp_dim": _DIM, "num_heads": _DIM,
+              "context_length": (True, lambda v: v >= 2, ">= 2",
+                                 "text tokens per caption, BOS and EOS included"),
+              "dropout": _DROPOUT},
+    ".decoder": {"depth": (True, _GE0, ">= 0", "multimodal decoder layers"),
+                 "num_queries": (True, _GE1, ">= 1",
+                                 "image tokens the decoder cross-attends to")},
+}
+EVAL_RANGES = {
+    "batch_size": (True, _GE1, ">= 1", "examples per evaluation batch"),
+    "size": (True, _GE0, ">= 0", "examples evaluated; 0 = all"),
+    "max_len": (True, _GE0, ">= 0", "0 = the default"),
+    "log_examples": (True, _GE0, ">= 0", "examples written to the log"),
+}
+# transforms.NORMALIZATIONS (not imported here: it needs grain).
+NORMALIZATIONS = ("clip", "inception", "unit")
+
+
+def _is_number(value, integer=False) -> bool:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return False
+  return isinstance(value, int) if integer else True
+
+
+def _check_numbers(node, prefix, ranges):
+  """Raises ConfigTypeError / ConfigError naming the key, its value and what is valid
+  for the first key of `node` outside its range in `ranges`."""
+  for key, (integer, ok, valid, meaning) in ranges.items():
+    if key not in node:
+      continue
+    value = node[key]
+    kind = "an integer" if integer else "a number"
+    if not _is_number(value, integer):
+      raise errors.ConfigTypeError(
+          f"{prefix}.{key}={value!r} must be {kind} {valid} ({meaning}).")
+    if not (math.isfinite(value) and ok(value)):
+      raise errors.ConfigError(
+          f"{prefix}.{key}={value!r} is invalid: it must be "
+          f"{kind if integer else 'a finite number'} {valid} ({meaning}).")
 
 
 def _validate_data(d):
   from vlp_jax.data import mixture  # pylint: disable=g-import-not-at-top
   mixture.parse_mixture(d.mixture)
   if d.worker_count < 0 or d.shuffle_buffer < 0:
-    raise ValueError("config.data.worker_count and config.data.shuffle_buffer must be "
-                     f">= 0, got {d.worker_count} and {d.shuffle_buffer}.")
+    raise errors.ConfigError(
+        "config.data.worker_count and config.data.shuffle_buffer must be "
+        f">= 0, got {d.worker_count} and {d.shuffle_buffer}.")
+  _check_numbers(d, "config.data", DATA_RANGES)
+  scale = d.crop_scale
+  if isinstance(scale, str) or not hasattr(scale, "__len__") or len(scale) != 2 or (
+      not all(_is_number(v) for v in scale)) or not (
+          0 < scale[0] <= scale[1] <= 1):
+    raise errors.ConfigError(
+        f"config.data.crop_scale={_lists(scale)!r} is invalid: it must be two numbers "
+        "[a, b] with 0 < a <= b <= 1 (the range of the area fraction of a random "
+        "resized crop; [1.0, 1.0] = plain resize and center crop), e.g. [0.9, 1.0].")
+  if d.normalization not in NORMALIZATIONS:
+    raise errors.ConfigError(
+        f"config.data.normalization={d.normalization!r} is not one of "
+        f"{list(NORMALIZATIONS)}.")
 
 
 def _lists(value):
@@ -258,21 +397,24 @@ def _validate_perf(config):
   from vlp_jax.models import layers  # pylint: disable=g-import-not-at-top
   m = config.model
   if m.remat not in layers.REMAT_POLICIES:
-    raise ValueError(f"config.model.remat='{m.remat}' is not one of "
-                     f"{sorted(layers.REMAT_POLICIES)}.")
+    raise errors.ConfigError(f"config.model.remat='{m.remat}' is not one of "
+                             f"{sorted(layers.REMAT_POLICIES)}.")
   if m.attention_impl not in layers.ATTENTION_IMPLS:
-    raise ValueError(f"config.model.attention_impl='{m.attention_impl}' is not one of "
-                     f"{layers.ATTENTION_IMPLS}.")
+    raise errors.ConfigError(
+        f"config.model.attention_impl='{m.attention_impl}' is not one of "
+        f"{layers.ATTENTION_IMPLS}.")
   if not 0.0 <= m.image.patch_dropout < 1.0:
-    raise ValueError(f"config.model.image.patch_dropout={m.image.patch_dropout} must be "
-                     "in [0, 1) (the fraction of patch tokens dropped in training).")
+    raise errors.ConfigError(
+        f"config.model.image.patch_dropout={m.image.patch_dropout} must be "
+        "in [0, 1) (the fraction of patch tokens dropped in training).")
   if config.device_prefetch < 0:
-    raise ValueError(f"config.device_prefetch={config.device_prefetch} must be >= 0.")
+    raise errors.ConfigError(
+        f"config.device_prefetch={config.device_prefetch} must be >= 0.")
   steps = list(config.profile_steps)
   if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or (
       steps != [0, 0] and not 0 <= steps[0] < steps[1]):
-    raise ValueError(f"config.profile_steps={steps} must be [a, b] with 0 <= a < b "
-                     "(trace steps a..b-1), or [0, 0] for no profile.")
+    raise errors.ConfigError(f"config.profile_steps={steps} must be [a, b] with 0 <= a < b "
+                             "(trace steps a..b-1), or [0, 0] for no profile.")
 
 
 def to_dict(config):

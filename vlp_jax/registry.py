@@ -10,6 +10,8 @@ Usage::
 import difflib
 from typing import Callable, Dict
 
+from vlp_jax import errors
+
 
 class Registry:
   """A named table of callables with helpful errors for unknown names."""
@@ -31,7 +33,7 @@ class Registry:
     if name not in self._table:
       close = difflib.get_close_matches(name, list(self._table), n=1)
       hint = f" Did you mean '{close[0]}'?" if close else ""
-      raise KeyError(
+      raise errors.ConfigKeyError(
           f"Unknown {self.kind} '{name}'.{hint} Registered: {sorted(self._table)}.")
     return self._table[name]
 

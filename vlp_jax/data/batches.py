@@ -13,6 +13,7 @@ any `worker_count`.
 import grain
 import numpy as np
 
+from vlp_jax import errors
 from vlp_jax.data import robust
 
 # Spares tried for one bad element before giving up (then most records are bad).
@@ -76,8 +77,8 @@ class ProcessBatches(grain.MapDataset):
                process_index: int = 0, process_count: int = 1):
     super().__init__(elements)
     if global_batch % process_count:
-      raise ValueError(f"batch_size {global_batch} is not divisible by the number of "
-                       f"processes ({process_count}).")
+      raise errors.ConfigError(f"batch_size {global_batch} is not divisible by the "
+                               f"number of processes ({process_count}).")
     self._global = global_batch
     self._local = global_batch // process_count
     self._offset = process_index * self._local

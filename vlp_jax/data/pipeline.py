@@ -6,14 +6,15 @@ import grain
 import jax
 from absl import logging
 
+from vlp_jax import errors
 from vlp_jax.data import batches, mixture, robust, sources, sources_wds, tokenizers, transforms
 
 
 def per_process_batch_size(global_batch: int) -> int:
   n = jax.process_count()
   if global_batch % n:
-    raise ValueError(f"batch_size {global_batch} is not divisible by the number of "
-                     f"processes ({n}).")
+    raise errors.ConfigError(f"batch_size {global_batch} is not divisible by the number "
+                             f"of processes ({n}).")
   return global_batch // n
 
 
@@ -131,7 +132,8 @@ def eval_examples(spec: str, split: str, size: int, data_cfg, seed: int = 0):
     logging.warning("Evaluation source '%s' (%s): skipped %d unreadable records %s.",
                     spec, split, sum(bad.values()), dict(bad))
   if not examples:
-    raise ValueError(f"Evaluation source '{spec}' ({split}) has no readable examples.")
+    raise errors.DataError(
+        f"Evaluation source '{spec}' ({split}) has no readable examples.")
   return examples, source
 
 

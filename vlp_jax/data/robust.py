@@ -17,11 +17,13 @@ import functools
 import grain
 import numpy as np
 
+from vlp_jax import errors
+
 KINDS = ("unreadable", "truncated", "empty", "zero_size", "missing_file", "bad_caption")
 
 
-class TooManyBadRecords(RuntimeError):
-  pass
+class TooManyBadRecords(errors.DataError, RuntimeError):
+  """More bad records than config.data.max_bad_fraction allows (a UserError)."""
 
 
 def bad_kind(error: Exception) -> str:

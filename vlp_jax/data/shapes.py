@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlp_jax import errors
 from vlp_jax.registry import SOURCES
 
 COLORS: Dict[str, Sequence[int]] = {
@@ -99,15 +100,17 @@ class ShapesSource:
   def __init__(self, split: str = "train", size: Optional[int] = None,
                seed: int = 0, image_size: int = 64, max_shapes: int = 2):
     if split not in SPLIT_IDS:
-      raise ValueError(f"Unknown shapes split '{split}'; use one of {list(SPLIT_IDS)}.")
+      raise errors.ConfigError(
+          f"Unknown shapes split '{split}'; use one of {list(SPLIT_IDS)}.")
     if image_size < 16:
-      raise ValueError(f"image_size must be >= 16, got {image_size}.")
+      raise errors.ConfigError(f"The shapes source needs image_size >= 16 "
+                               f"(config.data.image_size), got {image_size}.")
     if max_shapes < 1:
-      raise ValueError(f"max_shapes must be >= 1, got {max_shapes}.")
+      raise errors.ConfigError(f"max_shapes must be >= 1, got {max_shapes}.")
     self.split = split
     self.size = DEFAULT_SIZES[split] if size is None else int(size)
     if self.size < 0:
-      raise ValueError(f"size must be >= 0, got {size}.")
+      raise errors.ConfigError(f"size must be >= 0, got {size}.")
     self.seed = int(seed)
     self.image_size = int(image_size)
     self.max_shapes = 1 if split != "train" else min(int(max_shapes), 2)

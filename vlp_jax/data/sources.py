@@ -6,7 +6,7 @@ Every source is random access (`__len__`, `__getitem__`) and yields
 import json
 import os
 
-
+from vlp_jax import errors
 from vlp_jax.data import decode, shapes  # pylint: disable=unused-import  (registers 'shapes')
 from vlp_jax.data import sources_arrayrecord, sources_files, sources_tfds, sources_wds  # pylint: disable=unused-import  (register sources)
 from vlp_jax.registry import SOURCES
@@ -20,9 +20,11 @@ class JsonlSource:
 
   def __init__(self, path: str, size: int = 0, **unused):
     if not path:
-      raise ValueError("The jsonl source needs a path: 'jsonl:/path/to/captions.jsonl'.")
+      raise errors.ConfigError(
+          "The jsonl source needs a path: 'jsonl:/path/to/captions.jsonl'.")
     if not os.path.isfile(path):
-      raise FileNotFoundError(
+      sources_files.raise_if_directory(path, "jsonl", (".jsonl",))
+      raise errors.DataPathError(
           f"Data file not found: '{path}'. Pass an existing file with "
           "--config.data.source=jsonl:/path/to/captions.jsonl (or use "
           "--config.data.source=shapes for the built-in demo data).")
@@ -36,13 +38,14 @@ class JsonlSource:
           rec = json.loads(line)
           image, caption = rec["image"], rec["caption"]
         except (json.JSONDecodeError, KeyError) as e:
-          raise ValueError(f"{path}:{line_no}: expected a JSON object with 'image' and "
-                           f"'caption' keys ({e}).") from e
+          raise errors.DataError(
+              f"{path}:{line_no}: expected a JSON object with 'image' and "
+              f"'caption' keys ({e}).") from e
         self.records.append((os.path.join(root, image), caption))
     if size:
       self.records = self.records[:size]
     if not self.records:
-      raise ValueError(f"Data file '{path}' holds no records.")
+      raise errors.DataError(f"Data file '{path}' holds no records.")
 
   def __len__(self):
     return len(self.records)

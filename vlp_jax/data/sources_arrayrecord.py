@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, List, Sequence, Union
 
 import numpy as np
 
+from vlp_jax import errors
 from vlp_jax.data import sources_files
 from vlp_jax.data import decode
 from vlp_jax.registry import SOURCES
@@ -105,31 +106,32 @@ class ArrayRecordSource:
   def __init__(self, pattern: str, size: int = 0):
     from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
     if not pattern:
-      raise ValueError("The arrayrecord source needs a glob: "
+      raise errors.ConfigError("The arrayrecord source needs a glob: "
                        "'arrayrecord:/data/train-*.arrayrecord'.")
     self.paths = sorted(glob.glob(os.path.expanduser(pattern)))
     if not self.paths:
       folder = os.path.dirname(pattern) or "."
       hint = ("" if any(c in folder for c in "*?[") or os.path.isdir(folder)
               else f" (folder '{folder}' does not exist)")
-      raise FileNotFoundError(
+      raise errors.DataPathError(
           f"No ArrayRecord files match '{pattern}'{hint}. Pass a glob of existing shards, "
           "e.g. --config.data.source='arrayrecord:/data/train-*.arrayrecord'.")
     self.pattern = pattern
     self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
     total = len(self._source)
     if not total:
-      raise ValueError(f"The ArrayRecord files matching '{pattern}' hold no records.")
+      raise errors.DataError(
+          f"The ArrayRecord files matching '{pattern}' hold no records.")
     self.size = min(size, total) if size else total
     try:
       first = decode_record(self._source[0])
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"Cannot decode the first record of '{self.paths[0]}' ({e!r}); "
+      raise errors.DataError(f"Cannot decode the first record of '{self.paths[0]}' ({e!r}); "
                        "records must be written with "
                        "vlp_jax.data.sources_arrayrecord.encode_record.") from e
     missing = [k for k in ("image", "text") if k not in first]
     if missing:
-      raise ValueError(f"Records in '{self.paths[0]}' have no {missing} field (fields: "
+      raise errors.DataError(f"Records in '{self.paths[0]}' have no {missing} field (fields: "
                        f"{sorted(first)}); write them with encode_record(image_bytes, "
                        "text, **fields).")
 

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from vlp_jax import errors
 from vlp_jax.data import decode
 from vlp_jax.registry import SOURCES
 
@@ -56,10 +57,30 @@ def split_options(arg: str, source: str, allowed: Tuple[str, ...]) -> Tuple[str,
   options = {}
   for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
     if key not in allowed:
-      raise ValueError(f"Unknown option '{key}' in {source} spec '{source}:{arg}'; "
+      raise errors.ConfigError(f"Unknown option '{key}' in {source} spec '{source}:{arg}'; "
                        f"allowed: {', '.join(allowed)}.")
     options[key] = value
   return path, options
+
+
+def raise_if_directory(path: str, source: str, exts: Tuple[str, ...]) -> None:
+  """Raises DataPathError when `path` (given to a source that reads one file) is a
+  directory: the message says so and lists up to 5 of its files ending in `exts`."""
+  if not os.path.isdir(path):
+    return
+  found = sorted(n for n in os.listdir(path) if n.lower().endswith(exts)
+                 and os.path.isfile(os.path.join(path, n)))
+  example = os.path.join(path, found[0] if found else "train" + exts[0])
+  if found:
+    listing = ", ".join(f"'{os.path.join(path, n)}'" for n in found[:5])
+    more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+    there = f" Its {'/'.join(exts)} files: {listing}{more}."
+  else:
+    there = f" It holds no {'/'.join(exts)} file."
+  raise errors.DataPathError(
+      f"Data path '{path}' is a directory; the {source} source reads one "
+      f"{'/'.join(exts)} file. Pass a file inside it, e.g. "
+      f"--config.data.source={source}:{example}.{there}")
 
 
 def resolve_split(path: str, split: str) -> str:
@@ -93,18 +114,19 @@ class CsvSource:
                caption_column: str = "title", separator: Optional[str] = None,
                size: int = 0):
     if not path:
-      raise ValueError("The csv source needs a path: 'csv:/path/to/train.csv' (options: "
-                       "'csv:/path/x.csv?image_column=filepath&caption_column=title"
-                       "&separator=,').")
+      raise errors.ConfigError(
+          "The csv source needs a path: 'csv:/path/to/train.csv' (options: "
+          "'csv:/path/x.csv?image_column=filepath&caption_column=title&separator=,').")
     if not os.path.isfile(path):
-      raise FileNotFoundError(
+      raise_if_directory(path, "csv", (".csv", ".tsv"))
+      raise errors.DataPathError(
           f"Data file not found: '{path}'. Pass an existing table with "
           "--config.data.source=csv:/path/to/train.csv (or .tsv).")
     if separator is None:
       separator = "\t" if path.lower().endswith(".tsv") else ","
     separator = _SEPARATORS.get(separator, separator)
     if len(separator) != 1:
-      raise ValueError(f"csv separator must be one character, got {separator!r} "
+      raise errors.ConfigError(f"csv separator must be one character, got {separator!r} "
                        f"(for '{path}'); e.g. '?separator=tab' or '?separator=;'.")
     self.path = path
     root = os.path.dirname(os.path.abspath(path))
@@ -115,7 +137,7 @@ class CsvSource:
       columns = reader.fieldnames or []
       missing = [c for c in (image_column, caption_column) if c not in columns]
       if missing:
-        raise ValueError(
+        raise errors.DataError(
             f"Table '{path}' has no column {', '.join(repr(c) for c in missing)} "
             f"(columns found with separator {separator!r}: {columns}). Name the columns "
             f"with 'csv:{path}?image_column=NAME&caption_column=NAME' (and "
@@ -125,10 +147,11 @@ class CsvSource:
           break
         image, caption = row[image_column], row[caption_column]
         if not image:
-          raise ValueError(f"{path}:{reader.line_num}: empty '{image_column}' value.")
+          raise errors.DataError(
+              f"{path}:{reader.line_num}: empty '{image_column}' value.")
         self.records.append((os.path.join(root, image), caption or ""))
     if not self.records:
-      raise ValueError(f"Data file '{path}' holds no records.")
+      raise errors.DataError(f"Data file '{path}' holds no records.")
 
   def __len__(self):
     return len(self.records)
@@ -164,17 +187,19 @@ class ImageFolderSource:
 
   def __init__(self, root: str, size: int = 0):
     if not root:
-      raise ValueError("The imagefolder source needs a folder: 'imagefolder:/data/train'.")
+      raise errors.ConfigError(
+          "The imagefolder source needs a folder: 'imagefolder:/data/train'.")
     if not os.path.isdir(root):
-      raise FileNotFoundError(
-          f"Image folder not found: '{root}'. Pass a folder with one sub-folder per "
+      what = "is a file, not a folder" if os.path.exists(root) else "not found"
+      raise errors.DataPathError(
+          f"Image folder {what}: '{root}'. Pass a folder with one sub-folder per "
           "class, e.g. --config.data.source=imagefolder:/data/imagenet/{split}.")
     self.root = root
     self.class_folders = sorted(
         d for d in os.listdir(root)
         if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
     if not self.class_folders:
-      raise ValueError(f"Image folder '{root}' has no class sub-folders; expected "
+      raise errors.DataError(f"Image folder '{root}' has no class sub-folders; expected "
                        f"'{root}/<class name>/<image>.jpg'.")
     self.class_names = self._load_class_names()
     records = []
@@ -185,7 +210,7 @@ class ImageFolderSource:
           if name.lower().endswith(IMAGE_EXTENSIONS):
             records.append((os.path.join(dirpath, name), label))
     if not records:
-      raise ValueError(f"Image folder '{root}' has {len(self.class_folders)} class "
+      raise errors.DataError(f"Image folder '{root}' has {len(self.class_folders)} class "
                        f"folders but no images ({', '.join(IMAGE_EXTENSIONS)}).")
     self.records = [records[i] for i in _select(len(records), size)]
 
@@ -196,7 +221,7 @@ class ImageFolderSource:
       with open(txt, encoding="utf-8") as f:
         names = [line.strip() for line in f if line.strip()]
       if len(names) != len(self.class_folders):
-        raise ValueError(f"'{txt}' lists {len(names)} names for "
+        raise errors.DataError(f"'{txt}' lists {len(names)} names for "
                          f"{len(self.class_folders)} class folders; write one name per "
                          "line, in sorted-folder order.")
       return names
@@ -205,7 +230,7 @@ class ImageFolderSource:
         mapping = json.load(f)
       missing = [d for d in self.class_folders if d not in mapping]
       if missing:
-        raise ValueError(f"'{js}' has no name for class folders {missing[:5]}"
+        raise errors.DataError(f"'{js}' has no name for class folders {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}.")
       return [str(mapping[d]) for d in self.class_folders]
     return [d.replace("_", " ") for d in self.class_folders]

@@ -25,6 +25,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from vlp_jax import errors
 from vlp_jax.data import sources_files
 from vlp_jax.registry import SOURCES
 
@@ -55,7 +56,7 @@ def parse_arg(arg: str, split: str):
   arg, options = sources_files.split_options(arg or "", "tfds", OPTIONS)
   name, sep, spec_split = arg.partition(":")
   if not name:
-    raise ValueError("The tfds source needs a dataset: 'tfds:NAME[/CONFIG][:SPLIT]', "
+    raise errors.ConfigError("The tfds source needs a dataset: 'tfds:NAME[/CONFIG][:SPLIT]', "
                      "e.g. 'tfds:cifar10:test'.")
   return name, (spec_split if sep and spec_split else split), options
 
@@ -79,7 +80,7 @@ def _as_texts(value):
 
 def _load_names(path: str) -> List[str]:
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"Class names file not found: '{path}' (tfds option "
+    raise errors.DataPathError(f"Class names file not found: '{path}' (tfds option "
                             "'classnames=FILE': one name per line, or a JSON list).")
   with open(path, encoding="utf-8") as f:
     if path.endswith(".json"):
@@ -102,7 +103,7 @@ class TfdsSource:
     except Exception as e:  # pylint: disable=broad-except
       reason = str(e).split("Possible root causes")[0].strip()
       reason = reason.splitlines()[0].rstrip(".") if reason else repr(e)
-      raise ValueError(
+      raise errors.DataError(
           f"Cannot open TFDS dataset '{name}' split '{split}' in {shown_dir} ({reason}). "
           "Check the name and split; the dataset must be prepared in ArrayRecord format: "
           f"`tfds build {name} --file_format=array_record --data_dir=DIR`, then set "
@@ -115,7 +116,7 @@ class TfdsSource:
       text_key = next((k for k in TEXT_KEYS if k in keys), None)
     missing = [k for k in (image_key, text_key) if k is None or k not in keys]
     if missing:
-      raise ValueError(
+      raise errors.DataError(
           f"TFDS dataset '{name}' has no {' / '.join(repr(k) for k in missing if k)}"
           f"{' caption/label' if text_key is None else ''} field (fields: {keys}). Name "
           f"them with 'tfds:{name}:{split}?image_key=KEY&text_key=KEY'.")
@@ -127,7 +128,7 @@ class TfdsSource:
     if self.is_label:
       num = features[text_key].num_classes
       if len(names) != num:
-        raise ValueError(f"'{classnames}' lists {len(names)} class names; TFDS dataset "
+        raise errors.DataError(f"'{classnames}' lists {len(names)} class names; TFDS dataset "
                          f"'{name}' has {num} classes.")
       self.class_names = [n.replace("_", " ") for n in names]
     total = len(self._source)

@@ -1,7 +1,8 @@
 """WebDataset tar shards, streamed: 'wds:/data/shard-{00000..00099}.tar'.
 
 A pattern is a comma list of parts; each part is brace-expanded (`{000..099}` ranges
-keep the zero padding, `{a,b}` alternatives) and globbed. Members of a tar are grouped
+keep the zero padding, `{a,b}` alternatives) and globbed; a shard named explicitly
+(not by a glob) that does not exist is an error. Members of a tar are grouped
 by key (the member name up to the first '.' of its basename): `KEY.jpg|jpeg|png|webp`
 is the image, `KEY.txt` the caption, or `KEY.json` with a `caption` / `captions` /
 `text` field. Shards are read with `tarfile` in stream mode (no index).
@@ -24,6 +25,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import grain
 import numpy as np
 
+from vlp_jax import errors
 from vlp_jax.data import decode
 from vlp_jax.registry import SOURCES
 
@@ -64,16 +66,32 @@ def expand_braces(pattern: str) -> List[str]:
 
 
 def expand_pattern(pattern: str) -> List[str]:
-  """Tar paths named by a comma list of brace patterns / globs, in the given order."""
-  paths = []
+  """Tar paths named by a comma list of brace patterns / globs, in the given order.
+
+  Every path named explicitly (by a brace expansion or a list item without glob
+  characters) must be an existing file: missing ones raise DataPathError, counted and
+  listed. A glob matches the files that exist (and must match some).
+  """
+  paths, missing, named = [], [], 0
   for part in _split_top_level(pattern):
     for path in expand_braces(os.path.expanduser(part)):
       if any(c in path for c in "*?["):
         paths.extend(sorted(glob.glob(path)))
-      elif os.path.isfile(path):
-        paths.append(path)
+        continue
+      named += 1
+      (paths if os.path.isfile(path) else missing).append(path)
+  if missing:
+    shown = ", ".join(f"'{p}'" for p in missing[:5])
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    folder = os.path.dirname(missing[0]) or "."
+    hint = "" if os.path.isdir(folder) else f" (folder '{folder}' does not exist)"
+    raise errors.DataPathError(
+        f"{len(missing)} of the {named} webdataset shards named by '{pattern}' are "
+        f"missing: {shown}{more}{hint}. Name only existing shards (e.g. a shorter "
+        "range), or use a glob such as 'wds:/data/shard-*.tar' to read the shards "
+        "that exist.")
   if not paths:
-    raise FileNotFoundError(
+    raise errors.DataPathError(
         f"No webdataset tar shards match '{pattern}'. Pass existing files as a brace "
         "pattern, glob or comma list, e.g. "
         "--config.data.source='wds:/data/shard-{00000..00099}.tar'.")
@@ -81,12 +99,13 @@ def expand_pattern(pattern: str) -> List[str]:
 
 
 def check_readable(path: str) -> None:
-  """Raises ValueError naming `path` when it is not a readable tar file."""
+  """Raises DataError naming `path` when it is not a readable tar file."""
   try:
     with tarfile.open(path, mode="r|*") as tar:
       tar.next()
   except (tarfile.TarError, OSError, EOFError) as e:
-    raise ValueError(f"Webdataset shard '{path}' is not a readable tar file ({e}).") from e
+    raise errors.DataError(
+        f"Webdataset shard '{path}' is not a readable tar file ({e}).") from e
 
 
 def _split_name(name: str) -> Tuple[str, str]:
@@ -174,7 +193,7 @@ class WdsIterator(grain.DatasetIterator):
         shard, offset = shard + 1, 0
       empty_epochs = 0 if read else empty_epochs + 1
       if empty_epochs > 1:
-        raise ValueError(f"The webdataset shards {shards} hold no samples.")
+        raise errors.DataError(f"The webdataset shards {shards} hold no samples.")
       epoch, shard = epoch + 1, 0
 
   def _fill_block(self):
@@ -237,7 +256,7 @@ class WdsDataset(grain.IterDataset):
     (p, num_p), (w, num_w) = self._process, self._worker
     mine = [self.paths[i] for i in order][p::num_p][w::num_w]
     if not mine:
-      raise ValueError(
+      raise errors.DataError(
           f"{len(self.paths)} webdataset shard(s) cannot feed {num_p} process(es) x "
           f"{num_w} worker(s): every reader needs at least one shard. Split the data "
           "into more shards or lower config.data.worker_count.")
@@ -254,7 +273,8 @@ def open_wds(pattern: str, seed: int, shuffle_buffer: int, process_index: int,
              process_count: int) -> WdsDataset:
   """Expands and checks the shards (errors name the pattern / the bad file)."""
   if not pattern:
-    raise ValueError("The wds source needs a pattern: 'wds:/data/shard-{0000..0099}.tar'.")
+    raise errors.ConfigError(
+        "The wds source needs a pattern: 'wds:/data/shard-{0000..0099}.tar'.")
   paths = expand_pattern(pattern)
   for path in paths:
     check_readable(path)

@@ -17,6 +17,8 @@ from typing import Iterable, List, Sequence, Union
 
 import numpy as np
 
+from vlp_jax import errors
+
 VALID_SPECS = ("bytes", "sentencepiece:/path/to/spm.model", "words:/path/to/vocab.txt",
                "words:shapes")
 
@@ -94,7 +96,7 @@ class SentencePieceTokenizer(Tokenizer):
     import sentencepiece as spm  # Imported lazily: only needed for this tokenizer.
     self.model_path = os.path.expanduser(model_path)
     if not os.path.isfile(self.model_path):
-      raise FileNotFoundError(
+      raise errors.DataPathError(
           f"SentencePiece model not found at '{self.model_path}'. Pass the path of an "
           f"existing .model file as 'sentencepiece:/path/to/spm.model', or use the "
           f"built-in 'bytes' tokenizer.")
@@ -102,7 +104,7 @@ class SentencePieceTokenizer(Tokenizer):
     sp_size = self._sp.get_piece_size()
     sp_bos, sp_eos = self._sp.bos_id(), self._sp.eos_id()
     if sp_bos < 0 or sp_eos < 0:
-      raise ValueError(
+      raise errors.DataError(
           f"SentencePiece model '{self.model_path}' has no BOS or EOS piece "
           f"(bos_id={sp_bos}, eos_id={sp_eos}); train it with bos_id and eos_id >= 0.")
     self._offset = 0 if self._sp.pad_id() == 0 else 1
@@ -144,7 +146,7 @@ class WordTokenizer(Tokenizer):
   @classmethod
   def from_file(cls, path: str) -> "WordTokenizer":
     if not os.path.isfile(path):
-      raise FileNotFoundError(
+      raise errors.DataPathError(
           f"Vocabulary file not found: '{path}'. Pass a text file with one word per line "
           "as --config.data.tokenizer=words:/path/to/vocab.txt.")
     with open(path) as f:
@@ -176,4 +178,5 @@ def get_tokenizer(spec: str) -> Tokenizer:
   prefix = "sentencepiece:"
   if isinstance(spec, str) and spec.startswith(prefix) and spec[len(prefix):]:
     return SentencePieceTokenizer(spec[len(prefix):])
-  raise ValueError(f"Unknown tokenizer spec {spec!r}; valid specs: {list(VALID_SPECS)}.")
+  raise errors.ConfigError(
+      f"Unknown tokenizer spec {spec!r}; valid specs: {list(VALID_SPECS)}.")

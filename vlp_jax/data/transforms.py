@@ -12,6 +12,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from vlp_jax import errors
 from vlp_jax.data import decode
 
 # name -> (mean, std) in [0, 1] pixel units.
@@ -25,7 +26,8 @@ NORMALIZATIONS = {
 def normalize(image_u8: np.ndarray, kind: str) -> np.ndarray:
   """uint8 [H, W, 3] -> float32, (x/255 - mean) / std."""
   if kind not in NORMALIZATIONS:
-    raise ValueError(f"Unknown normalization '{kind}'; use one of {sorted(NORMALIZATIONS)}.")
+    raise errors.ConfigError(
+        f"Unknown normalization '{kind}'; use one of {sorted(NORMALIZATIONS)}.")
   mean, std = (np.asarray(v, np.float32) for v in NORMALIZATIONS[kind])
   return (image_u8.astype(np.float32) / 255.0 - mean) / std
 
