@@ -12,7 +12,7 @@ import pytest
 
 from tests import test_train
 from vlp_jax import config as config_lib
-from vlp_jax import sharding
+from vlp_jax import errors, sharding
 from vlp_jax.data import pipeline
 from vlp_jax.registry import OBJECTIVES
 from vlp_jax.train import checkpoint, freeze, init_from, loop, nonfinite, startup_checks
@@ -296,7 +296,7 @@ def test_unwritable_workdir_fails_before_compiling(tmp_path, monkeypatch):
   blocker = tmp_path / "file"
   blocker.write_text("")
   monkeypatch.setattr(state_lib, "create_state", lambda *a: pytest.fail("compiled"))
-  with pytest.raises(PermissionError, match="is not writable"):
+  with pytest.raises(errors.WorkdirError, match="is not writable"):
     loop.run(test_train.tiny_config(), str(blocker / "run"))
 
 

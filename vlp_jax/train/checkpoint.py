@@ -8,14 +8,25 @@ evaluation so far go to a separate manager under `workdir/checkpoints_best/STEP/
 so resuming always uses the latest checkpoint while the best one is never deleted.
 Orbax writes into a temporary directory and renames it when complete: an interrupted
 save is never listed as a step (and leftovers are deleted at start-up).
+
+A save that cannot be written (permission, disk full, quota) stops the run with
+`errors.SaveError` within a step: every process test-writes the directory before each
+save (and, with several processes, all stop if one fails), the step directory is created
+synchronously (Orbax's asynchronous creation, on failure, never sends the signal the
+item writers wait for, so they sat out its 300 s coordination timeout), and
+`raise_if_save_failed` polls, without blocking, for a background write that failed.
 """
+import contextlib
+import errno
 import math
 import os
+import re
 
 import grain
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -27,6 +38,14 @@ def _abs(workdir):
   return workdir if "://" in workdir else os.path.abspath(workdir)
 
 
+def _async_options():
+  """Writes stay asynchronous; only the step directory (a few mkdirs) is created in
+  `save()`, so that an unwritable directory raises there. Orbax's asynchronous creation
+  never signals the item writers when it fails (orbax-checkpoint 0.12.8), and they then
+  block `save()` for its 300 s coordination timeout and die with a TimeoutError."""
+  return ocp.AsyncOptions(create_directories_asynchronously=False)
+
+
 def make_manager(workdir: str, config, cleanup: bool = True) -> ocp.CheckpointManager:
   """A CheckpointManager under `workdir/checkpoints`: the newest `keep_checkpoints`,
   plus every multiple of `keep_every` (if > 0). `cleanup` deletes leftovers of
@@ -36,6 +55,7 @@ def make_manager(workdir: str, config, cleanup: bool = True) -> ocp.CheckpointMa
     policies.append(ocp.checkpoint_managers.EveryNSteps(config.keep_every))
   options = ocp.CheckpointManagerOptions(
       create=True, enable_async_checkpointing=True, cleanup_tmp_directories=cleanup,
+      async_options=_async_options(),
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
   return ocp.CheckpointManager(
       os.path.join(_abs(workdir), "checkpoints"), options=options,
@@ -51,6 +71,7 @@ def make_best_manager(workdir: str, config):
   metric = config.best_metric
   options = ocp.CheckpointManagerOptions(
       create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True,
+      async_options=_async_options(),
       preservation_policy=ocp.checkpoint_managers.BestN(
           get_metric_fn=lambda m: m[metric], reverse=config.best_mode == "min", n=1,
           keep_checkpoints_without_metrics=False))
@@ -69,10 +90,13 @@ def is_better(value, best, mode: str) -> bool:
 def save_best(best_manager, step: int, params, value: float, metric: str):
   """Saves `params` as the best checkpoint (once per step: a replay after a resume
   finds the step already there)."""
+  wait_for_saves(best_manager)
   if step in best_manager.all_steps():
     return
-  best_manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
-                    metrics={metric: float(value)}, force=True)
+  with _reporting(best_manager, step):
+    _probe(best_manager.directory)
+    best_manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
+                      metrics={metric: float(value)}, force=True)
 
 
 def _param_shapes(params):
@@ -123,13 +147,166 @@ def layout_hint(missing, unexpected) -> str:
 
 
 def save(manager, step: int, state, data_iter=None, force: bool = False, meta=None):
-  """Starts an async save of `state` (and the grain iterator's position, and `meta`)."""
+  """Starts an async save of `state` (and the grain iterator's position, and `meta`).
+
+  Raises `errors.SaveError` if this save cannot start (e.g. its directory cannot be
+  created) or the previous one failed. Orbax waits for the previous save here anyway:
+  waiting first only attributes its failure to its own step."""
+  wait_for_saves(manager)
+  with _reporting(manager, step):
+    _probe(manager.directory)
   items = {"state": ocp.args.StandardSave(state)}
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
   if meta is not None:
     items["meta"] = ocp.args.JsonSave(meta)
-  manager.save(step, args=ocp.args.Composite(**items), force=force)
+  with _reporting(manager, step):
+    manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def _probe(directory):
+  """Every process test-writes a file where the step goes (local paths; about 0.1 ms
+  per save) and, with several processes, all learn whether any failed (one tiny
+  all-gather per save). A directory that a process cannot write then fails the save on
+  every process here, together, before any of them waits at one of Orbax's barriers
+  for the failed one (up to its 300 s timeout)."""
+  if "://" in str(directory):
+    return
+  path = os.path.join(str(directory), f".write_test_{jax.process_index()}_{os.getpid()}")
+  failure = None
+  try:
+    with open(path, "w") as f:
+      f.write("ok")
+  except OSError as e:
+    failure = e
+  finally:
+    if os.path.exists(path):
+      os.remove(path)
+  if jax.process_count() > 1:
+    codes = np.asarray(multihost_utils.process_allgather(
+        np.int32((failure.errno or -1) if failure else 0))).reshape(-1)
+    if failure is None and codes.any():
+      k = int(np.flatnonzero(codes)[0])
+      code = int(codes[k]) if codes[k] > 0 else errno.EIO
+      raise OSError(code, f"{os.strerror(code)} for process {k} (see its log)")
+  if failure is not None:
+    raise failure
+
+
+def raise_if_save_failed(*managers):
+  """Raises `errors.SaveError` if an async save of these managers (None: skipped) has
+  failed in the background. Cheap enough for every step: never waits for a save in
+  progress, and takes no lock another thread holds across a multi-host barrier."""
+  for manager in managers:
+    ref = getattr(manager, "_finalize_thread", None)  # Orbax 0.12.8's save thread.
+    thread = ref.get() if ref is not None else None
+    if thread is not None and not thread.is_alive() and thread.exception is not None:
+      wait_for_saves(manager)
+
+
+def wait_for_saves(*managers, log_only: bool = False):
+  """Waits for the pending saves of `managers` (None: skipped); a failed one raises
+  `errors.SaveError` (only logs it with `log_only`, when another error is already
+  stopping the run). Each failure is reported once."""
+  first = None
+  for manager in managers:
+    if manager is None:
+      continue
+    ref = getattr(manager, "_finalize_thread", None)
+    thread = ref.get() if ref is not None else None
+    try:
+      with _reporting(manager, thread.step() if thread is not None else None):
+        manager.wait_until_finished()
+    except errors.SaveError as e:
+      if log_only:
+        logging.error("%s", e)
+      first = first or e
+  if first is not None and not log_only:
+    raise first
+
+
+# errno -> (cause, what to do); an errno not listed is reported with its own message.
+_CAUSES = {
+    errno.EACCES: ("permission denied", "make the directory writable by the user "
+                   "running the training (check its owner and mode) or choose another "
+                   "--workdir"),
+    errno.EPERM: ("operation not permitted", "make the directory writable by the user "
+                  "running the training or choose another --workdir"),
+    errno.EROFS: ("read-only file system", "remount it read-write or choose another "
+                  "--workdir"),
+    errno.ENOSPC: ("no space left on device", "free space on its file system (e.g. "
+                   "delete old runs or lower keep_checkpoints) or choose another "
+                   "--workdir"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota (e.g. delete "
+                   "old runs or lower keep_checkpoints), ask for a larger quota, or "
+                   "choose another --workdir"),
+}
+# Storage errors that arrive as text (TensorStore's C++ writers raise ValueError).
+_STRERRORS = {os.strerror(code).lower(): code for code in _CAUSES}
+
+
+def _errno_of(exc):
+  """The errno behind `exc` (its own, a chained OSError's, or one named in a
+  TensorStore message), or None if `exc` is no storage error."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno:
+      return exc.errno
+    code = re.search(r"os_error_code='(\d+)'", str(exc))  # TensorStore's errno.
+    if code:
+      return int(code.group(1))
+    text = str(exc).lower().replace("_", " ")  # TensorStore: PERMISSION_DENIED.
+    for strerror, code in _STRERRORS.items():
+      if strerror in text:
+        return code
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
+def _complete_steps(directory):
+  try:
+    return sorted(int(p.name) for p in epath.Path(directory).iterdir()
+                  if re.fullmatch(r"\d+", p.name))
+  except OSError:
+    return None
+
+
+@contextlib.contextmanager
+def _reporting(manager, step):
+  """Turns a storage error of `manager`'s save of `step` into `errors.SaveError`."""
+  try:
+    yield
+  except errors.SaveError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    code = _errno_of(e)
+    if code is None:
+      raise
+    raise save_error(manager.directory, step, code, e) from e
+
+
+def save_error(directory, step, code: int, exc) -> errors.SaveError:
+  """The SaveError for a failed save of `step` under `directory` (errno `code`)."""
+  cause, todo = _CAUSES.get(code, (os.strerror(code).lower(), "fix the cause above"))
+  steps = _complete_steps(directory)
+  saved = [s for s in steps or [] if s != step]
+  if saved:
+    kept = (f"Nothing already saved was lost: the earlier checkpoints (step {saved[-1]} "
+            f"is the latest) are intact, and rerunning the same command resumes from "
+            f"step {saved[-1]}.")
+  elif steps is not None:
+    kept = ("Nothing already saved was lost (there was no earlier checkpoint): "
+            "rerunning the same command starts from step 0.")
+  else:
+    kept = ("Nothing already saved was lost: earlier checkpoints are left as they were, "
+            "and rerunning the same command resumes from the latest.")
+  step_text = f"of step {step} " if step is not None else ""
+  err = errors.SaveError(
+      f"Could not save the checkpoint {step_text}to {directory}: {cause} ({exc}). "
+      f"Training stopped. {kept} To continue, {todo}, then run the same command again.")
+  err.errno = code
+  return err
 
 
 def restore(manager, abstract_state, data_iter=None, step=None, fallback: bool = True,

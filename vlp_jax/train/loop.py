@@ -88,7 +88,8 @@ def run(config, workdir: str, allow_config_change: bool = False):
   (`workdir_lock.py`) from before it touches anything there until it ends.
   """
   exp = Experiment(config, workdir)
-  startup_checks.check_workdir(workdir, exp.abstract, config.keep_checkpoints)
+  startup_checks.check_workdir(workdir, exp.abstract, config.keep_checkpoints,
+                               best=bool(config.best_metric))
   with workdir_lock.acquire_for_run(workdir, config.lock_stale_after_s):
     return _train(exp, config, workdir, allow_config_change)
 
@@ -170,6 +171,7 @@ def _train(exp, config, workdir, allow_config_change):
         results = exp.run_evals(state.params, step, due)
         writer.write(step, results)
         tracker.on_eval(step, results, state.params)
+      checkpoint.raise_if_save_failed(manager, tracker.manager)  # Never blocks.
       if _due(step, config.checkpoint_every, config.total_steps) or (
           stopping and step > start):
         monitor.check()  # Under 'halt', a bad step stops the run before any save.
@@ -188,17 +190,22 @@ def _train(exp, config, workdir, allow_config_change):
 
 @contextlib.contextmanager
 def _closing(progress, manager, tracker, writer, data_iter, prof):
-  """Waits for pending saves and closes everything, also when training raises."""
+  """Waits for pending saves and closes everything, also when training raises. A
+  failed save raises `errors.SaveError` (only logged if the run already fails)."""
+  failed = True
   try:
     yield
+    failed = False
   finally:
     prof.close()
     progress.close()
-    manager.wait_until_finished()
-    manager.close()
-    tracker.close()
-    writer.close()
-    data_iter.close()  # Stops grain's worker processes (config.data.worker_count).
+    try:
+      checkpoint.wait_for_saves(manager, tracker.manager, log_only=failed)
+    finally:
+      manager.close()
+      tracker.close()
+      writer.close()
+      data_iter.close()  # Stops grain's worker processes (config.data.worker_count).
 
 
 def evaluate(config, workdir: str, step=None):

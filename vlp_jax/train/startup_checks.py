@@ -8,38 +8,60 @@ import jax
 import numpy as np
 from absl import logging
 
+from vlp_jax import errors
+
 # Keys (or key prefixes) that change what a checkpoint holds or means: a saved config
 # that differs here from the new one is an error unless the change is deliberate.
 MODEL_KEYS = ("model.", "data.image_size", "data.tokenizer", "frozen")
 
 
-def check_workdir(workdir: str, abstract_state=None, keep: int = 1):
-  """Creates `workdir` and errors clearly if it is not writable or its disk is full
-  (free space below one checkpoint); warns below `keep + 1` checkpoints."""
+def check_workdir(workdir: str, abstract_state=None, keep: int = 1, best: bool = False):
+  """Creates `workdir` and its `checkpoints/` (and `checkpoints_best/` with `best`, i.e.
+  a `best_metric`), test-writes a file in each, and raises `errors.WorkdirError` naming
+  the directory and the cause if one is not writable (permission, full disk, quota) or
+  the checkpoints' disk has less free space than one checkpoint; warns below `keep + 1`
+  checkpoints."""
   if "://" in workdir:  # Remote file systems (gs://...) are checked by Orbax itself.
     return
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{uuid.uuid4().hex}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise PermissionError(f"--workdir={workdir} is not writable ({e.strerror}); choose "
-                          "a directory you can write to.") from None
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  for path in [workdir, ckpt_dir] + ([os.path.join(workdir, "checkpoints_best")]
+                                     if best else []):
+    _check_writable(path, workdir)
   if abstract_state is None:
     return
   need = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(abstract_state))
-  free = shutil.disk_usage(workdir).free
+  free = shutil.disk_usage(ckpt_dir).free  # Where checkpoints go (may be a mount).
   gib = lambda b: f"{b / 2**30:.2f} GiB"
   if free < need:
-    raise OSError(f"Only {gib(free)} free under --workdir={workdir}, but one checkpoint "
-                  f"needs about {gib(need)}; free space or choose another workdir.")
+    raise errors.WorkdirError(
+        f"Only {gib(free)} free under {ckpt_dir} (--workdir={workdir}), but one "
+        f"checkpoint needs about {gib(need)}; free space or choose another workdir.")
   if free < need * (keep + 1):
     logging.warning("Only %s free under %s: room for fewer than keep_checkpoints+1=%d "
-                    "checkpoints of about %s each.", gib(free), workdir, keep + 1,
+                    "checkpoints of about %s each.", gib(free), ckpt_dir, keep + 1,
                     gib(need))
+
+
+def _check_writable(path: str, workdir: str):
+  """Creates `path` if missing and writes (then removes) a file in it."""
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write_test_{uuid.uuid4().hex}")
+    try:
+      with open(probe, "w") as f:
+        f.write("ok")
+    finally:
+      if os.path.exists(probe):
+        os.remove(probe)
+  except OSError as e:
+    cause = (e.strerror or str(e)).lower()
+    err = errors.WorkdirError(
+        f"{path} is not writable ({cause}; --workdir={workdir}), so the run did not "
+        "start. Make it writable by the user running the training (check its owner and "
+        "mode, free space or quota), or choose another --workdir.")
+    err.errno = e.errno
+    raise err from None
 
 
 def _flatten(d, prefix=""):
@@ -73,7 +95,7 @@ def check_config_change(workdir: str, new: dict, allow: bool):
     saved = json.load(f)
   model, other = config_changes(saved, json.loads(json.dumps(new)))
   if model and not allow:
-    raise ValueError(
+    raise errors.ConfigError(
         f"The config differs from the one {workdir} was trained with (config.json) in "
         f"model keys: {'; '.join(model)}. Use a fresh --workdir, the original config, "
         "or pass --allow_config_change if the change is deliberate.")
