@@ -195,7 +195,8 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("kind", [
-    "state_metadata", "ocdbt_chunks", "empty_step_folder",
+    "state_metadata", "empty_step_folder",
+    pytest.param("ocdbt_chunks", marks=pytest.mark.slow),
     pytest.param("data_json", marks=pytest.mark.slow),
     pytest.param("truncated_chunks", marks=pytest.mark.slow)])
 def test_damaged_newest_checkpoint_falls_back_to_the_newest_good_one(
@@ -215,6 +216,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_good_one(
   assert os.path.isdir(moved)  # Kept, out of Orbax's sight; step 12 saved anew.
 
 
+@pytest.mark.slow  # ~6 s; the 20-seed fault injection covers fallbacks too.
 def test_two_damaged_steps_are_both_named_and_skipped(ref, tmp_path, caplog):
   workdir = str(tmp_path / "run")
   shutil.copytree(ref, workdir)

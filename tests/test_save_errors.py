@@ -58,7 +58,8 @@ def _settle_after_each_save(monkeypatch):
 
 @pytest.mark.parametrize("code,where,cause,last_step", [
     (errno.EACCES, "mkdir", "permission denied", 4),
-    (errno.EDQUOT, "data", "disk quota exceeded", 4),
+    pytest.param(errno.EDQUOT, "data", "disk quota exceeded", 4,
+                 marks=pytest.mark.slow),
     (errno.ENOSPC, "meta", "no space left on device", 5),  # Found by step 5's poll.
 ])
 def test_failed_save_stops_the_run_at_once(tmp_path, monkeypatch, code, where, cause,
