@@ -303,6 +303,9 @@ DATA_RANGES = {
                    "the side in pixels of the square images the model sees, e.g. 224"),
     "size": (True, _GE0, ">= 0", "records used of each source; 0 = all"),
     "prefetch": (True, _GE0, ">= 0", "batches prefetched by the data pipeline"),
+    "worker_count": (True, _GE0, ">= 0", "grain worker processes; 0 = in-process"),
+    "shuffle_buffer": (True, _GE0, ">= 0",
+                       "samples per seeded block shuffle of wds: sources; 0 = off"),
     "max_bad_fraction": (False, _UNIT, "in [0, 1]",
                          "the fraction of unreadable records tolerated before the run "
                          "stops; 0 = none"),
@@ -310,6 +313,8 @@ DATA_RANGES = {
 TOP_RANGES = {
     "checkpoint_every": (True, _GE0, ">= 0",
                          "steps between checkpoints; 0 = only at the end"),
+    "device_prefetch": (True, _GE0, ">= 0",
+                        "batches put on device ahead of the running step; 0 = off"),
 }
 _DIM = (True, _GE1, ">= 1", "a model dimension")
 _FROM_VARIANT = (True, _GE0, ">= 0", "0 = taken from config.model.image.variant")
@@ -366,10 +371,6 @@ def _check_numbers(node, prefix, ranges):
 def _validate_data(d):
   from vlp_jax.data import mixture  # pylint: disable=g-import-not-at-top
   mixture.parse_mixture(d.mixture)
-  if d.worker_count < 0 or d.shuffle_buffer < 0:
-    raise errors.ConfigError(
-        "config.data.worker_count and config.data.shuffle_buffer must be "
-        f">= 0, got {d.worker_count} and {d.shuffle_buffer}.")
   _check_numbers(d, "config.data", DATA_RANGES)
   scale = d.crop_scale
   if isinstance(scale, str) or not hasattr(scale, "__len__") or len(scale) != 2 or (
@@ -407,9 +408,6 @@ def _validate_perf(config):
     raise errors.ConfigError(
         f"config.model.image.patch_dropout={m.image.patch_dropout} must be "
         "in [0, 1) (the fraction of patch tokens dropped in training).")
-  if config.device_prefetch < 0:
-    raise errors.ConfigError(
-        f"config.device_prefetch={config.device_prefetch} must be >= 0.")
   steps = list(config.profile_steps)
   if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or (
       steps != [0, 0] and not 0 <= steps[0] < steps[1]):

@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vlp_jax import errors
-from vlp_jax.train import checkpoint_health
+from vlp_jax.train import checkpoint_health, startup_checks
 
 
 def _abs(workdir):
@@ -172,16 +172,11 @@ def _probe(directory):
   for the failed one (up to its 300 s timeout)."""
   if "://" in str(directory):
     return
-  path = os.path.join(str(directory), f".write_test_{jax.process_index()}_{os.getpid()}")
   failure = None
   try:
-    with open(path, "w") as f:
-      f.write("ok")
+    startup_checks.write_probe(str(directory))
   except OSError as e:
     failure = e
-  finally:
-    if os.path.exists(path):
-      os.remove(path)
   if jax.process_count() > 1:
     codes = np.asarray(multihost_utils.process_allgather(
         np.int32((failure.errno or -1) if failure else 0))).reshape(-1)
@@ -198,10 +193,16 @@ def raise_if_save_failed(*managers):
   failed in the background. Cheap enough for every step: never waits for a save in
   progress, and takes no lock another thread holds across a multi-host barrier."""
   for manager in managers:
-    ref = getattr(manager, "_finalize_thread", None)  # Orbax 0.12.8's save thread.
-    thread = ref.get() if ref is not None else None
+    thread = _save_thread(manager)
     if thread is not None and not thread.is_alive() and thread.exception is not None:
       wait_for_saves(manager)
+
+
+def _save_thread(manager):
+  """The thread finishing `manager`'s latest async save (Orbax 0.12.8's private
+  `_finalize_thread`), or None."""
+  ref = getattr(manager, "_finalize_thread", None)
+  return ref.get() if ref is not None else None
 
 
 def wait_for_saves(*managers, log_only: bool = False):
@@ -212,8 +213,7 @@ def wait_for_saves(*managers, log_only: bool = False):
   for manager in managers:
     if manager is None:
       continue
-    ref = getattr(manager, "_finalize_thread", None)
-    thread = ref.get() if ref is not None else None
+    thread = _save_thread(manager)
     try:
       with _reporting(manager, thread.step() if thread is not None else None):
         manager.wait_until_finished()
@@ -365,7 +365,6 @@ def _all_agree(ok: bool) -> bool:
   """True iff `ok` on every process (so all processes restore the same step)."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
@@ -376,13 +375,11 @@ def _report_damaged(manager, damaged, step, quarantine):
   moved = ""
   if quarantine:
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("vlp_jax_restored_before_quarantine")
     if jax.process_index() == 0:
       paths = [checkpoint_health.quarantine(str(manager.directory), s) for s, _ in damaged]
       moved = f" Moved the damaged steps to {', '.join(paths)} (nothing deleted)."
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("vlp_jax_quarantined")
     manager.reload()
   logging.warning(

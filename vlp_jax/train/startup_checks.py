@@ -43,17 +43,22 @@ def check_workdir(workdir: str, abstract_state=None, keep: int = 1, best: bool =
                     gib(need))
 
 
+def write_probe(directory: str):
+  """Writes, then removes, a uniquely named file in `directory` (raises OSError)."""
+  probe = os.path.join(directory, f".write_test_{uuid.uuid4().hex}")
+  try:
+    with open(probe, "w") as f:
+      f.write("ok")
+  finally:
+    if os.path.exists(probe):
+      os.remove(probe)
+
+
 def _check_writable(path: str, workdir: str):
   """Creates `path` if missing and writes (then removes) a file in it."""
   try:
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".write_test_{uuid.uuid4().hex}")
-    try:
-      with open(probe, "w") as f:
-        f.write("ok")
-    finally:
-      if os.path.exists(probe):
-        os.remove(probe)
+    write_probe(path)
   except OSError as e:
     cause = (e.strerror or str(e)).lower()
     err = errors.WorkdirError(

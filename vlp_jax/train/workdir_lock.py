@@ -115,9 +115,9 @@ class WorkdirLock:
         holder, age = self._read()
         if holder is None:
           continue  # Released meanwhile: try again.
+        # An unreadable lock (host '?') counts as another host's: held until its
+        # heartbeat is older than stale_after_s.
         reason = stale_reason(holder, age, self.stale_after_s)
-        if holder.get("host") == "?" and age < min(60.0, self.stale_after_s):
-          reason = None  # An unreadable lock only just written: treat as held.
         if reason is None:
           raise errors.WorkdirLockedError(
               f"Another run is using {os.path.dirname(self.path)} ({_describe(holder)}); "
