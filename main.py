@@ -48,11 +48,11 @@ def main(argv):
 
 
 def _main():
-  from vlp_jax import distributed  # pylint: disable=g-import-not-at-top
+  from vlp_jax import multihost  # pylint: disable=g-import-not-at-top
   from vlp_jax.train import loop  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   cli.quiet_third_party_logs()
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _NUM_CPU_DEVICES.value)
   if _MODE.value == "train":
     loop.run(_CONFIG.value, _WORKDIR.value,

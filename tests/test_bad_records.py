@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests import test_train
 from vlp_jax.data import batches, pipeline, robust, tokenizers
-from vlp_jax.train import loop, metrics as metrics_lib
+from vlp_jax.train import loop, metric_writer as metrics_lib
 
 
 def make_jsonl(root, n, bad_every):

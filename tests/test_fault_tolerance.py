@@ -16,7 +16,7 @@ from vlp_jax import errors, sharding
 from vlp_jax.data import pipeline
 from vlp_jax.registry import OBJECTIVES
 from vlp_jax.train import checkpoint, freeze, init_from, loop, nonfinite, startup_checks
-from vlp_jax.train import metrics as metrics_lib, state as state_lib, step as step_lib
+from vlp_jax.train import metric_writer as metrics_lib, state as state_lib, step as step_lib
 
 POISON = -100.0  # A pixel value that makes the test objective below non-finite.
 

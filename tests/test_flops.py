@@ -4,7 +4,7 @@ import pytest
 
 from configs import clip_b16, coca_b16, siglip_b16
 from tests import test_train
-from vlp_jax import benchmark, flops
+from vlp_jax.perf import benchmark, flops
 
 
 def test_clip_b16_matches_published_count():

@@ -3,7 +3,7 @@ import glob
 import os
 
 from tests import test_train
-from vlp_jax.train import loop, metrics as metrics_lib
+from vlp_jax.train import loop, metric_writer as metrics_lib
 
 
 def test_trainer_logs_mfu_and_writes_a_profile(tmp_path):

@@ -15,7 +15,7 @@ from etils.epath import backend as epath_backend
 
 from tests import test_train
 from vlp_jax import errors
-from vlp_jax.train import checkpoint, loop, metrics as metrics_lib, startup_checks
+from vlp_jax.train import checkpoint, loop, metric_writer as metrics_lib, startup_checks
 from vlp_jax.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,9 +1,9 @@
-"""vlp_jax/trace_summary.py: per-op and per-kind step time from a profiler trace."""
+"""vlp_jax/perf/trace_summary.py: per-op and per-kind step time from a profiler trace."""
 import jax
 import jax.numpy as jnp
 import pytest
 
-from vlp_jax import trace_summary
+from vlp_jax.perf import trace_summary
 
 
 def _op(pid, name, hlo_op, ts, dur):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from vlp_jax.train import loop, metrics as metrics_lib
+from vlp_jax.train import loop, metric_writer as metrics_lib
 
 
 def tiny_config(total_steps=8, evals=False):

@@ -51,7 +51,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if _NUM_CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
-  from vlp_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from vlp_jax.perf import benchmark  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   if not _WITH_DATA.value:
     config.unlock()

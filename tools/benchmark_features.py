@@ -63,7 +63,7 @@ def _apply(config, overrides):
 
 
 def _bench(config):
-  from vlp_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from vlp_jax.perf import benchmark  # pylint: disable=g-import-not-at-top
   if _TOWER.value:
     return benchmark.TowerBenchmark(config, _TOWER.value)
   return benchmark.StepBenchmark(config)

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vlp_jax import trace_summary  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlp_jax.perf import trace_summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _HLO = flags.DEFINE_string("hlo", "", "Compiled HLO text (default: PATH/hlo.txt if any).")
 _TOP = flags.DEFINE_integer("top", 25, "Ops listed.")

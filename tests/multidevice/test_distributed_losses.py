@@ -8,7 +8,7 @@ import pytest
 
 from vlp_jax import sharding
 from vlp_jax.objectives import contrastive
-from vlp_jax.objectives import distributed
+from vlp_jax.objectives import sharded as distributed
 from vlp_jax.registry import OBJECTIVES
 
 # name -> (mesh sizes, mesh axes the batch is split over).

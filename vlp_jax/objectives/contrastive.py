@@ -5,13 +5,13 @@ The core math lives in small array-level helpers (`clip_logits`,
 chunked variants can reuse them; the registered objectives only unpack inputs.
 
 Under a mesh that splits the batch, `clip` and `siglip` use the distributed forms in
-`distributed.py` (same value and gradient, no [B, B] logits on any device); the
+`sharded.py` (same value and gradient, no [B, B] logits on any device); the
 option `distributed: 'dense'` forces the dense form.
 """
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.objectives import distributed
+from vlp_jax.objectives import sharded
 from vlp_jax.registry import OBJECTIVES
 
 _DISTRIBUTED_MODES = ("auto", "dense")
@@ -80,8 +80,8 @@ def _batch_axes(cfg, batch_size):
                      f"{_DISTRIBUTED_MODES}.")
   if mode == "dense":
     return ()
-  axes = distributed.batch_mesh_axes()
-  return axes if distributed.can_shard_batch(batch_size, axes) else ()
+  axes = sharded.batch_mesh_axes()
+  return axes if sharded.can_shard_batch(batch_size, axes) else ()
 
 
 @OBJECTIVES.register("clip")
@@ -93,7 +93,7 @@ def clip(outputs, batch, cfg):
   img, txt = outputs["image_emb"], outputs["text_emb"]
   axes = _batch_axes(cfg, img.shape[0])
   if axes:
-    loss, i2t_acc, t2i_acc = distributed.clip_loss_local(
+    loss, i2t_acc, t2i_acc = sharded.clip_loss_local(
         img, txt, scale, label_smoothing=ls, axes=axes)
   else:
     loss, logits = clip_loss_from_embeddings(img, txt, scale, label_smoothing=ls)
@@ -117,7 +117,7 @@ def siglip(outputs, batch, cfg):
   img, txt = outputs["image_emb"], outputs["text_emb"]
   axes = _batch_axes(cfg, img.shape[0])
   if axes:
-    loss = distributed.siglip_loss_chunked(img, txt, scale, bias, axes=axes)
+    loss = sharded.siglip_loss_chunked(img, txt, scale, bias, axes=axes)
   else:
     loss, _ = siglip_loss_from_embeddings(img, txt, scale, bias)
   metrics = {"loss": loss, "logit_scale": _f32(scale), "logit_bias": _f32(bias)}

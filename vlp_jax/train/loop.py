@@ -14,10 +14,10 @@ from jax.experimental import multihost_utils
 
 from vlp_jax import config as config_lib, errors
 from vlp_jax import evaluators, objectives, sharding  # pylint: disable=unused-import
-from vlp_jax import flops as flops_lib
+from vlp_jax.perf import flops as flops_lib
 from vlp_jax.data import pipeline
 from vlp_jax.registry import EVALUATORS
-from vlp_jax.train import checkpoint, metrics as metrics_lib, predict, signals
+from vlp_jax.train import checkpoint, metric_writer as metrics_lib, predict, signals
 from vlp_jax.train import prefetch, profiler as profiler_lib
 from vlp_jax.train import best as best_lib, init_from, nonfinite, preemption
 from vlp_jax.train import startup_checks, workdir_lock

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlp_jax import flops as flops_lib
+from vlp_jax.perf import flops as flops_lib
 from vlp_jax import sharding
 from vlp_jax.train.setup import TrainSetup
 
@@ -112,7 +112,7 @@ class StepBenchmark:
     """Traces `steps` more steps into `logdir` (jax.profiler, perfetto JSON included),
     writes the compiled HLO (`hlo.txt`) and a per-op summary (`summary.md`) there;
     returns the summary's headline figures."""
-    from vlp_jax import trace_summary  # pylint: disable=g-import-not-at-top
+    from vlp_jax.perf import trace_summary  # pylint: disable=g-import-not-at-top
     os.makedirs(logdir, exist_ok=True)
     hlo = self.compiled.as_text()
     with open(os.path.join(logdir, "hlo.txt"), "w") as f:

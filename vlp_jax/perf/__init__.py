@@ -1,0 +1,1 @@
+"""Performance tooling: analytic FLOPs and MFU, step benchmarks, profile summaries."""
