@@ -24,7 +24,7 @@ setup(
     name="vlp_jax",
     version="0.1.0",
     description="Vision-language pre-training (CLIP, SigLIP, CoCa) in JAX/Flax.",
-    packages=find_packages(include=["vlp_jax", "vlp_jax.*"]),
+    packages=find_packages(include=["vlp_jax", "vlp_jax.*", "configs"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -16,12 +16,12 @@ or try it anywhere on the built-in data: --config.data.source=shapes
 pass a SentencePiece model with --config.data.tokenizer=sentencepiece:/path/spm.model
 (the default, 'bytes', needs no file).
 """
-from vlp_jax.config import b16_recipe
+from configs import common
 
 
 def get_config(arg=None):
   del arg
-  c = b16_recipe()
+  c = common.b16_recipe()
   c.batch_size = 32768
   c.total_steps = 390_000
 

@@ -11,12 +11,12 @@ warmup 2% of 500k steps, cosine decay (the paper uses Adafactor; AdamW here); ba
     python main.py --config=configs/coca_b16.py --workdir=/tmp/coca \
         --config.data.source=jsonl:/data/laion/train.jsonl
 """
-from vlp_jax.config import b16_recipe, eval_entry
+from configs import common
 
 
 def get_config(arg=None):
   del arg
-  c = b16_recipe()
+  c = common.b16_recipe()
   c.batch_size = 65536
   c.total_steps = 500_000
 
@@ -27,6 +27,6 @@ def get_config(arg=None):
   c.optim.update(lr=8e-4, warmup_steps=10_000, weight_decay=0.01, b1=0.9, b2=0.999,
                  eps=1e-8, grad_clip_norm=1.0)
 
-  c.evals.captioning = eval_entry(type="captioning", every=-1,
+  c.evals.captioning = common.eval_entry(type="captioning", every=-1,
                                   source="jsonl:data/val.jsonl", size=5000, batch_size=64)
   return c

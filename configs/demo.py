@@ -5,7 +5,8 @@
 Trains in minutes on a laptop CPU and evaluates zero-shot classification, retrieval
 and captioning on the shapes validation split.
 """
-from vlp_jax.config import default_config, eval_entry
+from configs import common
+from vlp_jax.config import default_config
 
 
 def get_config(arg=None):
@@ -33,8 +34,8 @@ def get_config(arg=None):
                 normalization="inception")
 
   c.evals = {
-      "zeroshot": eval_entry(type="zeroshot", every=200, split="validation", size=480),
-      "retrieval": eval_entry(type="retrieval", every=200, split="validation", size=480),
-      "captioning": eval_entry(type="captioning", every=0, split="validation", size=240),
+      "zeroshot": common.eval_entry(type="zeroshot", every=200, split="validation", size=480),
+      "retrieval": common.eval_entry(type="retrieval", every=200, split="validation", size=480),
+      "captioning": common.eval_entry(type="captioning", every=0, split="validation", size=240),
   }
   return c

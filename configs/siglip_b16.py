@@ -12,12 +12,12 @@ decay; batch 32,768.
 """
 import math
 
-from vlp_jax.config import b16_recipe
+from configs import common
 
 
 def get_config(arg=None):
   del arg
-  c = b16_recipe()
+  c = common.b16_recipe()
   c.batch_size = 32768
   c.total_steps = 275_000  # ~9B examples seen.
 

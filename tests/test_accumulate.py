@@ -10,6 +10,7 @@ import pytest
 
 from tests import test_train
 from vlp_jax import config as config_lib
+from vlp_jax import validation
 from vlp_jax import sharding
 from vlp_jax.data import pipeline
 from vlp_jax.models import build_model
@@ -211,9 +212,9 @@ def test_accum_steps_must_divide_batch_size():
   config.accum_steps = 3
   with pytest.raises(ValueError, match=r"batch_size=16 must be divisible by "
                                        r"config.accum_steps=3"):
-    config_lib.validate(config)
+    validation.validate(config)
   config.accum_steps = 0
   with pytest.raises(ValueError, match="accum_steps=0"):
-    config_lib.validate(config)
+    validation.validate(config)
   config.accum_steps = 4
-  config_lib.validate(config)
+  validation.validate(config)

@@ -151,7 +151,7 @@ def test_bad_mixture_is_a_clear_config_error(value, match):
   config = small_config()
   config.data.mixture = value
   with pytest.raises(ValueError, match=match):
-    config_lib.validate(config)
+    validation.validate(config)
 
 
 @pytest.mark.slow

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from tests import test_train
+from configs import common
 from vlp_jax import config as config_lib
+from vlp_jax import validation
 from vlp_jax import errors, sharding
 from vlp_jax.data import pipeline
 from vlp_jax.registry import OBJECTIVES
@@ -122,7 +124,7 @@ def test_skip_counts_and_continues(tmp_path, monkeypatch):
 def test_checkpoint_policy_keep_every_best_and_tmp_dirs(tmp_path):
   c = test_train.tiny_config(total_steps=10)
   c.checkpoint_every, c.keep_checkpoints, c.keep_every = 2, 1, 4
-  c.evals = {"zeroshot": config_lib.eval_entry(type="zeroshot", every=2, size=24,
+  c.evals = {"zeroshot": common.eval_entry(type="zeroshot", every=2, size=24,
                                                batch_size=8)}
   c.best_metric = "eval/zeroshot/top1"
   workdir = str(tmp_path)
@@ -326,7 +328,7 @@ def test_bad_fault_tolerance_config_is_a_clear_error():
     c = test_train.tiny_config()
     c[key] = value
     with pytest.raises((ValueError, TypeError), match=re.escape(msg)):
-      config_lib.validate(c)
+      validation.validate(c)
 
 
 def test_resume_drops_rows_past_the_checkpoint_and_a_half_written_line(tmp_path):

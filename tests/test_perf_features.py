@@ -215,15 +215,15 @@ def test_bad_switch_values_are_clear_errors():
                             ("attention_impl", "flash", "attention_impl")):
     c = tiny(**{key: value})
     with pytest.raises(ValueError, match=match):
-      config_lib.validate(c)
+      validation.validate(c)
   c = tiny()
   c.model.image.patch_dropout = 1.0
   with pytest.raises(ValueError, match="patch_dropout"):
-    config_lib.validate(c)
+    validation.validate(c)
   c = tiny()
   c.profile_steps = [5, 2]
   with pytest.raises(ValueError, match="profile_steps"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_checkpoint_mismatch_names_the_scan_and_fused_switches():

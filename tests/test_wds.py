@@ -9,6 +9,7 @@ import pytest
 from tests import datagen
 from tests.test_data_scale import captions, small_config, take
 from vlp_jax import config as config_lib
+from vlp_jax import validation
 from vlp_jax import errors
 from vlp_jax.data import robust, sources, sources_wds
 
@@ -156,7 +157,7 @@ def test_shuffle_buffer_is_validated():
   config = small_config()
   config.data.shuffle_buffer = -1
   with pytest.raises(ValueError, match="shuffle_buffer"):
-    config_lib.validate(config)
+    validation.validate(config)
 
 
 def test_wds_in_a_mixture(shards, tmp_path):

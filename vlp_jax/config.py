@@ -35,14 +35,6 @@ INIT_FROM_KEYS = {
 }
 
 
-def eval_entry(**values) -> ConfigDict:
-  """An entry of `config.evals` holding every evaluator key (so each is overridable
-  from the command line), with `values` set."""
-  entry = ConfigDict(EVAL_KEYS)
-  entry.update(values)
-  return entry
-
-
 def default_config() -> ConfigDict:
   """Every key the trainer understands, with defaults (a small two-tower CLIP)."""
   c = ConfigDict()
@@ -122,29 +114,6 @@ def default_config() -> ConfigDict:
   return c
 
 
-def b16_recipe() -> ConfigDict:
-  """What the ViT-B/16 recipes share: 224 px B/16 image tower, CLIP's 12 x 512 text
-  tower with context 77 and 49,408 ids, data and a retrieval eval on user paths."""
-  c = default_config()
-  c.log_every = 100
-  c.checkpoint_every = 2000
-  c.model.embed_dim = 512
-  # Accelerator defaults (README "Performance"): bf16 compute with float32 params and
-  # optimizer state, one fused QKV matmul. --config.model.dtype=float32 for f32.
-  c.model.dtype = "bfloat16"
-  c.model.fused_qkv = True
-  c.model.image.update(variant="B/16")
-  c.model.text.update(vocab_size=49408, width=512, depth=12, mlp_dim=2048, num_heads=8,
-                      context_length=77, causal=True, pool="eos")
-  c.data.update(source="jsonl:data/train.jsonl", image_size=224, tokenizer="bytes",
-                normalization="clip")
-  # Enable with --config.evals.retrieval.every=N (0 = only at the end).
-  c.evals = {"retrieval": eval_entry(type="retrieval", every=-1,
-                                     source="jsonl:data/val.jsonl", size=5000,
-                                     batch_size=256)}
-  return c
-
-
 def _closest(key, options):
   match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
   return f" Did you mean '{match[0]}'?" if match else ""
@@ -175,14 +144,15 @@ def check_keys(config, schema, prefix="config"):
 
 
 def validate(config) -> None:
-  """Checks keys, types and cross-field constraints; raises with a fix-it message."""
-  from vlp_jax import objectives, registry, models  # pylint: disable=g-import-not-at-top,unused-import
-  if config.evals:  # Evaluators read data (grain): import only when some are configured.
-    from vlp_jax import evaluators  # pylint: disable=g-import-not-at-top,unused-import
+  """Checks what needs no implementation: keys, types, value ranges and cross-field
+  constraints of the schema; raises with a fix-it message. `vlp_jax.validation`
+  adds the checks that need the registries (models, objectives, evaluators)."""
   check_keys(config, default_config())
+  if not config.objectives:
+    raise errors.ConfigError(
+        "config.objectives is empty: select at least one, e.g. {'clip': 1.0}.")
   for name, weight in config.objectives.items():
-    registry.OBJECTIVES.get(name)
-    if not isinstance(weight, (int, float)):
+    if not _is_number(weight):
       raise errors.ConfigTypeError(
           f"config.objectives.{name} must be a number (its weight).")
   for name in config.objective_cfg.keys():
@@ -190,18 +160,7 @@ def validate(config) -> None:
       raise errors.ConfigKeyError(
           f"config.objective_cfg.{name} configures an objective that is "
           f"not in config.objectives {list(config.objectives)}.")
-  if not config.objectives:
-    raise errors.ConfigError(
-        "config.objectives is empty: select at least one, e.g. {'clip': 1.0}.")
-  registry.MODELS.get(config.model.name)
-  if "caption" in config.objectives and config.model.name != "coca":
-    raise errors.ConfigError("The 'caption' objective needs model.name='coca' (the only "
-                             "model with a text decoder).")
-  for name, ev in config.evals.items():
-    check_keys(ev, ConfigDict(EVAL_KEYS), f"config.evals.{name}")
-    registry.EVALUATORS.get(ev.get("type", name))
-    _check_numbers(ev, f"config.evals.{name}", EVAL_RANGES)
-  for key in ("batch_size", "total_steps", "log_every"):
+  for key in ("batch_size", "total_steps", "log_every", "accum_steps"):
     if config[key] <= 0:
       raise errors.ConfigError(f"config.{key} must be positive, got {config[key]}.")
   _check_numbers(config, "config", TOP_RANGES)
@@ -212,11 +171,7 @@ def validate(config) -> None:
       node = node[key]
     _check_numbers(node, "config.model" + group, MODEL_RANGES[group])
   _validate_data(config.data)
-  _validate_perf(config)
-  if config.accum_steps <= 0 or config.batch_size % config.accum_steps:
-    raise errors.ConfigError(
-        f"config.batch_size={config.batch_size} must be divisible by "
-        f"config.accum_steps={config.accum_steps} (a positive number of micro-batches).")
+  _validate_profile(config)
   validate_fault_tolerance(config)
 
 
@@ -369,8 +324,6 @@ def _check_numbers(node, prefix, ranges):
 
 
 def _validate_data(d):
-  from vlp_jax.data import mixture  # pylint: disable=g-import-not-at-top
-  mixture.parse_mixture(d.mixture)
   _check_numbers(d, "config.data", DATA_RANGES)
   scale = d.crop_scale
   if isinstance(scale, str) or not hasattr(scale, "__len__") or len(scale) != 2 or (
@@ -394,19 +347,10 @@ def _lists(value):
   return value
 
 
-def _validate_perf(config):
-  from vlp_jax.models import layers  # pylint: disable=g-import-not-at-top
-  m = config.model
-  if m.remat not in layers.REMAT_POLICIES:
-    raise errors.ConfigError(f"config.model.remat='{m.remat}' is not one of "
-                             f"{sorted(layers.REMAT_POLICIES)}.")
-  if m.attention_impl not in layers.ATTENTION_IMPLS:
+def _validate_profile(config):
+  if not 0.0 <= config.model.image.patch_dropout < 1.0:
     raise errors.ConfigError(
-        f"config.model.attention_impl='{m.attention_impl}' is not one of "
-        f"{layers.ATTENTION_IMPLS}.")
-  if not 0.0 <= m.image.patch_dropout < 1.0:
-    raise errors.ConfigError(
-        f"config.model.image.patch_dropout={m.image.patch_dropout} must be "
+        f"config.model.image.patch_dropout={config.model.image.patch_dropout} must be "
         "in [0, 1) (the fraction of patch tokens dropped in training).")
   steps = list(config.profile_steps)
   if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or (

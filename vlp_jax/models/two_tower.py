@@ -40,6 +40,15 @@ class TwoTower(nn.Module):
   config: ml_collections.ConfigDict
   dtype: object
 
+  # Outputs produced only under a setting: output -> the setting.
+  OUTPUT_SWITCHES = {"logit_bias": "config.model.use_logit_bias=True"}
+
+  @classmethod
+  def outputs(cls, cfg):
+    """Names of the outputs `__call__` returns for model config `cfg` (both inputs)."""
+    out = {"image_emb", "text_emb", "image_tokens", "text_tokens", "logit_scale"}
+    return frozenset(out | ({"logit_bias"} if cfg.use_logit_bias else set()))
+
   def setup(self):
     cfg = self.config
     opts = layers.options_from_config(cfg)

@@ -1,3 +1,22 @@
 """Training objectives; importing this package registers them in `OBJECTIVES`."""
-from vlp_jax.objectives import caption
-from vlp_jax.objectives import contrastive
+from vlp_jax import errors
+from vlp_jax.objectives import caption  # pylint: disable=unused-import
+from vlp_jax.objectives import contrastive  # pylint: disable=unused-import
+from vlp_jax.registry import OBJECTIVES
+
+
+def check_config(config) -> None:
+  """Every selected objective is registered and the model produces what it reads."""
+  from vlp_jax import models  # pylint: disable=g-import-not-at-top
+  produced = models.output_names(config.model)
+  for name in config.objectives.keys():
+    missing = [r for r in OBJECTIVES.info(name)["reads"] if r not in produced]
+    for output in missing:
+      switch = models.output_switch(config.model.name, output)
+      makers = models.producers(output, config.model)
+      hint = (f"set {switch}" if switch else f"models that do: {makers}" if makers
+              else "no registered model does")
+      raise errors.ConfigError(
+          f"Objective '{name}' reads the model output '{output}', which model "
+          f"'{config.model.name}' does not produce (it produces {sorted(produced)}); "
+          f"{hint}. Change config.model.name or config.objectives.")

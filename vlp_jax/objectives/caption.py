@@ -32,7 +32,7 @@ def caption_loss_from_logits(logits, tokens, pad_id=0, label_smoothing=0.0):
   return loss, token_acc
 
 
-@OBJECTIVES.register("caption")
+@OBJECTIVES.register("caption", reads=("caption_logits",), batch_keys=("text",))
 def caption(outputs, batch, cfg):
   """Caption objective. Options: `pad_id` (0), `label_smoothing` (0.0)."""
   cfg = cfg or {}

@@ -84,7 +84,8 @@ def _batch_axes(cfg, batch_size):
   return axes if sharded.can_shard_batch(batch_size, axes) else ()
 
 
-@OBJECTIVES.register("clip")
+@OBJECTIVES.register("clip", reads=("image_emb", "text_emb", "logit_scale"),
+                     batch_global=True)
 def clip(outputs, batch, cfg):
   """CLIP objective. Options: `label_smoothing` (0.0), `distributed` ('auto'|'dense')."""
   del batch
@@ -109,7 +110,9 @@ def clip(outputs, batch, cfg):
   return loss, metrics
 
 
-@OBJECTIVES.register("siglip")
+@OBJECTIVES.register(
+    "siglip", reads=("image_emb", "text_emb", "logit_scale", "logit_bias"),
+    batch_global=True)
 def siglip(outputs, batch, cfg):
   """SigLIP objective. Options: `distributed` ('auto'|'dense')."""
   del batch
@@ -123,6 +126,3 @@ def siglip(outputs, batch, cfg):
   metrics = {"loss": loss, "logit_scale": _f32(scale), "logit_bias": _f32(bias)}
   return loss, metrics
 
-
-clip.needs_all_negatives = True
-siglip.needs_all_negatives = True

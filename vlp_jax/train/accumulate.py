@@ -39,7 +39,8 @@ CACHED_KEYS = ("image_emb", "text_emb")
 
 def is_batch_global(objective) -> bool:
   """Whether `objective` (a WeightedObjective) needs the whole batch's negatives."""
-  return bool(getattr(objective.fn, "needs_all_negatives", False))
+  from vlp_jax.registry import OBJECTIVES  # pylint: disable=g-import-not-at-top
+  return bool(OBJECTIVES.info(objective.name)["batch_global"])
 
 
 def split_microbatches(tree, accum_steps: int):

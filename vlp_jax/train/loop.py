@@ -29,6 +29,8 @@ class Experiment(setup_lib.TrainSetup):
 
   def __init__(self, config, workdir: str, devices=None):
     super().__init__(config, devices)
+    if config.evals:
+      evaluators.check_config(config)
     self.workdir = workdir
     self.tokenizer = pipeline.make_tokenizer(config.data)
     if self.tokenizer.vocab_size > config.model.text.vocab_size:
