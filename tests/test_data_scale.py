@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests import datagen
-from vlp_jax import cli, config as config_lib
+from vlp_jax import batch_plan, cli, config as config_lib
 from vlp_jax.data import batches, mixture, pipeline, robust, tokenizers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,10 +83,12 @@ def test_process_count_does_not_change_the_global_batch(data):
   elements = pipeline.grain.MapDataset.source(source).seed(0).shuffle().repeat()
   elements = elements.random_map(pipeline._train_transform(config, TOKENIZER))  # pylint: disable=protected-access
   elements = batches.ReplaceBad(elements, len(source), 0)
-  one = batches.ProcessBatches(elements, 8)
+  one = batches.ProcessBatches(elements, batch_plan.make(8))
   assert sum(len(one[b]["_skipped"]) for b in range(6)) >= 2  # bad records were met
   for num in (2, 4):
-    parts = [batches.ProcessBatches(elements, 8, p, num) for p in range(num)]
+    parts = [batches.ProcessBatches(elements, batch_plan.make(8, process_count=num,
+                                                            process_index=p))
+             for p in range(num)]
     for b in range(6):
       local = [part[b] for part in parts]
       assert all(x["image"].shape[0] == 8 // num for x in local)

@@ -13,7 +13,6 @@ any `worker_count`.
 import grain
 import numpy as np
 
-from vlp_jax import errors
 from vlp_jax.data import robust
 
 # Spares tried for one bad element before giving up (then most records are bad).
@@ -73,15 +72,12 @@ class ProcessBatches(grain.MapDataset):
   {'image': [b, ...], 'text': [b, L], '_skipped': [(kind, key, error, source)],
   '_read': int}."""
 
-  def __init__(self, elements: grain.MapDataset, global_batch: int,
-               process_index: int = 0, process_count: int = 1):
+  def __init__(self, elements: grain.MapDataset, plan):
+    """`plan`: a `vlp_jax.batch_plan.BatchPlan` (global batch, this process's rows)."""
     super().__init__(elements)
-    if global_batch % process_count:
-      raise errors.ConfigError(f"batch_size {global_batch} is not divisible by the "
-                               f"number of processes ({process_count}).")
-    self._global = global_batch
-    self._local = global_batch // process_count
-    self._offset = process_index * self._local
+    self._global = plan.global_batch
+    self._local = plan.per_process
+    self._offset = plan.process_offset
 
   def __len__(self):
     return len(self._parent) // self._global

@@ -3,19 +3,10 @@ import collections
 import functools
 
 import grain
-import jax
 from absl import logging
 
-from vlp_jax import errors
+from vlp_jax import batch_plan, errors
 from vlp_jax.data import batches, mixture, robust, sources, sources_wds, tokenizers, transforms
-
-
-def per_process_batch_size(global_batch: int) -> int:
-  n = jax.process_count()
-  if global_batch % n:
-    raise errors.ConfigError(f"batch_size {global_batch} is not divisible by the number "
-                             f"of processes ({n}).")
-  return global_batch // n
 
 
 def _train_transform(config, tokenizer):
@@ -33,7 +24,7 @@ def _is_streamed(spec: str) -> bool:
   return spec.partition(":")[0] == "wds"
 
 
-def train_dataset(config, tokenizer) -> grain.IterDataset:
+def train_dataset(config, tokenizer, plan=None) -> grain.IterDataset:
   """The infinite, deterministic training stream of this process's batches.
 
   Random-access sources (and mixtures of them): global batch b holds elements
@@ -44,15 +35,19 @@ def train_dataset(config, tokenizer) -> grain.IterDataset:
   the same seed, process count and worker count. Each batch carries running bad-record counts as
   `_bad_counts` / `_seen` (pop them with `split_bad_counts`); the iterator's state
   (`get_state`/`set_state`) is saved with every checkpoint.
+
+  `plan` (a `batch_plan.BatchPlan`, default: from the config and process count) gives
+  the global batch and this process's rows.
   """
+  plan = plan or batch_plan.for_processes(config)
   d = config.data
   specs = mixture.train_specs(d)
   name = d.source if len(specs) == 1 and not d.mixture else "mixture(" + ", ".join(
       f"{s}={w:g}" for s, w in specs) + ")"
   if any(_is_streamed(s) for s, _ in specs):
-    stream = _streamed_batches(config, tokenizer, specs)
+    stream = _streamed_batches(config, tokenizer, specs, plan)
   else:
-    stream = _random_access_batches(config, tokenizer, specs)
+    stream = _random_access_batches(config, tokenizer, specs, plan)
   if d.worker_count > 0:
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
   return robust.BadRecordMonitor(stream, name, d.max_bad_fraction)
@@ -72,34 +67,33 @@ def _random_access_elements(config, tokenizer, spec, seed):
   return batches.ReplaceBad(ds, size, seed, spec)
 
 
-def _random_access_batches(config, tokenizer, specs):
+def _random_access_batches(config, tokenizer, specs, plan):
   parts = [_random_access_elements(config, tokenizer, spec, _component_seed(config.seed, k))
            for k, (spec, _) in enumerate(specs)]
   elements = parts[0] if len(parts) == 1 else grain.MapDataset.mix(
       parts, [w for _, w in specs])
-  ds = batches.ProcessBatches(elements, config.batch_size, jax.process_index(),
-                              jax.process_count())
+  ds = batches.ProcessBatches(elements, plan)
   prefetch = max(1, config.data.prefetch)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch,
                                               prefetch_buffer_size=prefetch))
 
 
-def _streamed_batches(config, tokenizer, specs):
+def _streamed_batches(config, tokenizer, specs, plan):
   d = config.data
   parts = []
   for k, (spec, _) in enumerate(specs):
     seed = _component_seed(config.seed, k)
     if _is_streamed(spec):
       ds = sources_wds.open_wds(spec.partition(":")[2], seed, d.shuffle_buffer,
-                                jax.process_index(), jax.process_count())
+                                plan.process_index, plan.process_count)
     else:
       ds = _shuffled_source(config, spec, seed)[0]
-      ds = ds[jax.process_index()::jax.process_count()].to_iter_dataset()
+      ds = ds[plan.process_index::plan.process_count].to_iter_dataset()
     ds = ds.random_map(_train_transform(config, tokenizer), seed=seed)
     parts.append(ds.map(functools.partial(robust.tag_source, spec)))
   elements = parts[0] if len(parts) == 1 else grain.IterDataset.mix(
       parts, [w for _, w in specs])
-  return robust.DropBad(elements).batch(per_process_batch_size(config.batch_size),
+  return robust.DropBad(elements).batch(plan.per_process,
                                         drop_remainder=True, batch_fn=batches.collate)
 
 

@@ -4,7 +4,7 @@ so the benchmark runs where only jax/flax/optax are installed."""
 import flax.linen as nn
 import jax
 
-from vlp_jax import validation
+from vlp_jax import batch_plan, validation
 from vlp_jax import sharding
 from vlp_jax.models import build_model
 from vlp_jax.train import freeze, optim, state as state_lib, step as step_lib
@@ -21,14 +21,7 @@ class TrainSetup:
     self.tx = freeze.apply(self.tx, config.frozen)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules_from_config(config.sharding_rules)
-    shards = sharding.batch_shards(self.mesh, self.rules)
-    micro = config.batch_size // config.accum_steps
-    if micro % shards:
-      raise ValueError(
-          f"The batch of {micro} examples per (micro-)step (batch_size "
-          f"{config.batch_size} / accum_steps {config.accum_steps}) cannot be split over "
-          f"the {shards} data-parallel shards of mesh {dict(self.mesh.shape)}; use a "
-          f"multiple of {shards}.")
+    self.batch = batch_plan.from_mesh(config, self.mesh, self.rules)
     self.abstract = state_lib.unboxed_abstract_state(self.model, self.tx, config, self.mesh)
     self.state_shardings = jax.tree.map(lambda a: a.sharding, self.abstract)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
