@@ -20,7 +20,8 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  """`arg`: 'runlocal' for a one-minute CPU run of the same model family on shapes."""
+  arg = common.parse_arg(arg, runlocal=False)
   c = common.b16_recipe()
   c.batch_size = 32768
   c.total_steps = 390_000
@@ -31,4 +32,4 @@ def get_config(arg=None):
   c.objectives = {"clip": 1.0}
   c.optim.update(lr=5e-4, warmup_steps=2000, weight_decay=0.2, b1=0.9, b2=0.98,
                  eps=1e-6, grad_clip_norm=1.0)
-  return c
+  return common.runlocal(c) if arg.runlocal else c

@@ -15,7 +15,8 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  """`arg`: 'runlocal' for a one-minute CPU run of the same model family on shapes."""
+  arg = common.parse_arg(arg, runlocal=False)
   c = common.b16_recipe()
   c.batch_size = 65536
   c.total_steps = 500_000
@@ -29,4 +30,4 @@ def get_config(arg=None):
 
   c.evals.captioning = common.eval_entry(type="captioning", every=-1,
                                   source="jsonl:data/val.jsonl", size=5000, batch_size=64)
-  return c
+  return common.runlocal(c) if arg.runlocal else c

@@ -32,3 +32,40 @@ def b16_recipe() -> ConfigDict:
                                      source="jsonl:data/val.jsonl", size=5000,
                                      batch_size=256)}
   return c
+
+
+def parse_arg(arg, **defaults) -> ConfigDict:
+  """The recipe argument `NAME.py:a,b=v` as flags over `defaults` (big_vision's
+  convention): a bare name sets a boolean to True. Unknown names are errors."""
+  from vlp_jax import errors  # pylint: disable=g-import-not-at-top
+  out = ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise errors.ConfigKeyError(
+          f"Unknown recipe argument '{key}' in ':{arg}'; this recipe takes "
+          f"{sorted(defaults)} (e.g. --config=configs/clip_b16.py:runlocal).")
+    kind = type(defaults[key])
+    out[key] = True if not eq else (value.lower() in ("1", "true", "yes")
+                                    if kind is bool else kind(value))
+  return out
+
+
+def runlocal(c: ConfigDict) -> ConfigDict:
+  """Shrinks a recipe to a run of a minute on a laptop CPU, keeping its model family,
+  heads and objectives: tiny towers at 64 px on the built-in shapes data, 20 steps,
+  every evaluation on shapes at the end."""
+  c.batch_size, c.total_steps = 32, 20
+  c.log_every, c.checkpoint_every = 5, 10
+  c.model.dtype = "float32"
+  c.model.embed_dim = 64
+  c.model.image.update(variant="", width=64, depth=2, mlp_dim=256, num_heads=2,
+                       patch_size=16)
+  c.model.text.update(vocab_size=48, width=64, depth=2, mlp_dim=256, num_heads=2,
+                      context_length=24)
+  c.model.decoder.update(depth=min(c.model.decoder.depth, 1), num_queries=8)
+  c.data.update(source="shapes", image_size=64, tokenizer="words:shapes", size=0)
+  c.optim.warmup_steps = 5
+  for entry in c.evals.values():
+    entry.update(source="shapes", every=0, size=64, batch_size=32)
+  return c

@@ -16,7 +16,8 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  """`arg`: 'runlocal' for a one-minute CPU run of the same model family on shapes."""
+  arg = common.parse_arg(arg, runlocal=False)
   c = common.b16_recipe()
   c.batch_size = 32768
   c.total_steps = 275_000  # ~9B examples seen.
@@ -34,4 +35,4 @@ def get_config(arg=None):
                  eps=1e-8, grad_clip_norm=1.0)
 
   c.data.normalization = "inception"
-  return c
+  return common.runlocal(c) if arg.runlocal else c

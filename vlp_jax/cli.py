@@ -6,14 +6,14 @@ import sys
 from absl import flags
 
 from vlp_jax import config as config_lib
-from vlp_jax import errors
+from vlp_jax import errors as errors_lib
 
 
 def load_config_file(spec: str):
   """'configs/x.py[:arg]' -> ConfigDict, as ml_collections' config_flags would load it."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise errors.DataPathError(f"Config file not found: '{path}'. Pass a recipe file, "
+    raise errors_lib.DataPathError(f"Config file not found: '{path}'. Pass a recipe file, "
                                "e.g. --config=configs/demo.py.")
   module_spec = importlib.util.spec_from_file_location("_vlp_config", path)
   module = importlib.util.module_from_spec(module_spec)
@@ -47,14 +47,14 @@ def parse_flags_with_config_check(argv):
   """absl flags parser that first reports unknown config keys in one clean message."""
   try:
     errors = override_errors(argv)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, errors_lib.UserError) as e:
     sys.exit(f"error: {e}")
   if errors:
     sys.exit("error: " + "\n       ".join(errors) +
              "\nSee the recipe file (or vlp_jax/config.py) for the valid keys.")
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
+  except (flags.Error, errors_lib.UserError) as e:  # A recipe's get_config(arg) raised.
     sys.exit(f"error: {e}")
 
 

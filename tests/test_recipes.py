@@ -1,0 +1,37 @@
+"""Recipe arguments: `configs/NAME.py:runlocal` and unknown arguments."""
+import pytest
+
+from vlp_jax import cli, errors, validation
+from vlp_jax.perf import flops
+
+B16 = ("clip_b16", "siglip_b16", "coca_b16")
+
+
+@pytest.mark.parametrize("name", B16)
+def test_runlocal_keeps_the_family_and_shrinks_the_run(name):
+  full = cli.load_config_file(f"configs/{name}.py")
+  local = cli.load_config_file(f"configs/{name}.py:runlocal")
+  validation.validate(local)
+  assert local.model.name == full.model.name
+  assert dict(local.objectives) == dict(full.objectives)
+  assert local.model.image.pool == full.model.image.pool
+  assert local.model.use_logit_bias == full.model.use_logit_bias
+  assert local.data.source == "shapes" and local.total_steps <= 20
+  assert all(e.source == "shapes" for e in local.evals.values())
+  # Orders of magnitude less compute per sample than the recipe.
+  assert flops.train_flops_per_sample(local) < flops.train_flops_per_sample(full) / 100
+
+
+def test_unknown_recipe_argument_names_the_valid_ones():
+  with pytest.raises(errors.ConfigKeyError, match=r"Unknown recipe argument 'runlocl'.*"
+                     r"\['runlocal'\]"):
+    cli.load_config_file("configs/clip_b16.py:runlocl")
+
+
+def test_unknown_recipe_argument_on_the_command_line_is_one_line(tmp_path):
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  proc = subprocess.run(
+      [sys.executable, "main.py", "--config=configs/clip_b16.py:runlocl",
+       f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert "error: Unknown recipe argument 'runlocl'" in proc.stderr
