@@ -3,11 +3,17 @@ from vlp_jax import config as config_lib
 from vlp_jax.config import ConfigDict
 
 
-def eval_entry(**values) -> ConfigDict:
-  """An entry of `config.evals` holding every evaluator key (so each is overridable
-  from the command line), with `values` set."""
-  entry = ConfigDict(config_lib.EVAL_KEYS)
-  entry.update(values)
+def eval_entry(type: str, **values) -> ConfigDict:  # pylint: disable=redefined-builtin
+  """An entry of `config.evals` for evaluator `type` holding the common keys and the
+  evaluator's own options with their defaults (so each is overridable from the command
+  line, e.g. --config.evals.zeroshot.templates=imagenet), with `values` set. A string
+  for an option whose default is a tuple becomes a one-element tuple."""
+  from vlp_jax import evaluators  # pylint: disable=g-import-not-at-top
+  entry = ConfigDict(evaluators.defaults(type))
+  for key, value in values.items():
+    if isinstance(entry.get(key), tuple) and isinstance(value, str):
+      value = (value,)
+    entry[key] = value  # An unknown key stays, for validation to name.
   return entry
 
 

@@ -34,7 +34,8 @@ def get_config(arg=None):
                 normalization="inception")
 
   c.evals = {
-      "zeroshot": common.eval_entry(type="zeroshot", every=200, split="validation", size=480),
+      "zeroshot": common.eval_entry(type="zeroshot", every=200, split="validation", size=480,
+                                    templates="shapes"),  # vocabulary of words:shapes
       "retrieval": common.eval_entry(type="retrieval", every=200, split="validation", size=480),
       "captioning": common.eval_entry(type="captioning", every=0, split="validation", size=240),
   }

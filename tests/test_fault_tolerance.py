@@ -32,8 +32,8 @@ def nan_probe(outputs, batch, cfg):
   return loss, {"loss": loss}
 
 
-if "nan_probe" not in OBJECTIVES:
-  OBJECTIVES.register("nan_probe")(nan_probe)
+OBJECTIVES.register("nan_probe", replace=True, reads=("image_emb",),
+                    batch_keys=("image",))(nan_probe)
 
 
 def probe_config(**kw):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from vlp_jax.data import shapes
+from vlp_jax.data import shapes, tokenizers
 from vlp_jax.registry import SOURCES
 
 
@@ -120,9 +120,15 @@ def test_registry_factory_and_image_size():
   assert len(src) == 3 and src[0]["image"].shape == (32, 32, 3)
 
 
-def test_class_prompts():
-  assert len(shapes.PROMPT_TEMPLATES) >= 5
-  assert all("{}" in t for t in shapes.PROMPT_TEMPLATES)
-  prompts = shapes.class_prompts("orange cross")
-  assert "a photo of an orange cross." in prompts
+def test_zero_shot_prompts_fit_the_word_vocabulary():
+  """The zero-shot evaluator's 'shapes' templates fix "a"/"an" and use only words of
+  the `words:shapes` vocabulary."""
+  from vlp_jax.evaluators import templates  # pylint: disable=g-import-not-at-top
+  shapes_set = templates.resolve("shapes", "shapes", None, "templates")
+  prompts = shapes_set.prompts("orange cross")
+  assert "a photo of an orange cross." in prompts and len(prompts) >= 5
   assert all("orange cross" in p for p in prompts)
+  tok = tokenizers.get_tokenizer("words:shapes")
+  for name in shapes.CLASS_NAMES:
+    for p in shapes_set.prompts(name):
+      assert tok.unk_id not in tok.encode(p), p

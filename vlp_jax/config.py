@@ -16,10 +16,14 @@ ConfigDict = ml_collections.ConfigDict
 # Sub-trees whose keys are chosen by the user (names of objectives, evals, mesh axes).
 OPEN_KEYS = ("objectives", "objective_cfg", "evals", "mesh", "sharding_rules")
 
-# Keys an entry of `config.evals` may have.
-EVAL_KEYS = {
+# Keys every entry of `config.evals` has, read by `train/evaluation.py`: the evaluator
+# ('' = the entry's name), its period in steps (0 = only at the end, < 0 = off), the
+# source ('' = config.data.source), split, examples (0 = all) and batch size. Each
+# evaluator adds its own options (registered with it; `vlp_jax/evaluators/`), and
+# `evaluators.check_config` checks the entries.
+EVAL_COMMON_KEYS = {
     "type": "", "every": 0, "source": "", "split": "validation", "size": 0,
-    "batch_size": 64, "max_len": 0, "log_examples": 5,
+    "batch_size": 64,
 }
 
 
@@ -290,11 +294,9 @@ MODEL_RANGES = {
                  "num_queries": (True, _GE1, ">= 1",
                                  "image tokens the decoder cross-attends to")},
 }
-EVAL_RANGES = {
+EVAL_RANGES = {  # Of EVAL_COMMON_KEYS; an evaluator checks its own options.
     "batch_size": (True, _GE1, ">= 1", "examples per evaluation batch"),
     "size": (True, _GE0, ">= 0", "examples evaluated; 0 = all"),
-    "max_len": (True, _GE0, ">= 0", "0 = the default"),
-    "log_examples": (True, _GE0, ">= 0", "examples written to the log"),
 }
 # transforms.NORMALIZATIONS (not imported here: it needs grain).
 NORMALIZATIONS = ("clip", "inception", "unit")

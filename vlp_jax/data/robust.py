@@ -57,7 +57,7 @@ class SafeSource:
       return {"_bad": bad_kind(e), "key": f"{self.name}[{index}]", "error": str(e)[:200],
               "source": self.name}
 
-  def __getattr__(self, name):  # class_names, class_prompts, ...
+  def __getattr__(self, name):  # class_names, root, ...
     if name.startswith("__") or name == "source":  # Unpickling in worker processes.
       raise AttributeError(name)
     return getattr(self.source, name)

@@ -34,15 +34,11 @@ POSITIONS: List[str] = [
 
 CLASS_NAMES: List[str] = [f"{c} {s}" for c in COLOR_NAMES for s in SHAPES]
 
-# Zero-shot prompt templates; fill with `class_prompts` to get "an orange ...".
-PROMPT_TEMPLATES: List[str] = [
-    "a photo of a {}.",
-    "a {} on a plain background.",
-    "an image showing a {}.",
-    "a picture of a {}.",
-    "a simple drawing of a {}.",
-    "a {}.",
-]
+# The words of the zero-shot evaluator's 'shapes' prompt templates
+# (vlp_jax/evaluators/templates.py): `vocabulary()` (the `words:shapes` tokenizer) covers
+# them as well as the captions'.
+_PROMPT_WORDS: List[str] = ["a", "photo", "of", "on", "plain", "background", "an", "image",
+                            "showing", "picture", "simple", "drawing", "."]
 
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 DEFAULT_SIZES = {"train": 1_000_000, "validation": 2_400, "test": 2_400}
@@ -122,9 +118,6 @@ class ShapesSource:
   def class_names(self) -> List[str]:
     """Zero-shot class names (single-shape examples carry their index as 'label')."""
     return list(CLASS_NAMES)
-
-  def class_prompts(self, class_name: str) -> List[str]:
-    return class_prompts(class_name)
 
   def __repr__(self) -> str:
     return (f"ShapesSource(split={self.split!r}, size={self.size}, seed={self.seed}, "
@@ -244,15 +237,10 @@ def _articles(text: str) -> str:
 
 def vocabulary() -> List[str]:
   """Every word and punctuation mark that captions and prompts can contain."""
-  texts = _FULL_TEMPLATES + _SHORT_TEMPLATES + _TWO_TEMPLATES + PROMPT_TEMPLATES
+  texts = _FULL_TEMPLATES + _SHORT_TEMPLATES + _TWO_TEMPLATES + _PROMPT_WORDS
   texts = texts + COLOR_NAMES + SHAPES + SIZES + POSITIONS + ["an"]
   words = re.findall(r"[a-z0-9]+|[^\sa-z0-9]", re.sub(r"\{\w*\}", " ", " ".join(texts)))
   return sorted(set(words))
-
-
-def class_prompts(class_name: str) -> List[str]:
-  """All `PROMPT_TEMPLATES` filled with `class_name`, with "a"/"an" fixed."""
-  return [_articles(t.format(class_name)) for t in PROMPT_TEMPLATES]
 
 
 @SOURCES.register("shapes")

@@ -26,27 +26,8 @@ from vlp_jax.registry import SOURCES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
-# CLIP-style zero-shot prompt templates (a subset of the 80 ImageNet ones).
-PROMPT_TEMPLATES: List[str] = [
-    "a photo of a {}.",
-    "a bad photo of a {}.",
-    "a photo of many {}.",
-    "a low resolution photo of the {}.",
-    "a cropped photo of the {}.",
-    "a close-up photo of a {}.",
-    "a photo of the large {}.",
-    "a photo of the small {}.",
-    "a good photo of the {}.",
-    "itap of a {}.",
-]
-
 _SEPARATORS = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|",
                "space": " "}
-
-
-def class_prompts(class_name: str) -> List[str]:
-  """`PROMPT_TEMPLATES` filled with `class_name`; the first is 'a photo of a X.'."""
-  return [t.format(class_name) for t in PROMPT_TEMPLATES]
 
 
 def split_options(arg: str, source: str, allowed: Tuple[str, ...]) -> Tuple[str, Dict[str, str]]:
@@ -181,6 +162,8 @@ class ImageFolderSource:
 
   Class names are the folder names with '_' -> ' ', or come from DIR/classnames.txt
   (one per line, in sorted-folder order) or DIR/classnames.json ({folder: name}).
+  `root` is DIR: the zero-shot evaluator reads its prompt templates from
+  DIR/templates.txt when there is one (vlp_jax/evaluators/templates.py).
   With `size`, an evenly spaced subset of the (class-sorted) images is kept, so every
   class stays represented.
   """
@@ -234,9 +217,6 @@ class ImageFolderSource:
                          f"{' ...' if len(missing) > 5 else ''}.")
       return [str(mapping[d]) for d in self.class_folders]
     return [d.replace("_", " ") for d in self.class_folders]
-
-  def class_prompts(self, class_name: str) -> List[str]:
-    return class_prompts(class_name)
 
   def __len__(self):
     return len(self.records)

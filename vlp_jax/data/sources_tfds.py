@@ -16,8 +16,8 @@ style, joined by '&'):
 The dataset must be prepared in a random-access format (ArrayRecord), e.g.
 `tfds build NAME --file_format=array_record --data_dir=DIR`.
 
-Label fields become text = class name and the source gains `class_names` /
-`class_prompts` for zero-shot evaluation.
+Label fields become text = class name and the source gains `class_names` for zero-shot
+evaluation (whose prompt templates are the evaluator's option).
 """
 import json
 import os
@@ -133,9 +133,6 @@ class TfdsSource:
       self.class_names = [n.replace("_", " ") for n in names]
     total = len(self._source)
     self.size = min(size, total) if size else total
-
-  def class_prompts(self, class_name: str) -> List[str]:
-    return sources_files.class_prompts(class_name)
 
   def __len__(self):
     return self.size

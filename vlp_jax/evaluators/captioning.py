@@ -1,12 +1,27 @@
-"""Captioning: greedy decoding, BLEU-4 and CIDEr-D against the reference captions."""
+"""Captioning: greedy decoding, BLEU-4 and CIDEr-D against the reference captions.
+
+Option `log_examples`: how many (caption, reference) pairs are written to the log.
+Captions are decoded up to config.model.text.context_length tokens.
+"""
 import numpy as np
 from absl import logging
 
+from vlp_jax import config as config_lib
 from vlp_jax.evaluators import common, metrics
 from vlp_jax.registry import EVALUATORS
 
 
-@EVALUATORS.register("captioning")
+OPTION_RANGES = {
+    "log_examples": (True, lambda v: v >= 0, ">= 0",
+                     "captions written to the log with their first reference"),
+}
+
+
+def check(cfg, where):
+  config_lib._check_numbers(cfg, where, OPTION_RANGES)  # pylint: disable=protected-access
+
+
+@EVALUATORS.register("captioning", options={"log_examples": 5}, check=check)
 def captioning(predict_fns, params, cfg):
   """BLEU-4, CIDEr-D and, where examples carry 'keywords', the keyword accuracy."""
   if "generate" not in predict_fns:

@@ -1,11 +1,14 @@
-"""Shared evaluator plumbing: loading the eval set and running fixed-size batches."""
-import numpy as np
+"""Shared evaluator plumbing: loading the eval set and running fixed-size batches.
 
-from vlp_jax.data import pipeline
+The data stack (grain) is imported when an evaluator runs, not when this package is
+imported: recipes and tools that only read configs import `vlp_jax.evaluators`.
+"""
+import numpy as np
 
 
 def load_eval_set(cfg):
-  """(examples MapDataset, source) for the evaluator's `source` / `split` / `size`."""
+  """(list of examples, source) for the evaluator's `source` / `split` / `size`."""
+  from vlp_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.eval_examples(cfg.source, cfg.split, cfg.size, cfg.data)
 
 

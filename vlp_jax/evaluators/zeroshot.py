@@ -1,10 +1,15 @@
-"""Zero-shot classification: class names x prompt templates, prompt ensembling."""
+"""Zero-shot classification: class names x prompt templates, prompt ensembling.
+
+Option `templates` (see `templates.py`): the user's own list of templates with '{}', a
+built-in set ('imagenet', 'shapes') or a file; by default an imagefolder's
+templates.txt, else the source kind's built-in set, else 'imagenet'.
+"""
 import numpy as np
+from absl import logging
 
 from vlp_jax.evaluators import common, metrics
+from vlp_jax.evaluators import templates as templates_lib
 from vlp_jax.registry import EVALUATORS
-
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 def class_embeddings(predict_fns, params, class_names, prompts_fn, batch_size):
@@ -20,16 +25,22 @@ def class_embeddings(predict_fns, params, class_names, prompts_fn, batch_size):
   return np.stack(out)
 
 
-@EVALUATORS.register("zeroshot")
+def check(cfg, where):
+  templates_lib.check(cfg.templates, f"{where}.templates")
+
+
+@EVALUATORS.register("zeroshot", options={"templates": ()}, check=check)
 def zeroshot(predict_fns, params, cfg):
   """top-1 / top-5 accuracy of labelled eval images against prompt-ensembled classes."""
   ds, source = common.load_eval_set(cfg)
   if not hasattr(source, "class_names"):
     raise ValueError(f"Zero-shot source '{cfg.source}' has no class names; use a "
                      "labelled source (e.g. 'shapes').")
-  prompts_fn = getattr(source, "class_prompts",
-                       lambda name: [t.format(name) for t in DEFAULT_TEMPLATES])
-  classes = class_embeddings(predict_fns, params, source.class_names, prompts_fn,
+  where = f"config.evals.{cfg.get('name', cfg.type)}.templates"
+  templates = templates_lib.resolve(cfg.templates, cfg.source, source, where)
+  logging.info("%s: %d prompt templates from %s.", where, len(templates.templates),
+               templates.origin)
+  classes = class_embeddings(predict_fns, params, source.class_names, templates.prompts,
                              cfg.batch_size)
   image_emb, examples = common.embed_images(predict_fns, params, ds, cfg.batch_size)
   labels = np.array([e.get("label", -1) for e in examples])

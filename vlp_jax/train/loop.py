@@ -7,7 +7,6 @@ import time
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -16,8 +15,8 @@ from vlp_jax import config as config_lib, errors
 from vlp_jax import evaluators, objectives, sharding  # pylint: disable=unused-import
 from vlp_jax.perf import flops as flops_lib
 from vlp_jax.data import pipeline
-from vlp_jax.registry import EVALUATORS
-from vlp_jax.train import checkpoint, metric_writer as metrics_lib, predict, signals
+from vlp_jax.train import checkpoint, evaluation, metric_writer as metrics_lib, predict
+from vlp_jax.train import signals
 from vlp_jax.train import prefetch, profiler as profiler_lib
 from vlp_jax.train import best as best_lib, init_from, nonfinite, preemption
 from vlp_jax.train import startup_checks, workdir_lock
@@ -42,32 +41,13 @@ class Experiment(setup_lib.TrainSetup):
     self.is_chief = jax.process_index() == 0
 
   def eval_configs(self):
-    """name -> (period, full evaluator cfg) for the enabled evals."""
-    out = {}
-    for name, ev in self.config.evals.items():
-      cfg = ml_collections.ConfigDict(config_lib.EVAL_KEYS)
-      cfg.update(ev)
-      if cfg.every < 0:
-        continue
-      cfg.source = cfg.source or self.config.data.source
-      cfg.type = cfg.type or name
-      cfg.data = self.config.data
-      out[name] = cfg
-    return out
+    """name -> evaluator cfg (`cfg.every`: its period) of the enabled evals."""
+    return evaluation.eval_configs(self.config)
 
   def run_evals(self, params, step, names=None):
-    results = {}
-    for name, cfg in self.eval_configs().items():
-      if names is not None and name not in names:
-        continue
-      t0 = time.time()
-      with jax.set_mesh(self.mesh):
-        res = EVALUATORS.get(cfg.type)(self.predict_fns, params, cfg)
-      logging.info("eval %s at step %d (%.1fs): %s", name, step, time.time() - t0,
-                   ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in res.items()))
-      results.update({f"eval/{name}/{k}": v for k, v in res.items()})
-    return results
+    """{'eval/NAME/METRIC': value} of the enabled evals (only `names` if given)."""
+    return evaluation.run_evals(self.eval_configs(), self.predict_fns, params, step,
+                                mesh=self.mesh, names=names)
 
 
 def _write_config(config, workdir):
