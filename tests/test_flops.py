@@ -16,6 +16,30 @@ def test_clip_b16_matches_published_count():
   assert flops.train_flops_per_sample(c) / 1e9 == pytest.approx(123.0, rel=0.02)
 
 
+# Per-sample forward multiply-adds of the recipes (train=True) and their image / text
+# tower train FLOPs, as counted before the families owned their counts: exact.
+PINNED = {
+    "clip_b16": ({"image": 17563060224, "text": 2979508224, "decoder": 0,
+                  "heads": 655360, "logits": 16777216}, 105380720640, 17878622208),
+    "siglip_b16": ({"image": 17708292096, "text": 2979508224, "decoder": 0,
+                    "heads": 983040, "logits": 25165824}, 106253291520, 17879408640),
+    "coca_b16": ({"image": 19627186176, "text": 2979508224, "decoder": 7264645120,
+                  "heads": 655360, "logits": 33554432}, 106252111872, 17878622208),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_recipe_counts_are_pinned(name):
+  c = {"clip_b16": clip_b16, "siglip_b16": siglip_b16,
+       "coca_b16": coca_b16}[name].get_config()
+  parts, image, text = PINNED[name]
+  macs = flops.forward_macs(c)
+  assert macs == parts and list(macs) == ["image", "text", "decoder", "heads", "logits"]
+  assert flops.train_flops_per_sample(c) == 6.0 * sum(parts.values())
+  assert flops.tower_train_flops_per_sample(c, "image") == image
+  assert flops.tower_train_flops_per_sample(c, "text") == text
+
+
 def test_other_recipes_and_patch_dropout():
   # open_clip's profile: SigLIP-B/16 (MAP head) 46.44 GFLOP forward, but at 256 px
   # with a 64-token text tower; here only check the image tower grows with the MAP head.

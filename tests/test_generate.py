@@ -1,4 +1,5 @@
 """Greedy caption generation against a naive token-by-token reference (tiny CoCa)."""
+import types
 import zlib
 
 import flax.linen as nn
@@ -10,6 +11,7 @@ import pytest
 from vlp_jax import models
 from vlp_jax.config import default_config
 from vlp_jax.models import generate
+from vlp_jax.train import predict
 
 B = 4  # Images.
 S = 16  # Image size (4x4 patches).
@@ -144,3 +146,15 @@ def test_greedy_stops_at_eos_or_pad(setup, token, other):
     pytest.fail(f"No bias of token {token} gives captions ending at different steps.")
   got = check_against_reference(setup, biased)
   assert all(got[i, s] == token for i, s in enumerate(stop_positions(got)) if s < L)
+
+
+def test_predictors_generate_only_for_captioners():
+  """`generate` comes with families that have encode_image + decode (interface.py)."""
+  tokenizer = types.SimpleNamespace(tokenize=None, decode=None, bos_id=BOS, eos_id=EOS,
+                                    pad_id=PAD)
+  coca = models.build_model(tiny_coca_config())
+  assert set(predict.make_predict_fns(coca, tokenizer, L)) == {
+      "embed_image", "embed_text", "generate", "tokenize", "detokenize"}
+  c = tiny_coca_config()
+  c.name = "two_tower"
+  assert "generate" not in predict.make_predict_fns(models.build_model(c), tokenizer, L)

@@ -17,7 +17,7 @@ import pytest
 from vlp_jax import models
 from vlp_jax import sharding
 from vlp_jax.config import default_config
-from vlp_jax.models import layers, text, two_tower, vit
+from vlp_jax.models import builders, layers, text, vit
 
 B = 2  # Batch.
 S = 16  # Image size.
@@ -376,13 +376,13 @@ def test_parse_variant():
 def test_tower_kwargs_variant_and_overrides():
   c = tiny_config(image=dict(variant="S/32", width=0, depth=3, mlp_dim=0, num_heads=0,
                              patch_size=0))
-  kw = two_tower.tower_kwargs(c.image, jnp.float32)
+  kw = builders.tower_kwargs(c.image, jnp.float32)
   assert kw == dict(width=384, depth=3, mlp_dim=1536, num_heads=6, patch_size=32,
                     pool="cls", dtype=jnp.float32, dropout=0.0, patch_dropout=0.0,
                     opts=layers.TransformerOptions())
   c.image.update(variant="", depth=0)
   with pytest.raises(ValueError, match="depth"):
-    two_tower.tower_kwargs(c.image, jnp.float32)
+    builders.tower_kwargs(c.image, jnp.float32)
 
 
 # ------------------------------------------------------------------------------ text

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests import test_train
+from vlp_jax import validation
 from vlp_jax.perf import benchmark
 from vlp_jax.models import build_model, convert, layers, vit
 from vlp_jax.train import step as step_lib

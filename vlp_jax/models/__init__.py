@@ -1,26 +1,38 @@
-"""Models: towers and full image-text models, built from `config.model` by name."""
+"""Models: towers and full image-text models, built from `config.model` by name.
+
+Each model family is one module registering its class with `@MODELS.register(name)`
+and following `interface.py`; importing this package registers the built-in ones.
+"""
 import jax.numpy as jnp
 
 from vlp_jax import errors
-from vlp_jax.models import coca, layers, two_tower
+from vlp_jax.models import coca  # pylint: disable=unused-import  (registers 'coca')
+from vlp_jax.models import interface
+from vlp_jax.models import layers
+from vlp_jax.models import two_tower  # pylint: disable=unused-import  (registers)
 from vlp_jax.registry import MODELS
 
-MODELS.register("two_tower")(two_tower.TwoTower)
-MODELS.register("coca")(coca.CoCa)
-
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def family(name: str):
+  """The class registered as model `name`, checked against `interface.ModelFamily`
+  (a TypeError naming the family and what it lacks)."""
+  cls = MODELS.get(name)
+  interface.check_family(name, cls)
+  return cls
 
 
 def build_model(model_cfg):
   """Instantiates the registered model `model_cfg.name` with compute dtype `model_cfg.dtype`."""
   if model_cfg.dtype not in DTYPES:
     raise ValueError(f"model.dtype '{model_cfg.dtype}' is not one of {sorted(DTYPES)}.")
-  return MODELS.get(model_cfg.name)(config=model_cfg, dtype=DTYPES[model_cfg.dtype])
+  return family(model_cfg.name)(config=model_cfg, dtype=DTYPES[model_cfg.dtype])
 
 
 def output_names(model_cfg) -> frozenset:
   """The outputs the model `model_cfg.name` produces under `model_cfg`."""
-  return MODELS.get(model_cfg.name).outputs(model_cfg)
+  return family(model_cfg.name).outputs(model_cfg)
 
 
 def output_switch(name: str, output: str) -> str:
@@ -30,13 +42,25 @@ def output_switch(name: str, output: str) -> str:
 
 def producers(output: str, model_cfg) -> list:
   """Names of the registered models that produce `output` (under `model_cfg`'s other
-  settings)."""
-  return [n for n in MODELS.names() if output in MODELS.get(n).outputs(model_cfg)]
+  settings); families that do not follow the interface are left out."""
+  return [n for n in MODELS.names() if not interface.problems(MODELS.get(n))
+          and output in MODELS.get(n).outputs(model_cfg)]
+
+
+def forward_macs(config, train: bool = True) -> dict:
+  """Per-sample forward multiply-adds by part of the model `config.model.name`."""
+  return family(config.model.name).forward_macs(config, train)
+
+
+def tower_macs(config, tower: str, train: bool = True) -> int:
+  """Per-sample multiply-adds of one tower (`embed_image` / `embed_text`) alone."""
+  return family(config.model.name).tower_macs(config, tower, train)
 
 
 def check_config(model_cfg) -> None:
-  """The model family is registered and its implementation switches are known."""
-  MODELS.get(model_cfg.name)
+  """The model family is registered, follows the interface, and its implementation
+  switches are known."""
+  family(model_cfg.name)
   if model_cfg.dtype not in DTYPES:
     raise errors.ConfigError(f"config.model.dtype='{model_cfg.dtype}' is not one of "
                              f"{sorted(DTYPES)}.")

@@ -1,4 +1,5 @@
-"""Greedy caption decoding for models with a `decode(tokens, context)` method (CoCa)."""
+"""Greedy caption decoding for models with `encode_image` and `decode(tokens, context)`
+(`interface.Captioner`: CoCa)."""
 import jax
 import jax.numpy as jnp
 

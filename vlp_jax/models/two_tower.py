@@ -2,39 +2,11 @@
 import flax.linen as nn
 import ml_collections
 
-from vlp_jax.models import heads, layers, text, vit
+from vlp_jax.models import builders, heads, layers, macs, text, vit
+from vlp_jax.registry import MODELS
 
 
-def tower_kwargs(cfg: ml_collections.ConfigDict, dtype, opts=None):
-  """Image-tower keyword arguments from `model.image` (variant plus explicit fields)."""
-  kw = vit.parse_variant(cfg.get("variant"))
-  for key in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
-    if cfg.get(key):
-      kw[key] = cfg[key]
-  missing = {"width", "depth", "mlp_dim", "num_heads", "patch_size"} - set(kw)
-  if missing:
-    raise ValueError(f"model.image needs a variant like 'B/16' or explicit "
-                     f"{sorted(missing)}.")
-  return dict(kw, pool=cfg.pool, dtype=dtype, dropout=cfg.get("dropout", 0.0),
-              patch_dropout=cfg.get("patch_dropout", 0.0),
-              opts=opts or layers.TransformerOptions())
-
-
-def text_kwargs(cfg: ml_collections.ConfigDict, dtype, causal=None, pool=None,
-                opts=None):
-  return dict(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth,
-              mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads,
-              context_length=cfg.context_length,
-              causal=cfg.causal if causal is None else causal,
-              pool=cfg.pool if pool is None else pool, dtype=dtype,
-              dropout=cfg.get("dropout", 0.0), opts=opts or layers.TransformerOptions())
-
-
-def scale_kwargs(cfg: ml_collections.ConfigDict):
-  return dict(scale_init=cfg.logit_scale_init, max_scale=cfg.logit_scale_max,
-              bias_init=cfg.logit_bias_init, use_bias=cfg.use_logit_bias)
-
-
+@MODELS.register("two_tower")
 class TwoTower(nn.Module):
   """Outputs image_emb/text_emb (normalised), image_tokens/text_tokens, logit_scale(/bias)."""
   config: ml_collections.ConfigDict
@@ -49,14 +21,38 @@ class TwoTower(nn.Module):
     out = {"image_emb", "text_emb", "image_tokens", "text_tokens", "logit_scale"}
     return frozenset(out | ({"logit_bias"} if cfg.use_logit_bias else set()))
 
+  @classmethod
+  def forward_macs(cls, config, train=True):
+    """Per-sample forward multiply-adds: image and text towers, the two projections
+    ('heads'), one row of the contrastive logits; no decoder."""
+    m = config.model
+    n = macs.image_tokens(m, config.data.image_size, train)
+    width = builders.tower_kwargs(m.image, None)["width"]
+    return {"image": macs.vit_macs(m.image, n), "text": macs.text_macs(m.text),
+            "decoder": 0, "heads": (width + m.text.width) * m.embed_dim,
+            "logits": macs.contrastive_logits_macs(config)}
+
+  @classmethod
+  def tower_macs(cls, config, tower, train=True):
+    """`embed_image` / `embed_text`: the tower and its projection."""
+    m = config.model
+    if tower == "image":
+      n = macs.image_tokens(m, config.data.image_size, train)
+      width = builders.tower_kwargs(m.image, None)["width"]
+      return macs.vit_macs(m.image, n) + width * m.embed_dim
+    if tower == "text":
+      return macs.text_macs(m.text) + m.text.width * m.embed_dim
+    raise ValueError(f"tower must be 'image' or 'text', got {tower!r}.")
+
   def setup(self):
     cfg = self.config
     opts = layers.options_from_config(cfg)
-    self.img = vit.ViT(**tower_kwargs(cfg.image, self.dtype, opts))
-    self.txt = text.TextTransformer(**text_kwargs(cfg.text, self.dtype, opts=opts))
+    self.img = vit.ViT(**builders.tower_kwargs(cfg.image, self.dtype, opts))
+    self.txt = text.TextTransformer(**builders.text_kwargs(cfg.text, self.dtype,
+                                                           opts=opts))
     self.img_proj = heads.Projection(cfg.embed_dim, self.dtype)
     self.txt_proj = heads.Projection(cfg.embed_dim, self.dtype)
-    self.scale = heads.LogitScale(**scale_kwargs(cfg))
+    self.scale = heads.LogitScale(**builders.scale_kwargs(cfg))
 
   def embed_image(self, images, train=False):
     pooled, tokens = self.img(images, train=train)

@@ -183,7 +183,8 @@ class TowerBenchmark(StepBenchmark):
   """Forward + backward of one tower alone: the gradient of sum(embedding^2) with
   respect to the parameters that tower uses; no other tower, loss or optimizer.
   Isolates a tower's speed (e.g. FLIP patch dropout, which only shortens the image
-  tower); FLOPs are that tower's 3 x forward (with its projection head)."""
+  tower); FLOPs are that tower's 3 x forward (with its projection head), as the model
+  family counts it (`tower_macs`, models/interface.py)."""
 
   def __init__(self, config, tower: str = "image", devices=None):
     if tower not in _TOWER_METHODS:

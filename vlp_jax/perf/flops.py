@@ -11,62 +11,17 @@ import time
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models import two_tower, vit
-
-
-def attention_macs(lq: int, lk: int, width: int, kv_width: int = None) -> int:
-  """Multiply-adds of one attention layer: q/k/v/out projections plus QK^T and AV."""
-  kv_width = width if kv_width is None else kv_width
-  proj = 2 * lq * width * width + 2 * lk * kv_width * width
-  return proj + 2 * lq * lk * width
-
-
-def block_macs(length: int, width: int, mlp_dim: int, context: int = 0) -> int:
-  """Multiply-adds of one pre-LN block (self-attention, optional cross-attention, MLP)."""
-  macs = attention_macs(length, length, width) + 2 * length * width * mlp_dim
-  if context:
-    macs += attention_macs(length, context, width)
-  return macs
-
-
-def pool_macs(num_queries: int, tokens: int, width: int, mlp_dim: int) -> int:
-  """Multiply-adds of a MAP / attentional pooler (probes attend to the tokens + MLP)."""
-  return attention_macs(num_queries, tokens, width) + 2 * num_queries * width * mlp_dim
-
-
-def image_tokens(model_cfg, image_size: int, train: bool = True) -> int:
-  """Patch tokens the image tower processes (after patch dropout when training)."""
-  kw = two_tower.tower_kwargs(model_cfg.image, None)
-  n = (image_size // kw["patch_size"]) ** 2
-  p = model_cfg.image.get("patch_dropout", 0.0)
-  return vit.num_kept_patches(n, p) if train and p > 0 else n
+from vlp_jax import models
+# The shared primitives, re-exported: each model family adds them up itself.
+from vlp_jax.models.macs import (  # pylint: disable=unused-import
+    attention_macs, block_macs, image_tokens, pool_macs)
 
 
 def forward_macs(config, train: bool = True) -> dict:
-  """Per-sample forward multiply-adds by part: image, text, decoder, heads."""
-  m = config.model
-  kw = two_tower.tower_kwargs(m.image, None)
-  w, mlp, p = kw["width"], kw["mlp_dim"], kw["patch_size"]
-  n = image_tokens(m, config.data.image_size, train)
-  pool = "none" if m.name == "coca" else m.image.pool
-  seq = n + (pool == "cls")
-  image = n * p * p * 3 * w + kw["depth"] * block_macs(seq, w, mlp)
-  if pool == "map":
-    image += pool_macs(1, seq, w, mlp)
-  t = m.text
-  length = t.context_length
-  text = t.depth * block_macs(length, t.width, t.mlp_dim)
-  heads = (w + t.width) * m.embed_dim  # the two projections to the shared space
-  decoder = 0
-  if m.name == "coca":
-    q = m.decoder.num_queries
-    image += pool_macs(1, n, w, mlp) + pool_macs(q, n, w, mlp) + q * w * t.width
-    decoder = (m.decoder.depth * block_macs(length, t.width, t.mlp_dim, context=q)
-               + length * t.width * t.vocab_size)
-  # Contrastive logits: one row of the B x B similarity matrix per sample.
-  logits = config.batch_size * m.embed_dim
-  return {"image": image, "text": text, "decoder": decoder, "heads": heads,
-          "logits": logits}
+  """Per-sample forward multiply-adds by part, as the model family `config.model.name`
+  counts them (its `forward_macs`; two_tower and coca: image, text, decoder, heads,
+  logits). A family without a count is a TypeError, never a guessed MFU."""
+  return models.forward_macs(config, train)
 
 
 def train_flops_per_sample(config) -> float:
@@ -75,21 +30,10 @@ def train_flops_per_sample(config) -> float:
 
 
 def tower_train_flops_per_sample(config, tower: str) -> float:
-  """Model FLOPs of one sample through one tower alone ('image' or 'text', with its
-  projection to the shared space; for CoCa's image tower, without the caption pooler):
-  3 x forward, 2 FLOPs per multiply-add."""
-  m = config.model
-  macs = forward_macs(config, train=True)[tower]
-  if tower == "image":
-    kw = two_tower.tower_kwargs(m.image, None)
-    width = kw["width"]
-    if m.name == "coca":
-      n = image_tokens(m, config.data.image_size, train=True)
-      q = m.decoder.num_queries
-      macs -= pool_macs(q, n, width, kw["mlp_dim"]) + q * width * m.text.width
-  else:
-    width = m.text.width
-  return 3.0 * 2.0 * (macs + width * m.embed_dim)
+  """Model FLOPs of one sample through one tower alone ('image' or 'text': what the
+  family's `embed_image` / `embed_text` computes, projection included, as its
+  `tower_macs` counts it): 3 x forward, 2 FLOPs per multiply-add."""
+  return 3.0 * 2.0 * models.tower_macs(config, tower, train=True)
 
 
 def forward_gflops_by_part(config, train: bool = False) -> dict:

@@ -1,9 +1,11 @@
-"""Jitted inference functions handed to evaluators (`predict_fns`)."""
+"""Jitted inference functions handed to evaluators (`predict_fns`), from what every
+model family provides (`models/interface.py`): `embed_image`, `embed_text`, and for
+families that generate, `encode_image` + `decode`."""
 import functools
 
 import jax
 
-from vlp_jax.models import generate
+from vlp_jax.models import generate, interface
 
 
 def make_predict_fns(model, tokenizer, context_length: int):
@@ -22,7 +24,7 @@ def make_predict_fns(model, tokenizer, context_length: int):
       "tokenize": lambda texts: tokenizer.tokenize(list(texts), context_length),
       "detokenize": tokenizer.decode,
   }
-  if hasattr(model, "decode"):
+  if interface.can_generate(model):
     fns["generate"] = jax.jit(functools.partial(
         generate.greedy_generate, model, max_len=context_length,
         bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id),

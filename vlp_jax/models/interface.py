@@ -1,0 +1,137 @@
+"""What a model family provides: the contract between a model and the rest of vlp_jax.
+
+A family is one flax module class in its own file, registered by name::
+
+    @MODELS.register("my_model")
+    class MyModel(nn.Module):
+      config: ml_collections.ConfigDict   # config.model
+      dtype: Any                          # compute dtype
+      ...
+
+`build_model(config.model)` instantiates `MODELS.get(config.model.name)(config=...,
+dtype=...)` after `check_family` has checked the class against `ModelFamily` below
+(a TypeError naming the family and everything it lacks). Who uses what:
+
+- objectives' config checks: `outputs(cfg)` and `OUTPUT_SWITCHES`;
+- the train step: `__call__(batch, train)` -> the outputs dict;
+- evaluators (`train/predict.py`) and the tower benchmark: `embed_image`, `embed_text`;
+- caption generation (`models/generate.py`), only if the family has both:
+  `encode_image` and `decode` (`Captioner`);
+- MFU and the benchmark's FLOPs (`perf/flops.py`): `forward_macs`, `tower_macs`
+  (add up the primitives of `models/macs.py`). There is no generic fallback: a count
+  the family does not give would make a wrong MFU.
+"""
+import dataclasses
+import inspect
+from typing import Any, Dict, FrozenSet, Protocol, Tuple
+
+import flax.linen as nn
+
+Array = Any
+
+
+class ModelFamily(Protocol):
+  """A registered model family (a flax `nn.Module` subclass)."""
+
+  config: Any  # config.model
+  dtype: Any  # compute dtype (parameters stay float32)
+
+  # Optional: outputs produced only under a setting, output -> the setting to change
+  # (e.g. {"logit_bias": "config.model.use_logit_bias=True"}); for config errors.
+  OUTPUT_SWITCHES: Dict[str, str]
+
+  @classmethod
+  def outputs(cls, cfg) -> FrozenSet[str]:
+    """Names of the outputs `__call__` returns for `config.model` = `cfg` when the
+    batch has both 'image' and 'text'."""
+
+  @classmethod
+  def forward_macs(cls, config, train: bool = True) -> Dict[str, int]:
+    """Multiply-adds of one sample's forward pass by part ({'image': ..., 'text':
+    ...}, any keys; the parts sum to the whole step's model work) for the full
+    `config`; `train` counts what training runs (e.g. after patch dropout)."""
+
+  @classmethod
+  def tower_macs(cls, config, tower: str, train: bool = True) -> int:
+    """Multiply-adds of one sample through `embed_image` (tower 'image') or
+    `embed_text` (tower 'text') alone, projection included."""
+
+  def __call__(self, batch: Dict[str, Array], train: bool = False) -> Dict[str, Array]:
+    """Outputs for a batch with 'image' [B, H, W, 3] and/or 'text' [B, L] int32."""
+
+  def embed_image(self, images: Array, train: bool = False) -> Tuple[Array, Array]:
+    """-> (embedding [B, D], image tokens [B, N, W])."""
+
+  def embed_text(self, tokens: Array, train: bool = False) -> Tuple[Array, Array]:
+    """-> (embedding [B, D], text features [B, L, W])."""
+
+
+class Captioner(ModelFamily, Protocol):
+  """A family that also generates captions (both methods, or neither)."""
+
+  def encode_image(self, images: Array,
+                   train: bool = False) -> Tuple[Array, Array, Array]:
+    """-> (embedding [B, D], image tokens [B, N, W], decoder context [B, Q, C])."""
+
+  def decode(self, tokens: Array, context: Array, train: bool = False) -> Array:
+    """Next-token logits [B, L, V]: `logits[:, t]` predicts `tokens[:, t + 1]`."""
+
+
+# Attribute -> (what it is, whether it must be a classmethod / staticmethod).
+REQUIRED = {
+    "outputs": ("classmethod outputs(cfg) -> frozenset of output names", True),
+    "forward_macs": ("classmethod forward_macs(config, train=True) -> dict of "
+                     "per-sample forward multiply-adds by part", True),
+    "tower_macs": ("classmethod tower_macs(config, tower, train=True) -> per-sample "
+                   "multiply-adds of embed_image / embed_text", True),
+    "embed_image": ("embed_image(images, train=False) -> (embedding, tokens)", False),
+    "embed_text": ("embed_text(tokens, train=False) -> (embedding, features)", False),
+}
+GENERATION = ("encode_image", "decode")
+FIELDS = ("config", "dtype")
+
+
+def _is_class_level(cls, attr: str) -> bool:
+  return isinstance(inspect.getattr_static(cls, attr), (classmethod, staticmethod))
+
+
+def problems(cls) -> list:
+  """What `cls` lacks to be a model family (empty if nothing)."""
+  if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+    return [f"be a flax.linen.Module subclass (got {cls!r})"]
+  out = []
+  fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(
+      cls) else set()
+  lacking = [f for f in FIELDS if f not in fields]
+  if lacking:
+    out.append(f"the fields {', '.join(lacking)} (it is built as "
+               f"cls(config=config.model, dtype=...))")
+  for attr, (what, class_level) in REQUIRED.items():
+    if not callable(getattr(cls, attr, None)):
+      out.append(what)
+    elif class_level and not _is_class_level(cls, attr):
+      out.append(f"{attr} as a classmethod: {what} (it runs without building the "
+                 "model)")
+  switches = getattr(cls, "OUTPUT_SWITCHES", {})
+  if not isinstance(switches, dict):
+    out.append(f"OUTPUT_SWITCHES as a dict output -> setting (got {switches!r})")
+  has = [callable(getattr(cls, a, None)) for a in GENERATION]
+  if any(has) and not all(has):
+    out.append(f"both {' and '.join(GENERATION)} for generation (it has only "
+               f"{GENERATION[has.index(True)]})")
+  return out
+
+
+def check_family(name: str, cls) -> None:
+  """Raises a TypeError naming model family `name` and all it lacks, if anything."""
+  missing = problems(cls)
+  if missing:
+    where = f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else repr(cls)
+    raise TypeError(
+        f"Model family '{name}' ({where}) does not follow vlp_jax/models/interface.py; "
+        f"it needs: " + "; ".join(missing) + ".")
+
+
+def can_generate(model) -> bool:
+  """Whether `model` (a family class or instance) generates captions (`Captioner`)."""
+  return all(callable(getattr(model, a, None)) for a in GENERATION)

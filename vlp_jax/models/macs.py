@@ -1,0 +1,62 @@
+"""Analytic multiply-add counts of the shared building blocks, per sample.
+
+Model families add these up in their `forward_macs` / `tower_macs` classmethods
+(`interface.py`); `vlp_jax/perf/flops.py` turns the totals into FLOPs and MFU.
+Convention (as open_clip's profile, PaLM's MFU and MaxText): matmuls only, attention
+scores (QK^T) and values (AV) over the full (unmasked) sequence; norms, softmax and
+elementwise ops are not counted.
+"""
+from vlp_jax.models import builders, vit
+
+
+def attention_macs(lq: int, lk: int, width: int, kv_width: int = None) -> int:
+  """Multiply-adds of one attention layer: q/k/v/out projections plus QK^T and AV."""
+  kv_width = width if kv_width is None else kv_width
+  proj = 2 * lq * width * width + 2 * lk * kv_width * width
+  return proj + 2 * lq * lk * width
+
+
+def block_macs(length: int, width: int, mlp_dim: int, context: int = 0) -> int:
+  """Multiply-adds of one pre-LN block (self-attention, optional cross-attention, MLP)."""
+  macs = attention_macs(length, length, width) + 2 * length * width * mlp_dim
+  if context:
+    macs += attention_macs(length, context, width)
+  return macs
+
+
+def pool_macs(num_queries: int, tokens: int, width: int, mlp_dim: int) -> int:
+  """Multiply-adds of a MAP / attentional pooler (probes attend to the tokens + MLP)."""
+  return attention_macs(num_queries, tokens, width) + 2 * num_queries * width * mlp_dim
+
+
+def image_tokens(model_cfg, image_size: int, train: bool = True) -> int:
+  """Patch tokens the image tower processes (after patch dropout when training)."""
+  kw = builders.tower_kwargs(model_cfg.image, None)
+  n = (image_size // kw["patch_size"]) ** 2
+  p = model_cfg.image.get("patch_dropout", 0.0)
+  return vit.num_kept_patches(n, p) if train and p > 0 else n
+
+
+def vit_macs(image_cfg, tokens: int, pool: str = None) -> int:
+  """A `vit.ViT` built from `image_cfg` (`builders.tower_kwargs`) over `tokens` patch
+  tokens: patch embedding, encoder and, for pool 'map', its pooling head. `pool`
+  overrides `image_cfg.pool` (e.g. 'none' where the family pools itself)."""
+  kw = builders.tower_kwargs(image_cfg, None)
+  w, mlp, p = kw["width"], kw["mlp_dim"], kw["patch_size"]
+  pool = image_cfg.pool if pool is None else pool
+  seq = tokens + (pool == "cls")
+  macs = tokens * p * p * 3 * w + kw["depth"] * block_macs(seq, w, mlp)
+  if pool == "map":
+    macs += pool_macs(1, seq, w, mlp)
+  return macs
+
+
+def text_macs(text_cfg) -> int:
+  """A `text.TextTransformer` built from `text_cfg` over its full context length."""
+  return text_cfg.depth * block_macs(text_cfg.context_length, text_cfg.width,
+                                     text_cfg.mlp_dim)
+
+
+def contrastive_logits_macs(config) -> int:
+  """One row of the B x B image-text similarity matrix (B = config.batch_size)."""
+  return config.batch_size * config.model.embed_dim
