@@ -12,6 +12,7 @@ import pytest
 
 from tests import test_train
 from configs import common
+from vlp_jax import sharding as vlp_sharding
 from vlp_jax import config as config_lib
 from vlp_jax import validation
 from vlp_jax import errors, sharding
@@ -90,7 +91,7 @@ def _poison_at(monkeypatch, step):
   def fake(batch, mesh, rules):
     calls["n"] += 1
     return original(poison(batch) if calls["n"] == step else batch, mesh, rules)
-  monkeypatch.setattr(loop.sharding, "make_global_batch", fake)
+  monkeypatch.setattr(vlp_sharding, "make_global_batch", fake)
 
 
 def test_halt_names_step_and_objective_and_keeps_last_checkpoint_finite(

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests import test_fault_tolerance, test_train
+from vlp_jax import sharding as vlp_sharding
 from vlp_jax import errors
 from vlp_jax.train import checkpoint_health, loop, nonfinite, workdir_lock
 
@@ -252,13 +253,13 @@ def test_health_check_names_what_is_missing(ref):
 def test_skip_halts_after_too_many_consecutive_nonfinite_steps(ref, tmp_path,
                                                                monkeypatch):
   calls = {"n": 0}
-  original = loop.sharding.make_global_batch
+  original = vlp_sharding.make_global_batch
 
   def poisoned_from_6(batch, mesh, rules):
     calls["n"] += 1
     batch = test_fault_tolerance.poison(batch) if calls["n"] >= 6 else batch
     return original(batch, mesh, rules)
-  monkeypatch.setattr(loop.sharding, "make_global_batch", poisoned_from_6)
+  monkeypatch.setattr(vlp_sharding, "make_global_batch", poisoned_from_6)
   probe = lambda: test_fault_tolerance.probe_config(  # pylint: disable=g-long-lambda
       total_steps=TOTAL, nonfinite="skip", nonfinite_max_consecutive=2)
   workdir = str(tmp_path)
@@ -266,7 +267,7 @@ def test_skip_halts_after_too_many_consecutive_nonfinite_steps(ref, tmp_path,
                      match=r"Steps 6\.\.8: 3 consecutive .*nonfinite_max_consecutive=2"):
     loop.run(probe(), workdir)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]  # Nothing bad saved.
-  monkeypatch.setattr(loop.sharding, "make_global_batch", original)  # Data fixed.
+  monkeypatch.setattr(vlp_sharding, "make_global_batch", original)  # Data fixed.
   loop.run(probe(), workdir)
   got = [(s, loss) for s, loss in test_train.losses(workdir)]
   assert got == test_train.losses(ref)  # The probe objective adds exactly 0.

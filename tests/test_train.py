@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import demo
+from vlp_jax import sharding as vlp_sharding
 from vlp_jax.train import loop, metric_writer as metrics_lib
 
 
@@ -86,7 +87,7 @@ def test_signal_saves_and_resumes_exactly(reference_run, tmp_path, monkeypatch, 
   rerunning finishes with the losses of an uninterrupted run."""
   workdir = str(tmp_path / "run")
   calls = {"n": 0}
-  original = loop.sharding.make_global_batch
+  original = vlp_sharding.make_global_batch
 
   def signal_on_step_6(batch, mesh, rules):
     calls["n"] += 1
@@ -95,11 +96,11 @@ def test_signal_saves_and_resumes_exactly(reference_run, tmp_path, monkeypatch, 
       os.kill(os.getpid(), signum)
     return original(batch, mesh, rules)
 
-  monkeypatch.setattr(loop.sharding, "make_global_batch", signal_on_step_6)
+  monkeypatch.setattr(vlp_sharding, "make_global_batch", signal_on_step_6)
   loop.run(tiny_config(), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
   assert losses(workdir) == losses(reference_run)[:6]
-  monkeypatch.setattr(loop.sharding, "make_global_batch", original)
+  monkeypatch.setattr(vlp_sharding, "make_global_batch", original)
   loop.run(tiny_config(), workdir)
   assert losses(workdir) == losses(reference_run)
 

@@ -139,10 +139,11 @@ def test_batch_that_does_not_split_over_the_mesh_is_a_clear_error():
   config = coca_config()
   config.batch_size = 12
   config.mesh = MESHES["data8"]
-  with pytest.raises(ValueError, match="cannot be split over the 8 data-parallel shards"):
+  with pytest.raises(ValueError, match=r"batch_size=12 .* split over the 8 data-parallel "
+                     r"shards of mesh .* multiple of 8; use e.g. 8 or 16"):
     loop.Experiment(config, "/unused")
   config.batch_size, config.accum_steps = 32, 8
-  with pytest.raises(ValueError, match="4 examples per"):
+  with pytest.raises(ValueError, match=r"accum_steps=8 micro-batches .* multiple of 64"):
     loop.Experiment(config, "/unused")
 
 

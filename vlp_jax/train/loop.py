@@ -1,4 +1,12 @@
-"""The training loop: `run(config, workdir)` trains; `evaluate(config, workdir)` evaluates."""
+"""The training loop, top-down as big_vision's trainers.
+
+    run(config, workdir)      set-up (Experiment) -> workdir checks and lock ->
+                              _restore -> the loop (_Loop: train_step, log, check_stop,
+                              evaluate, save) -> finish
+    evaluate(config, workdir) the configured evaluators on a trained workdir
+
+Evaluation orchestration is `evaluation.py`; checkpoints `checkpoint.py`.
+"""
 import contextlib
 import json
 import os
@@ -12,7 +20,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from vlp_jax import config as config_lib, errors
-from vlp_jax import evaluators, objectives, sharding  # pylint: disable=unused-import
+from vlp_jax import evaluators
 from vlp_jax.perf import flops as flops_lib
 from vlp_jax.data import pipeline
 from vlp_jax.train import checkpoint, evaluation, metric_writer as metrics_lib, predict
@@ -20,7 +28,7 @@ from vlp_jax.train import signals
 from vlp_jax.train import prefetch, profiler as profiler_lib
 from vlp_jax.train import best as best_lib, init_from, nonfinite, preemption
 from vlp_jax.train import startup_checks, workdir_lock
-from vlp_jax.train import setup as setup_lib, state as state_lib
+from vlp_jax.train import setup as setup_lib
 
 
 class Experiment(setup_lib.TrainSetup):
@@ -69,21 +77,34 @@ def run(config, workdir: str, allow_config_change: bool = False):
   model keys (see `startup_checks.py`). The run holds the workdir's lock
   (`workdir_lock.py`) from before it touches anything there until it ends.
   """
-  exp = Experiment(config, workdir)
+  exp = Experiment(config, workdir)  # Set-up: every config check, model, mesh, step.
   startup_checks.check_workdir(workdir, exp.abstract, config.keep_checkpoints,
                                best=bool(config.best_metric))
   with workdir_lock.acquire_for_run(workdir, config.lock_stale_after_s):
-    return _train(exp, config, workdir, allow_config_change)
+    data_iter = iter(pipeline.train_dataset(config, exp.tokenizer, exp.batch))
+    manager = checkpoint.make_manager(workdir, config)
+    state, start, meta = _restore(exp, manager, data_iter, allow_config_change)
+    loop = _Loop(exp, state, start, meta, manager, data_iter)
+    with loop.running():
+      while loop.step < config.total_steps and not loop.stopping:
+        loop.train_step()
+        loop.log()
+        loop.check_stop()
+        loop.evaluate()
+        loop.save()
+    return loop.finish()
 
 
-def _train(exp, config, workdir, allow_config_change):
-  train_ds = pipeline.train_dataset(config, exp.tokenizer)  # Bad data paths fail here.
-  manager = checkpoint.make_manager(workdir, config)
-  if manager.latest_step() is not None:
-    startup_checks.check_config_change(workdir, config_lib.to_dict(config),
-                                       allow_config_change)
-  data_iter = iter(train_ds)
+def _restore(exp, manager, data_iter, allow_config_change):
+  """(state, start step, checkpoint meta): the newest good checkpoint (its data position
+  restored into `data_iter`), else a new state (`config.init_from` applied). Writes
+  config.json only once the state is restored and checked, so a failed resume leaves
+  the workdir's config as it was."""
+  config, workdir = exp.config, exp.workdir
   try:
+    if manager.latest_step() is not None:
+      startup_checks.check_config_change(workdir, config_lib.to_dict(config),
+                                         allow_config_change)
     state, start = checkpoint.restore(
         manager, exp.abstract, data_iter,
         fallback=config.damaged_checkpoint == "fall_back", quarantine=True)
@@ -92,82 +113,122 @@ def _train(exp, config, workdir, allow_config_change):
     manager.close()
     data_iter.close()
     raise
-  # Only now, with the state restored and checked, may config.json change: a failed
-  # resume leaves the workdir's config as it was.
   if jax.process_count() > 1:  # Everyone read the old config.json before it changes.
     multihost_utils.sync_global_devices("vlp_jax_config_checked")
   if exp.is_chief:
     _write_config(config, workdir)
   if state is None:
-    state, start = state_lib.create_state(exp.model, exp.tx, config, exp.mesh), 0
+    state, start = exp.create_state(), 0
     state = init_from.apply(config.init_from, state, exp.tx, exp.state_shardings)
     logging.info("Initialised a new model (%d parameters).", _num_params(state.params))
   else:
     logging.info("Resumed from the checkpoint at step %d in %s.", start, workdir)
-  writer = metrics_lib.MetricWriter(workdir, exp.is_chief, resume_step=start)
-  evals = exp.eval_configs()
-  # Device prefetch; `batches.get_state()` is the data position after the last step.
-  batches = prefetch.DevicePrefetcher(data_iter, lambda b: _to_device(b, exp),
-                                      config.device_prefetch, config.total_steps - start)
-  mfu = flops_lib.MfuMeter(config, exp.mesh)
-  prof = profiler_lib.StepProfiler(workdir, config.profile_steps, exp.is_chief)
-  monitor = nonfinite.Monitor(config.nonfinite, [o.name for o in exp.objectives],
-                              meta.get("nonfinite_skipped", 0),
-                              config.nonfinite_max_consecutive,
-                              meta.get("nonfinite_consecutive", 0))
-  tracker = best_lib.Tracker(config, workdir, meta, config_lib.to_dict(config))
+  return state, start, meta
 
-  step, acc, n_acc, stopping = start, None, 0, False
-  t_last, step_last = time.time(), start
-  progress = _progress_bar(start, config.total_steps, exp.is_chief)
-  with _closing(progress, manager, tracker, writer, data_iter, prof), \
-      signals.StopRequest() as stop, jax.set_mesh(exp.mesh), \
-      nn.logical_axis_rules(exp.rules):
-    while step < config.total_steps and not stopping:
-      batch, bad_stats = next(batches)
-      prof.before_step(step)
-      with prof.annotation(step):
-        state, m = exp.step_fn(state, batch)
-      step += 1
-      prof.after_step(step, m)
-      monitor.add(step, m.pop("nonfinite"))
-      acc = m if acc is None else jax.tree.map(lambda a, b: a + b, acc, m)
-      n_acc += 1
-      progress.update(1)
-      if _due(step, config.log_every, config.total_steps):
-        monitor.check()
-        row = {k: float(v) / n_acc for k, v in jax.device_get(acc).items()}
-        dt = time.time() - t_last
-        row["steps_per_sec"] = (step - step_last) / dt
-        row["samples_per_sec"] = row["steps_per_sec"] * config.batch_size
-        row.update(mfu.row(row["samples_per_sec"]))
-        row["nonfinite/skipped"] = monitor.skipped
-        row.update(bad_stats)
-        writer.write(step, row)
-        progress.set_postfix(loss=f"{row['loss']:.4f}")
-        logging.info("step %d/%d: %s", step, config.total_steps, _fmt(row))
-        acc, n_acc, t_last, step_last = None, 0, time.time(), step
-      stopping = preemption.should_stop(stop.requested, step, config.stop_sync_every)
-      due = [n for n, c in evals.items() if _due(step, c.every, config.total_steps)]
-      if due:
-        results = exp.run_evals(state.params, step, due)
-        writer.write(step, results)
-        tracker.on_eval(step, results, state.params)
-      checkpoint.raise_if_save_failed(manager, tracker.manager)  # Never blocks.
-      if _due(step, config.checkpoint_every, config.total_steps) or (
-          stopping and step > start):
-        monitor.check()  # Under 'halt', a bad step stops the run before any save.
-        checkpoint.save(manager, step, state, batches,
-                        meta=tracker.meta(monitor.skipped, monitor.consecutive))
-    monitor.check()
-  if stopping:
-    logging.warning("Stopped by %s at step %d with a checkpoint saved; run the same "
-                    "command again to resume.", stop.requested or "another process",
-                    step)
-    return state
-  if exp.is_chief and config.plot and os.path.exists(writer.path):
-    logging.info("Wrote %s", metrics_lib.plot_curves(workdir))
-  return state
+
+class _Loop:
+  """The training loop's state and its named steps: train_step, log, check_stop,
+  evaluate, save (each called once per step, in that order), then finish."""
+
+  def __init__(self, exp, state, start, meta, manager, data_iter):
+    config, workdir = exp.config, exp.workdir
+    self.exp, self.config, self.state = exp, config, state
+    self.start = self.step = self.step_last = start
+    self.manager, self.data_iter = manager, data_iter
+    self.stopping, self.stop = False, None
+    self.writer = metrics_lib.MetricWriter(workdir, exp.is_chief, resume_step=start)
+    self.evals = exp.eval_configs()
+    # Device prefetch; `batches.get_state()` is the data position after the last step.
+    self.batches = prefetch.DevicePrefetcher(
+        data_iter, self._to_device, config.device_prefetch, config.total_steps - start)
+    self.mfu = flops_lib.MfuMeter(config, exp.mesh)
+    self.prof = profiler_lib.StepProfiler(workdir, config.profile_steps, exp.is_chief)
+    self.monitor = nonfinite.Monitor(
+        config.nonfinite, [o.name for o in exp.objectives],
+        meta.get("nonfinite_skipped", 0), config.nonfinite_max_consecutive,
+        meta.get("nonfinite_consecutive", 0))
+    self.tracker = best_lib.Tracker(config, workdir, meta, config_lib.to_dict(config))
+    self.progress = _progress_bar(start, config.total_steps, exp.is_chief)
+    self.acc, self.n_acc, self.bad_stats, self.t_last = None, 0, {}, time.time()
+
+  def _to_device(self, host_batch):
+    batch, bad_stats = pipeline.split_bad_counts(host_batch)
+    return self.exp.global_batch(batch), bad_stats
+
+  @contextlib.contextmanager
+  def running(self):
+    """Signals, mesh and axis rules while training; waits for pending saves and closes
+    everything on the way out, also when training raises."""
+    with _closing(self.progress, self.manager, self.tracker, self.writer,
+                  self.data_iter, self.prof), signals.StopRequest() as stop, \
+        jax.set_mesh(self.exp.mesh), nn.logical_axis_rules(self.exp.rules):
+      self.stop = stop
+      yield self
+      self.monitor.check()
+
+  def train_step(self):
+    """One optimisation step on the next batch; metrics accumulate on device."""
+    batch, self.bad_stats = next(self.batches)
+    self.prof.before_step(self.step)
+    with self.prof.annotation(self.step):
+      self.state, m = self.exp.step_fn(self.state, batch)
+    self.step += 1
+    self.prof.after_step(self.step, m)
+    self.monitor.add(self.step, m.pop("nonfinite"))
+    self.acc = m if self.acc is None else jax.tree.map(lambda a, b: a + b, self.acc, m)
+    self.n_acc += 1
+    self.progress.update(1)
+
+  def log(self):
+    """Every `log_every` steps: the window's mean metrics, speed and MFU."""
+    config = self.config
+    if not _due(self.step, config.log_every, config.total_steps):
+      return
+    self.monitor.check()
+    row = {k: float(v) / self.n_acc for k, v in jax.device_get(self.acc).items()}
+    row["steps_per_sec"] = (self.step - self.step_last) / (time.time() - self.t_last)
+    row["samples_per_sec"] = row["steps_per_sec"] * config.batch_size
+    row.update(self.mfu.row(row["samples_per_sec"]))
+    row["nonfinite/skipped"] = self.monitor.skipped
+    row.update(self.bad_stats)
+    self.writer.write(self.step, row)
+    self.progress.set_postfix(loss=f"{row['loss']:.4f}")
+    logging.info("step %d/%d: %s", self.step, config.total_steps, _fmt(row))
+    self.acc, self.n_acc, self.t_last, self.step_last = None, 0, time.time(), self.step
+
+  def check_stop(self):
+    """SIGTERM/SIGINT on any process stops every process at the same step."""
+    self.stopping = preemption.should_stop(self.stop.requested, self.step,
+                                           self.config.stop_sync_every)
+
+  def evaluate(self):
+    """The evaluators due at this step; results logged and offered to `best_metric`."""
+    due = [n for n, c in self.evals.items()
+           if _due(self.step, c.every, self.config.total_steps)]
+    if due:
+      results = self.exp.run_evals(self.state.params, self.step, due)
+      self.writer.write(self.step, results)
+      self.tracker.on_eval(self.step, results, self.state.params)
+
+  def save(self):
+    """A checkpoint every `checkpoint_every` steps, at the end and when stopping."""
+    checkpoint.raise_if_save_failed(self.manager, self.tracker.manager)  # Never blocks.
+    if _due(self.step, self.config.checkpoint_every, self.config.total_steps) or (
+        self.stopping and self.step > self.start):
+      self.monitor.check()  # Under 'halt', a bad step stops the run before any save.
+      checkpoint.save(self.manager, self.step, self.state, self.batches,
+                      meta=self.tracker.meta(self.monitor.skipped,
+                                             self.monitor.consecutive))
+
+  def finish(self):
+    """After the loop: how it ended, and the curves of a finished run."""
+    if self.stopping:
+      logging.warning("Stopped by %s at step %d with a checkpoint saved; run the same "
+                      "command again to resume.", self.stop.requested or "another process",
+                      self.step)
+    elif self.exp.is_chief and self.config.plot and os.path.exists(self.writer.path):
+      logging.info("Wrote %s", metrics_lib.plot_curves(self.exp.workdir))
+    return self.state
 
 
 @contextlib.contextmanager
@@ -216,11 +277,6 @@ def evaluate(config, workdir: str, step=None):
   if exp.is_chief:
     metrics_lib.MetricWriter(workdir, True, resume_step=1 << 62).write(step, results)
   return results
-
-
-def _to_device(host_batch, exp):
-  batch, bad_stats = pipeline.split_bad_counts(host_batch)
-  return sharding.make_global_batch(batch, exp.mesh, exp.rules), bad_stats
 
 
 def _num_params(params):

@@ -33,6 +33,10 @@ class TrainSetup:
   def create_state(self):
     return state_lib.create_state(self.model, self.tx, self.config, self.mesh)
 
+  def global_batch(self, local_batch):
+    """This process's rows (numpy) -> global arrays sharded over the batch axes."""
+    return sharding.make_global_batch(local_batch, self.mesh, self.rules)
+
   def contexts(self):
     """(mesh, logical-axis rules) context managers the step is traced under."""
     return jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules)
