@@ -9,7 +9,6 @@ import optax
 import pytest
 
 from tests import test_train
-from vlp_jax import config as config_lib
 from vlp_jax import validation
 from vlp_jax import sharding
 from vlp_jax.data import pipeline
@@ -210,11 +209,12 @@ def test_dropout_uses_one_rng_per_micro_batch():
 def test_accum_steps_must_divide_batch_size():
   config = clip_config()
   config.accum_steps = 3
-  with pytest.raises(ValueError, match=r"batch_size=16 must be divisible by "
-                                       r"config.accum_steps=3"):
-    validation.validate(config)
+  with pytest.raises(ValueError, match=r"config.batch_size=16 cannot be divided evenly: "
+                                       r"each of the config.accum_steps=3"):
+    loop.Experiment(config, "/unused", jax.devices()[:1])
   config.accum_steps = 0
-  with pytest.raises(ValueError, match="accum_steps=0"):
+  with pytest.raises(ValueError, match="accum_steps must be positive, got 0"):
     validation.validate(config)
   config.accum_steps = 4
   validation.validate(config)
+  assert loop.Experiment(config, "/unused", jax.devices()[:1]).batch.micro_batch == 4

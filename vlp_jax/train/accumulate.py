@@ -1,46 +1,62 @@
 """Gradient accumulation that keeps every negative (open_clip's `--accum-freq`).
 
 The global batch of B examples is split into K = `accum_steps` micro-batches of
-b = B / K; activation memory is that of one micro-batch plus the cached [B, D]
-embeddings.
+b = B / K; activation memory is that of one micro-batch plus the cache below.
 
-* Pass 1 (no gradient, `lax.map`): the embeddings of every micro-batch are computed
-  and cached for the full batch.
+What is cached follows the objectives' declarations (`OBJECTIVES.register(name,
+reads=..., batch_global=...)`, carried by each `WeightedObjective`): the union of the
+`reads` of the selected batch-global objectives, less the scalar outputs
+(logit_scale, logit_bias). These are per-example outputs with a leading batch axis:
+pooled embeddings (image_emb, text_emb) or token arrays (image_tokens, text_tokens)
+alike.
+
+* Pass 1 (no gradient, `lax.map`): the cached outputs of every micro-batch are
+  computed and kept for the full batch.
 * Pass 2 (`lax.scan`, float32 gradient accumulator): micro-batch k's outputs are
-  recomputed with gradient and its embeddings substituted into the cached set.
-  Batch-global objectives (those whose function has `needs_all_negatives = True`)
-  are evaluated on the full substituted set, so the gradient through micro-batch k's
-  embeddings is exactly its share of the full-batch gradient; per-example objectives
-  (e.g. caption) see micro-batch k only and are weighted 1/K. Scalar outputs that a
-  batch-global loss uses directly (logit_scale, logit_bias) would get their direct
-  gradient in each of the K steps, so that path is scaled by 1/K.
+  recomputed with gradient and substituted into the cached set. Batch-global
+  objectives are evaluated on the full substituted set (and the full batch), so the
+  gradient through micro-batch k's outputs is exactly its share of the full-batch
+  gradient; per-example objectives (e.g. caption) see micro-batch k only and are
+  weighted 1/K. Scalar outputs that a batch-global loss uses directly (logit_scale,
+  logit_bias) would get their direct gradient in each of the K steps, so that path is
+  scaled by 1/K.
 
 Summed over k this is the full-batch gradient of the batch-global objectives and the
 mean over micro-batches of the per-example ones (for caption, which averages over
 tokens, this differs from the full-batch token mean when micro-batches hold different
 numbers of tokens).
 
+Memory: each cached output costs B x (its per-example size) in its dtype for the
+whole global batch B, spread over the data-parallel devices, plus a transient copy of
+that size in pass 2 (where micro-batch k is substituted); this is paid only with
+accum_steps > 1. Pooled embeddings are small (D=512 in float32 at B=32768: 64 MiB
+each); token arrays are not (ViT-B/16 image_tokens [B, 197, 768] in bfloat16 at
+B=32768: 32768 * 197 * 768 * 2 bytes ~ 9.9 GB, ~1.2 GB per device over 8). The
+objective's own working memory on the full batch comes on top.
+
 Micro-batch k holds rows k, k + K, k + 2K, ... of the batch: with the batch sharded
 over the data-parallel devices, each micro-batch is then spread over all of them
 (when B / K is divisible by their number) instead of living on 1/K of them.
 
 Dropout: micro-batch k uses `fold_in(rng, k)` in both passes, so pass 2 reproduces
-pass 1's embeddings. With dropout 0 (the default) the step equals the full-batch
-step; with dropout > 0 it equals a full-batch step whose dropout masks are drawn per
+pass 1's outputs. With dropout 0 (the default) the step equals the full-batch step;
+with dropout > 0 it equals a full-batch step whose dropout masks are drawn per
 micro-batch.
 """
 import jax
 import jax.numpy as jnp
 
-# Outputs cached for the full batch in pass 1: what batch-global objectives read
-# besides the scalar outputs (logit_scale, logit_bias).
-CACHED_KEYS = ("image_emb", "text_emb")
+from vlp_jax.objectives import combine
 
 
-def is_batch_global(objective) -> bool:
-  """Whether `objective` (a WeightedObjective) needs the whole batch's negatives."""
-  from vlp_jax.registry import OBJECTIVES  # pylint: disable=g-import-not-at-top
-  return bool(OBJECTIVES.info(objective.name)["batch_global"])
+def cached_output_names(objectives):
+  """The outputs pass 1 caches for the whole batch (the scalar ones then dropped):
+  the union of the batch-global objectives' `reads`, in declaration order."""
+  names = []
+  for obj in objectives:
+    if obj.batch_global:
+      names.extend(r for r in obj.reads if r not in names)
+  return tuple(names)
 
 
 def split_microbatches(tree, accum_steps: int):
@@ -77,7 +93,7 @@ def accumulated_grads(params, model, objectives, batch, rng, accum_steps: int,
     params: model parameters.
     model: the flax module; `model.apply({'params': p}, batch, train, rngs)` returns
       the outputs dict.
-    objectives: WeightedObjective list (see `step.objectives_from_config`).
+    objectives: WeightedObjective list (see `combine.from_config`).
     batch: dict of [B, ...] arrays; B must be divisible by `accum_steps`.
     rng: dropout key; micro-batch k uses `fold_in(rng, k)`.
     accum_steps: the number K of micro-batches.
@@ -89,29 +105,41 @@ def accumulated_grads(params, model, objectives, batch, rng, accum_steps: int,
     per-example ones averaged over micro-batches).
   """
   k_steps = int(accum_steps)
-  global_objs = [o for o in objectives if is_batch_global(o)]
-  local_objs = [o for o in objectives if not is_batch_global(o)]
+  combine.check_batch(objectives, batch)
+  global_objs = [o for o in objectives if o.batch_global]
+  local_objs = [o for o in objectives if not o.batch_global]
+  to_cache = cached_output_names(objectives)
   micro = split_microbatches(batch, k_steps)
   keys = jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(k_steps))
 
   def forward(p, mb, key):
     return model.apply({"params": p}, mb, train=train, rngs={"dropout": key})
 
-  # Pass 1: embeddings of every micro-batch, without gradient.
+  # Pass 1: the non-scalar outputs batch-global objectives read, every micro-batch,
+  # without gradient.
   def embed(xs):
     mb, key = xs
     out = forward(jax.lax.stop_gradient(params), mb, key)
-    return {k: out[k] for k in CACHED_KEYS if k in out}
+    cached = {k: out[k] for k in to_cache if k in out and jnp.ndim(out[k]) > 0}
+    micro_b = jax.tree.leaves(mb)[0].shape[0]
+    for name, v in cached.items():
+      if v.shape[0] != micro_b:
+        raise ValueError(
+            f"Accumulation caches the output '{name}' (read by a batch-global "
+            f"objective) per example, but its shape {v.shape} has no leading batch "
+            f"axis of {micro_b}.")
+    return cached
 
   cache = {}
   if global_objs:
     cache = jax.lax.stop_gradient(jax.lax.map(embed, (micro, keys)))  # [K, b, ...]
 
-  # Pass 2: micro-batch k with gradient, its embeddings substituted into the cache.
+  # Pass 2: micro-batch k with gradient, its outputs substituted into the cache.
+  local_weights = {o.name: o.weight / k_steps for o in local_objs}
+
   def loss_k(p, k, mb, key):
     out = forward(p, mb, key)
-    losses, metrics = {}, {}
-    total = jnp.zeros((), jnp.float32)
+    results = {}
     if global_objs:
       full = {name: merge_microbatches(cache[name].at[k].set(out[name]))
               for name in cache}
@@ -119,19 +147,12 @@ def accumulated_grads(params, model, objectives, batch, rng, accum_steps: int,
       full.update({name: _scale_grad(v, 1.0 / k_steps) for name, v in out.items()
                    if name not in full and jnp.ndim(v) == 0})
       for obj in global_objs:
-        loss, m = obj.fn(full, batch, obj.cfg)
-        total = total + obj.weight * loss
-        losses[obj.name] = loss
-        metrics.update({f"{obj.name}/{n}": v for n, v in m.items()})
+        results[obj.name] = combine.call(obj, full, batch)
     for obj in local_objs:
-      loss, m = obj.fn(out, mb, obj.cfg)
-      total = total + (obj.weight / k_steps) * loss
-      losses[obj.name] = loss
-      metrics.update({f"{obj.name}/{n}": v for n, v in m.items()})
-    for name in ("logit_scale", "logit_bias"):
-      if name in out:
-        metrics[name] = out[name]
-    return total, (losses, metrics)
+      results[obj.name] = combine.call(obj, out, mb)
+    total, _ = combine.combine(objectives, results, out, weights=local_weights)
+    scalars = {n: out[n] for n in combine.SCALAR_METRICS if n in out}
+    return total, (results, scalars)
 
   grad_fn = jax.grad(loss_k, has_aux=True)
 
@@ -142,20 +163,19 @@ def accumulated_grads(params, model, objectives, batch, rng, accum_steps: int,
     return acc, aux
 
   acc0 = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
-  acc, (losses, metrics) = jax.lax.scan(
+  acc, (results, scalars) = jax.lax.scan(
       body, acc0, (jnp.arange(k_steps), micro, keys))
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), acc, params)
 
-  # Batch-global objectives' values are the same in every step: report the last.
-  # Per-example ones are averaged over the micro-batches.
-  local_names = {o.name for o in local_objs}
+  # Batch-global objectives' values (and the scalar outputs) are the same in every
+  # step: report the last. Per-example ones are averaged over the micro-batches.
+  def last(tree):
+    return jax.tree.map(lambda v: v[-1], tree)
 
-  def reduce(name, v):
-    return jnp.mean(v, axis=0) if name in local_names else v[-1]
+  def mean(tree):
+    return jax.tree.map(lambda v: jnp.mean(v, axis=0), tree)
 
-  out_metrics = {key: reduce(key.split("/", 1)[0], v) for key, v in metrics.items()}
-  total = jnp.zeros((), jnp.float32)
-  for obj in objectives:
-    total = total + obj.weight * reduce(obj.name, losses[obj.name])
-  out_metrics["loss"] = total
-  return grads, out_metrics
+  reduced = {o.name: (last if o.batch_global else mean)(results[o.name])
+             for o in objectives}
+  _, metrics = combine.combine(objectives, reduced, last(scalars))
+  return grads, metrics

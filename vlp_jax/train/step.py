@@ -1,47 +1,36 @@
 """The jitted train step: one forward pass, a weighted sum of objectives, an optax update."""
 import functools
-from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from vlp_jax.registry import OBJECTIVES
+from vlp_jax.objectives import combine
 from vlp_jax.train import accumulate, nonfinite
 
-
-class WeightedObjective(NamedTuple):
-  name: str
-  fn: Callable
-  weight: float
-  cfg: Any
+# A selected objective with its weight, options and declarations (reads, batch_keys,
+# batch_global); see `vlp_jax/objectives/combine.py`.
+WeightedObjective = combine.WeightedObjective
 
 
 def objectives_from_config(config):
-  """[(name, fn, weight, options)] for `config.objectives` (weights) / `objective_cfg`."""
-  out = []
-  for name, weight in config.objectives.items():
-    cfg = config.objective_cfg.get(name, {})
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    out.append(WeightedObjective(name, OBJECTIVES.get(name), float(weight), cfg))
-  return out
+  """[WeightedObjective] for `config.objectives` (weights) / `config.objective_cfg`."""
+  return combine.from_config(config)
 
 
 def compute_loss(params, model, objectives, batch, rng, train=True):
   """Sum of weighted objectives on one forward pass -> (total, metrics)."""
+  combine.check_batch(objectives, batch)
   outputs = model.apply({"params": params}, batch, train=train, rngs={"dropout": rng})
-  total = jnp.zeros((), jnp.float32)
-  metrics = {}
-  for obj in objectives:
-    loss, m = obj.fn(outputs, batch, obj.cfg)
-    total = total + obj.weight * loss
-    metrics.update({f"{obj.name}/{k}": v for k, v in m.items()})
-  metrics["loss"] = total
-  if "logit_scale" in outputs:
-    metrics["logit_scale"] = outputs["logit_scale"]
-  if "logit_bias" in outputs:
-    metrics["logit_bias"] = outputs["logit_bias"]
-  return total, metrics
+  return combine.weighted_loss(objectives, outputs, batch)
+
+
+def gradients(params, model, objectives, batch, rng, accum_steps=1):
+  """(grads, metrics) of the weighted objectives on `batch`: one forward pass, or
+  `accum_steps` micro-batches keeping every negative (see `accumulate.py`)."""
+  if accum_steps > 1:
+    return accumulate.accumulated_grads(params, model, objectives, batch, rng,
+                                        accum_steps)
+  return jax.grad(compute_loss, has_aux=True)(params, model, objectives, batch, rng)
 
 
 def train_step(state, batch, *, model, objectives, tx, schedule, accum_steps=1):
@@ -53,12 +42,7 @@ def train_step(state, batch, *, model, objectives, tx, schedule, accum_steps=1):
   `metrics['nonfinite']` holds its flags.
   """
   rng = jax.random.fold_in(state.rng, state.step)
-  if accum_steps > 1:
-    grads, metrics = accumulate.accumulated_grads(
-        state.params, model, objectives, batch, rng, accum_steps)
-  else:
-    grad_fn = jax.grad(compute_loss, has_aux=True)
-    grads, metrics = grad_fn(state.params, model, objectives, batch, rng)
+  grads, metrics = gradients(state.params, model, objectives, batch, rng, accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
