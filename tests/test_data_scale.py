@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests import datagen
-from vlp_jax import batch_plan, cli, config as config_lib
+from vlp_jax import batch_plan, cli, config as config_lib, validation
 from vlp_jax.data import batches, mixture, pipeline, robust, tokenizers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
