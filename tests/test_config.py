@@ -292,7 +292,7 @@ def test_every_recipe_passes_the_value_checks():
   assert len(recipes) >= len(RECIPES)
   for name in recipes:
     c = _recipe(name[:-3])
-    config_lib._check_numbers(c.optim, "config.optim", config_lib.OPTIM_RANGES)  # pylint: disable=protected-access
+    config_lib.check_numbers(c.optim, "config.optim", config_lib.OPTIM_RANGES)
     validation.validate(c)
 
 

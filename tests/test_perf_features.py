@@ -59,6 +59,7 @@ def reference(coca=False):
   return params, loss_and_grads(tiny(coca), params)
 
 
+@pytest.mark.slow  # scan_layers is also checked by test_remat_policies_give_identical_results.
 def test_scan_matches_unrolled_after_stacking():
   params, (loss, grads) = reference(coca=True)
   config = tiny(coca=True, scan_layers=True)

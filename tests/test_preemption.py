@@ -61,6 +61,9 @@ def wait_for(proc, cond, timeout=240):
 
 # ~50 s on 2 cores (six launches of main.py sharing one compilation cache); in
 # `make test` because it is the acceptance test of kill-and-resume.
+# ~1.5 min. In make test, exact resume after SIGTERM is test_train's in-process
+# test_signal_saves_and_resumes_exactly, and a main.py resume test_save_errors'.
+@pytest.mark.slow
 def test_sigkill_and_sigterm_restarts_reproduce_an_uninterrupted_run(tmp_path):
   ref_dir, workdir = str(tmp_path / "ref"), str(tmp_path / "run")
   cache = tmp_path / "jax_cache"

@@ -167,13 +167,13 @@ def validate(config) -> None:
   for key in ("batch_size", "total_steps", "log_every", "accum_steps"):
     if config[key] <= 0:
       raise errors.ConfigError(f"config.{key} must be positive, got {config[key]}.")
-  _check_numbers(config, "config", TOP_RANGES)
-  _check_numbers(config.optim, "config.optim", OPTIM_RANGES)
+  check_numbers(config, "config", TOP_RANGES)
+  check_numbers(config.optim, "config.optim", OPTIM_RANGES)
   for group in ("", ".image", ".text", ".decoder"):
     node = config.model
     for key in group.split(".")[1:]:
       node = node[key]
-    _check_numbers(node, "config.model" + group, MODEL_RANGES[group])
+    check_numbers(node, "config.model" + group, MODEL_RANGES[group])
   _validate_data(config.data)
   _validate_profile(config)
   validate_fault_tolerance(config)
@@ -308,7 +308,7 @@ def _is_number(value, integer=False) -> bool:
   return isinstance(value, int) if integer else True
 
 
-def _check_numbers(node, prefix, ranges):
+def check_numbers(node, prefix, ranges):
   """Raises ConfigTypeError / ConfigError naming the key, its value and what is valid
   for the first key of `node` outside its range in `ranges`."""
   for key, (integer, ok, valid, meaning) in ranges.items():
@@ -326,7 +326,7 @@ def _check_numbers(node, prefix, ranges):
 
 
 def _validate_data(d):
-  _check_numbers(d, "config.data", DATA_RANGES)
+  check_numbers(d, "config.data", DATA_RANGES)
   scale = d.crop_scale
   if isinstance(scale, str) or not hasattr(scale, "__len__") or len(scale) != 2 or (
       not all(_is_number(v) for v in scale)) or not (

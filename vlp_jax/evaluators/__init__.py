@@ -79,7 +79,7 @@ def check_entry(name: str, entry) -> None:
     if key not in schema:
       raise _unknown_key(key, where, type_, info["options"])
   config_lib.check_keys(entry, config_lib.ConfigDict(schema), where)  # Types.
-  config_lib._check_numbers(entry, where, config_lib.EVAL_RANGES)  # pylint: disable=protected-access
+  config_lib.check_numbers(entry, where, config_lib.EVAL_RANGES)
   if info["check"] is not None:
     cfg = config_lib.ConfigDict(dict(schema, **dict(entry.items())))
     info["check"](cfg, where)

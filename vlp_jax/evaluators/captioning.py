@@ -18,7 +18,7 @@ OPTION_RANGES = {
 
 
 def check(cfg, where):
-  config_lib._check_numbers(cfg, where, OPTION_RANGES)  # pylint: disable=protected-access
+  config_lib.check_numbers(cfg, where, OPTION_RANGES)
 
 
 @EVALUATORS.register("captioning", options={"log_examples": 5}, check=check)
