@@ -105,9 +105,11 @@ def test_split_and_merge_are_inverse():
     accumulate.split_microbatches(x, 3)
 
 
-# clip with accumulation is also checked by tests/test_objective_contract.py.
-@pytest.mark.parametrize("make_config", [pytest.param(clip_config, marks=pytest.mark.slow),
-                                         siglip_config], ids=["clip", "siglip"])
+# slow: in make test, clip with accumulation is checked by test_objective_contract.py
+# and siglip (on 8 devices) by tests/multidevice/test_sharded_train.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("make_config", [clip_config, siglip_config],
+                         ids=["clip", "siglip"])
 def test_contrastive_step_equals_full_batch(make_config):
   """A train step with accum_steps=K: the same gradient (every leaf, logit scale and
   bias included), metrics and new params as accum_steps=1."""

@@ -81,7 +81,9 @@ def test_resume_after_lost_checkpoint_is_exact(reference_run, tmp_path):
   assert losses(workdir) == losses(reference_run)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+# SIGINT takes the same handler as SIGTERM (signals.StopRequest): slow.
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                    signal.SIGTERM])
 def test_signal_saves_and_resumes_exactly(reference_run, tmp_path, monkeypatch, signum):
   """Ctrl-C / SIGTERM mid-run: the step finishes, a checkpoint is saved, the run returns;
   rerunning finishes with the losses of an uninterrupted run."""

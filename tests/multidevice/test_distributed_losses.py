@@ -72,7 +72,7 @@ def test_batch_mesh_axes():
     assert distributed.batch_mesh_axes((("batch", ("fsdp", "data")),)) == ("fsdp", "data")
 
 
-@pytest.mark.parametrize("batch", [32, 64])
+@pytest.mark.parametrize("batch", [32, pytest.param(64, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("ls", [0.0, 0.1])
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_clip_local_matches_dense(mesh_name, ls, batch):
@@ -103,7 +103,7 @@ def test_clip_local_matches_dense(mesh_name, ls, batch):
   assert float(t2i) == pytest.approx(ref_t2i)
 
 
-@pytest.mark.parametrize("batch", [32, 64])
+@pytest.mark.parametrize("batch", [32, pytest.param(64, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_siglip_chunked_matches_dense(mesh_name, batch):
   img, txt = embeddings(batch, seed=batch + 1)
