@@ -109,6 +109,7 @@ def test_tower_counts_add_up_to_the_train_step():
   assert 0.45 < flops.tower_train_flops_per_sample(c, "image") / full < 0.52
 
 
+@pytest.mark.slow  # ~25 s; the step benchmark is test_benchmark.py's.
 def test_tower_benchmark_times_only_its_tower():
   c = test_train.tiny_config()
   c.model.image.update(width=128, depth=2, mlp_dim=512, num_heads=2, patch_size=8)

@@ -90,7 +90,8 @@ MODELS = Registry("model", "vlp_jax.models")
 # Objectives: fn(outputs, batch, cfg) -> (loss, metrics). `reads`: the model outputs it
 # uses; `batch_keys`: the batch entries it uses; `batch_global`: whether it needs every
 # negative of the global batch (accumulation then caches what it reads for the whole
-# batch, and it sees the whole batch's outputs).
+# batch, and it sees the whole batch's outputs). It is given only what it declares
+# (`objectives/combine.py`).
 OBJECTIVES = Registry("objective", "vlp_jax.objectives", required=("reads",),
                       optional={"batch_keys": (), "batch_global": False})
 SOURCES = Registry("data source", "vlp_jax.data.sources")

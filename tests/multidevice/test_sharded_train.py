@@ -68,9 +68,10 @@ def assert_close(actual, expected):
   np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 
 
-# `make test` covers all three axes at once (data, fsdp, tensor) here, and siglip on
-# data8 with accumulation below; the remaining combinations are `slow` (`make test-all`).
-FAST_CASES = {("coca", "data2_fsdp2_tensor2")}
+# `make test` covers all three axes at once (data, fsdp, tensor) here, data8 with
+# accumulation below, and CoCa's params on every mesh in test_resharding_restore.py;
+# the remaining combinations are `slow` (`make test-all`).
+FAST_CASES = {("siglip", "data2_fsdp2_tensor2")}
 
 
 def _cases(names, meshes, fast):
