@@ -23,11 +23,17 @@ def family(name: str):
   return cls
 
 
+def compute_dtype(model_cfg):
+  """The jnp dtype named by `model_cfg.dtype` (a ConfigError if it is unknown)."""
+  if model_cfg.dtype not in DTYPES:
+    raise errors.ConfigError(f"config.model.dtype='{model_cfg.dtype}' is not one of "
+                             f"{sorted(DTYPES)}.")
+  return DTYPES[model_cfg.dtype]
+
+
 def build_model(model_cfg):
   """Instantiates the registered model `model_cfg.name` with compute dtype `model_cfg.dtype`."""
-  if model_cfg.dtype not in DTYPES:
-    raise ValueError(f"model.dtype '{model_cfg.dtype}' is not one of {sorted(DTYPES)}.")
-  return family(model_cfg.name)(config=model_cfg, dtype=DTYPES[model_cfg.dtype])
+  return family(model_cfg.name)(config=model_cfg, dtype=compute_dtype(model_cfg))
 
 
 def output_names(model_cfg) -> frozenset:
@@ -61,9 +67,7 @@ def check_config(model_cfg) -> None:
   """The model family is registered, follows the interface, and its implementation
   switches are known."""
   family(model_cfg.name)
-  if model_cfg.dtype not in DTYPES:
-    raise errors.ConfigError(f"config.model.dtype='{model_cfg.dtype}' is not one of "
-                             f"{sorted(DTYPES)}.")
+  compute_dtype(model_cfg)
   if model_cfg.remat not in layers.REMAT_POLICIES:
     raise errors.ConfigError(f"config.model.remat='{model_cfg.remat}' is not one of "
                              f"{sorted(layers.REMAT_POLICIES)}.")
