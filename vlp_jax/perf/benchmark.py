@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlp_jax.perf import flops as flops_lib
-from vlp_jax import sharding
 from vlp_jax.train.setup import TrainSetup
 
 
@@ -56,11 +55,9 @@ def _data_batches(config, setup):
   from vlp_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from vlp_jax.train import prefetch  # pylint: disable=g-import-not-at-top
   tokenizer = pipeline.make_tokenizer(config.data)
-  it = iter(pipeline.train_dataset(config, tokenizer))
+  it = iter(pipeline.train_dataset(config, tokenizer, setup.batch))
   host = (pipeline.split_bad_counts(b)[0] for b in it)
-  return prefetch.DevicePrefetcher(
-      host, lambda b: sharding.make_global_batch(b, setup.mesh, setup.rules),
-      config.device_prefetch)
+  return prefetch.DevicePrefetcher(host, setup.global_batch, config.device_prefetch)
 
 
 class StepBenchmark:
@@ -79,8 +76,7 @@ class StepBenchmark:
         self.batches = _data_batches(config, self.setup)
         self.batch = next(self.batches)
       else:
-        self.batch = sharding.make_global_batch(synthetic_batch(config), self.setup.mesh,
-                                                self.setup.rules)
+        self.batch = self.setup.global_batch(synthetic_batch(config))
       t0 = time.perf_counter()
       self.compiled = self._compile()
       self.compile_s = time.perf_counter() - t0
