@@ -96,6 +96,21 @@ def default_config() -> ConfigDict:
   # auto (cuDNN on GPU for bf16/fp16, einsum on CPU) | xla | cudnn | einsum
   c.model.attention_impl = "auto"
   c.model.image.patch_dropout = 0.0  # FLIP: fraction of patch tokens dropped in training.
+  # FILIP: per-token projection width (0 = off). The model then also outputs
+  # image_token_emb / text_token_emb / text_token_mask, and evaluators score with the
+  # token-wise (late-interaction) similarity.
+  c.model.token_embed_dim = 0
+  # Prefix conditioning (Saito et al.): learned prefix tokens per data type
+  # (0 = caption, 1 = classification prompt), taken from batch['data_type'].
+  c.model.text.prefix_conditioning = False
+  c.model.text.prefix_length = 1  # Learned prefix vectors per data type.
+  # Rows per source example: k > 1 puts k captions of one image (each with its own
+  # crop) in the batch as consecutive rows with the same batch['image_id'].
+  c.data.captions_per_image = 1
+  # Prompt templates turning a classification source's labels into captions:
+  # 'auto' (an imagefolder's templates.txt, else the source kind's built-in set),
+  # 'imagenet', 'shapes' or a .txt file of templates with '{}', one per line.
+  c.data.class_templates = "auto"
   c.device_prefetch = 2  # Batches put on device ahead of the running step (0 = off).
   c.profile_steps = [0, 0]  # [a, b]: jax.profiler trace of steps a..b-1 to workdir/profile.
 
@@ -265,6 +280,9 @@ DATA_RANGES = {
     "worker_count": (True, _GE0, ">= 0", "grain worker processes; 0 = in-process"),
     "shuffle_buffer": (True, _GE0, ">= 0",
                        "samples per seeded block shuffle of wds: sources; 0 = off"),
+    "captions_per_image": (True, _GE1, ">= 1",
+                           "batch rows (captions, each with its own crop) per source "
+                           "example; 1 = one random caption"),
     "max_bad_fraction": (False, _UNIT, "in [0, 1]",
                          "the fraction of unreadable records tolerated before the run "
                          "stops; 0 = none"),
@@ -280,6 +298,9 @@ _FROM_VARIANT = (True, _GE0, ">= 0", "0 = taken from config.model.image.variant"
 _DROPOUT = (False, _UNIT_OPEN, "in [0, 1)", "a dropout rate")
 MODEL_RANGES = {
     "": {"embed_dim": _DIM,
+         "token_embed_dim": (True, _GE0, ">= 0",
+                             "the FILIP per-token embedding width; 0 = no token "
+                             "embeddings"),
          "logit_scale_max": (False, lambda v: v > 0, "> 0",
                              "the largest value the learned logit scale may reach")},
     ".image": {"width": _FROM_VARIANT, "depth": _FROM_VARIANT, "mlp_dim": _FROM_VARIANT,
@@ -289,7 +310,9 @@ MODEL_RANGES = {
               "mlp_dim": _DIM, "num_heads": _DIM,
               "context_length": (True, lambda v: v >= 2, ">= 2",
                                  "text tokens per caption, BOS and EOS included"),
-              "dropout": _DROPOUT},
+              "dropout": _DROPOUT,
+              "prefix_length": (True, _GE1, ">= 1",
+                                "learned prefix vectors per data type")},
     ".decoder": {"depth": (True, _GE0, ">= 0", "multimodal decoder layers"),
                  "num_queries": (True, _GE1, ">= 1",
                                  "image tokens the decoder cross-attends to")},
