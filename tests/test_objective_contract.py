@@ -157,3 +157,29 @@ def test_combine_names_metrics_and_weights():
                      "loss": total, "logit_scale": 10.0}
   total, _ = combine.combine(objectives, results, {}, weights={"caption": 0.5})
   assert float(total) == 1.625
+
+
+def _step_scaled(outputs, batch, cfg):
+  del cfg
+  loss = jnp.mean(outputs["image_emb"] ** 2) * (1.0 + batch["step"])
+  return loss, {"loss": loss, "step": batch["step"].astype(jnp.float32)}
+
+
+OBJECTIVES.register("contract_step", replace=True, reads=("image_emb",),
+                    batch_keys=("step",), batch_global=True)(_step_scaled)
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_train_step_gives_the_step_to_objectives_that_declare_it(accum_steps):
+  """train_step adds batch['step'] (the step being computed); with accumulation every
+  micro-batch sees the same scalar."""
+  exp, params, batch = filip_setup()
+  obj = combine.from_registry("contract_step")
+  del params
+  state = state_lib.create_state(exp.model, exp.tx, filip_config(), exp.mesh)
+  state = state.replace(step=state.step + 6)
+  new, metrics = jax.jit(lambda s, b: step_lib.train_step(
+      s, b, model=exp.model, objectives=[obj], tx=exp.tx, schedule=lambda s: 0.0,
+      accum_steps=accum_steps))(state, batch)
+  assert float(metrics["contract_step/step"]) == 6.0
+  assert int(new.step) == 7

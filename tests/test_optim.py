@@ -198,3 +198,37 @@ def test_no_clipping_when_disabled():
   _, state = tx.update(huge, tx.init(params), params)
   np.testing.assert_allclose(float(optax.tree.norm(_mu(state))),
                              0.1 * float(optax.tree.norm(huge)), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- LAMB
+
+
+def test_lamb_first_step_is_the_trust_ratio_scaled_adam_direction():
+  """LAMB (You et al. 2019), step 1 with bias correction: r = g / (|g| + eps) per
+  coordinate, u = r + wd * w on decayed leaves, and w' = w - lr * (|w| / |u|) * u per
+  leaf (ratio 1 where |w| or |u| is 0)."""
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+                      "bias": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+                       params)
+  lr, wd, eps = 0.1, 0.3, 1e-6
+  tx, _ = optim.make_optimizer(_optim_cfg(name="lamb", lr=lr, warmup_steps=0,
+                                          weight_decay=wd, eps=eps, grad_clip_norm=0.0),
+                               10)
+  new = _one_step(tx, grads, params)
+  for name in ("kernel", "bias"):
+    w = np.asarray(params["dense"][name], np.float64)
+    g = np.asarray(grads["dense"][name], np.float64)
+    u = g / (np.abs(g) + eps) + (wd * w if name == "kernel" else 0.0)
+    ratio = np.linalg.norm(w) / np.linalg.norm(u)
+    np.testing.assert_allclose(np.asarray(new["dense"][name]), w - lr * ratio * u,
+                               rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_unknown_optimizer_name_is_a_config_error():
+  from vlp_jax import errors, validation  # pylint: disable=g-import-not-at-top
+  c = config_lib.default_config()
+  c.optim.name = "adam"
+  with pytest.raises(errors.ConfigError, match=r"optim.name='adam'.*\['adamw', 'lamb'\]"):
+    validation.validate(c)

@@ -70,6 +70,7 @@ def default_config() -> ConfigDict:
   c.objective_cfg = ConfigDict()
 
   c.optim = ConfigDict(dict(
+      name="adamw",  # 'adamw' or 'lamb' (layer-wise trust ratio, as FILIP).
       lr=5e-4, warmup_steps=100, end_lr_ratio=0.0, weight_decay=0.2, b1=0.9,
       b2=0.98, eps=1e-6, grad_clip_norm=1.0))
 
@@ -184,6 +185,10 @@ def validate(config) -> None:
       raise errors.ConfigError(f"config.{key} must be positive, got {config[key]}.")
   check_numbers(config, "config", TOP_RANGES)
   check_numbers(config.optim, "config.optim", OPTIM_RANGES)
+  if config.optim.name not in OPTIMIZER_NAMES:
+    raise errors.ConfigError(
+        f"config.optim.name={config.optim.name!r} is not an optimizer; use one of "
+        f"{list(OPTIMIZER_NAMES)}.")
   for group in ("", ".image", ".text", ".decoder"):
     node = config.model
     for key in group.split(".")[1:]:
@@ -321,6 +326,8 @@ EVAL_RANGES = {  # Of EVAL_COMMON_KEYS; an evaluator checks its own options.
     "batch_size": (True, _GE1, ">= 1", "examples per evaluation batch"),
     "size": (True, _GE0, ">= 0", "examples evaluated; 0 = all"),
 }
+# train/optim.OPTIMIZERS (not imported here: it needs optax).
+OPTIMIZER_NAMES = ("adamw", "lamb")
 # transforms.NORMALIZATIONS (not imported here: it needs grain).
 NORMALIZATIONS = ("clip", "inception", "unit")
 

@@ -60,8 +60,11 @@ def cached_output_names(objectives):
 
 
 def split_microbatches(tree, accum_steps: int):
-  """[B, ...] leaves -> [K, B/K, ...]; micro-batch k holds rows k, k + K, k + 2K, ..."""
+  """[B, ...] leaves -> [K, B/K, ...]; micro-batch k holds rows k, k + K, k + 2K, ...
+  Scalar leaves (the batch's 'step') are the same for every micro-batch: -> [K]."""
   def split(x):
+    if jnp.ndim(x) == 0:
+      return jnp.broadcast_to(x, (accum_steps,))
     n = x.shape[0]
     if n % accum_steps:
       raise ValueError(f"The batch of {n} examples is not divisible into "
@@ -121,7 +124,7 @@ def accumulated_grads(params, model, objectives, batch, rng, accum_steps: int,
     mb, key = xs
     out = forward(jax.lax.stop_gradient(params), mb, key)
     cached = {k: out[k] for k in to_cache if k in out and jnp.ndim(out[k]) > 0}
-    micro_b = jax.tree.leaves(mb)[0].shape[0]
+    micro_b = next(x.shape[0] for x in jax.tree.leaves(mb) if jnp.ndim(x))
     for name, v in cached.items():
       if v.shape[0] != micro_b:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""AdamW with linear warmup + cosine decay, weight decay on kernels only, clipping."""
+"""AdamW (or LAMB) with linear warmup + cosine decay, weight decay on kernels only, clipping."""
 import flax.linen as nn
 import jax
 import optax
@@ -21,12 +21,18 @@ def decay_mask(params):
       is_kernel, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
+# config.optim.name -> optax optimizer with decoupled weight decay. LAMB (You et al.)
+# scales each layer's Adam update by its trust ratio ||w|| / ||update|| (FILIP).
+OPTIMIZERS = {"adamw": optax.adamw, "lamb": optax.lamb}
+
+
 def make_optimizer(optim_cfg, total_steps: int):
   """Returns (optax transform, schedule)."""
   schedule = lr_schedule(optim_cfg, total_steps)
   parts = []
   if optim_cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
-  parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                           weight_decay=optim_cfg.weight_decay, mask=decay_mask))
+  make = OPTIMIZERS[optim_cfg.name]
+  parts.append(make(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                    weight_decay=optim_cfg.weight_decay, mask=decay_mask))
   return optax.chain(*parts), schedule

@@ -1,26 +1,40 @@
 """Jitted inference functions handed to evaluators (`predict_fns`), from what every
-model family provides (`models/interface.py`): `embed_image`, `embed_text`, and for
-families that generate, `encode_image` + `decode`."""
+model family provides (`models/interface.py`): `embed_image`, `embed_text`; for
+families that generate, `encode_image` + `decode`; for families with per-token
+embeddings turned on (FILIP, `interface.can_embed_tokens`), `embed_image_tokens`,
+`embed_text_tokens` and `token_scores`, whose presence tells evaluators to score
+with the token-wise similarity."""
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from vlp_jax.models import generate, interface
+from vlp_jax.objectives import filip
 
 
 def make_predict_fns(model, tokenizer, context_length: int):
-  """{'embed_image', 'embed_text', 'generate' (if the model decodes), 'tokenize', 'detokenize'}."""
+  """{'embed_image', 'embed_text', 'generate' (if the model decodes),
+  'embed_image_tokens', 'embed_text_tokens', 'token_scores' (if it has token
+  embeddings), 'tokenize', 'detokenize'}.
+
+  `embed_text(params, tokens, data_type=None)`: `data_type` (an int, static) picks a
+  prefix-conditioned model's prefix; None is the caption prefix, as the paper uses
+  for zero-shot evaluation.
+  """
   def embed_image(params, images):
     return model.apply({"params": params}, images, method="embed_image")[0]
 
-  def embed_text(params, tokens):
-    return model.apply({"params": params}, tokens, method="embed_text")[0]
+  def embed_text(params, tokens, data_type=None):
+    kw = {} if data_type is None else {"data_type": _types(tokens, data_type)}
+    return model.apply({"params": params}, tokens, method="embed_text", **kw)[0]
 
   # Replicated outputs: every process gets the whole result (multi-host evaluation).
   replicated = jax.sharding.PartitionSpec()
   fns = {
       "embed_image": jax.jit(embed_image, out_shardings=replicated),
-      "embed_text": jax.jit(embed_text, out_shardings=replicated),
+      "embed_text": jax.jit(embed_text, out_shardings=replicated,
+                            static_argnames=("data_type",)),
       "tokenize": lambda texts: tokenizer.tokenize(list(texts), context_length),
       "detokenize": tokenizer.decode,
   }
@@ -29,4 +43,46 @@ def make_predict_fns(model, tokenizer, context_length: int):
         generate.greedy_generate, model, max_len=context_length,
         bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id),
                               out_shardings=replicated)
+  if interface.can_embed_tokens(model):
+    fns.update(token_predict_fns(model, replicated))
   return fns
+
+
+def _types(tokens, data_type):
+  """[B] int32 of `data_type` (None: the model's default, the caption prefix)."""
+  if data_type is None:
+    return None
+  return jnp.full((tokens.shape[0],), data_type, jnp.int32)
+
+
+def token_predict_fns(model, out_shardings=None):
+  """The FILIP predict fns, jitted:
+
+  - `embed_image_tokens(params, images)` -> image token embeddings [B, N, d];
+  - `embed_text_tokens(params, tokens, data_type=None)` -> (text token embeddings
+    [B, T, d], mask [B, T] float32);
+  - `token_scores(image_tokens, text_tokens, text_mask, length)` -> (s^I, s^T)
+    [Bi, Bt] float32 over the first `length` (static) text positions
+    (`objectives.filip.token_similarities`: s^I ranks texts for an image, s^T
+    images for a text).
+  """
+  def embed_image_tokens(params, images):
+    return model.apply({"params": params}, images, method="embed_image_tokens")[1]
+
+  def embed_text_tokens(params, tokens, data_type=None):
+    _, emb, mask = model.apply({"params": params}, tokens,
+                               data_type=_types(tokens, data_type),
+                               method="embed_text_tokens")
+    return emb, mask
+
+  def token_scores(image_tokens, text_tokens, text_mask, length):
+    return filip.token_similarities(image_tokens, text_tokens[:, :length],
+                                    text_mask[:, :length])
+
+  kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+  return {
+      "embed_image_tokens": jax.jit(embed_image_tokens, **kw),
+      "embed_text_tokens": jax.jit(embed_text_tokens, static_argnames=("data_type",),
+                                   **kw),
+      "token_scores": jax.jit(token_scores, static_argnames=("length",), **kw),
+  }

@@ -39,9 +39,12 @@ def train_step(state, batch, *, model, objectives, tx, schedule, accum_steps=1):
   With `accum_steps` > 1 the gradient is accumulated over that many micro-batches,
   keeping all negatives of the batch (see `accumulate.py`). A step with a non-finite
   loss or gradient leaves params and optimizer state unchanged (see `nonfinite.py`);
-  `metrics['nonfinite']` holds its flags.
+  `metrics['nonfinite']` holds its flags. The batch gains 'step' (the step being
+  computed) for objectives whose targets follow a schedule over training.
   """
   rng = jax.random.fold_in(state.rng, state.step)
+  # Objectives that follow a schedule over training declare batch_keys=('step',).
+  batch = dict(batch, step=state.step)
   grads, metrics = gradients(state.params, model, objectives, batch, rng, accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
