@@ -43,7 +43,7 @@ def captions(batch):
 def assert_same(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    assert set(x) == set(y) == {"image", "text", "_bad_counts", "_seen"}
+    assert set(x) == set(y) == {*batches.BATCH_KEYS, "_bad_counts", "_seen"}
     for k in x:
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 

@@ -96,9 +96,10 @@ def _take(it, n):
 def _assert_batches_equal(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    assert set(x) == set(y) == {"image", "text", "_bad_counts", "_seen"}
-    np.testing.assert_array_equal(x["image"], y["image"])
-    np.testing.assert_array_equal(x["text"], y["text"])
+    assert set(x) == set(y) == {"image", "text", "label", "data_type", "image_id",
+                                "_bad_counts", "_seen"}
+    for key in ("image", "text", "label", "data_type", "image_id"):
+      np.testing.assert_array_equal(x[key], y[key])
 
 
 def _batches_differ(a, b):

@@ -35,13 +35,21 @@ def _save(path, color, size=(20, 30), fmt=None):
   Image.fromarray(np.full(size + (3,), COLORS[color], np.uint8)).save(path, format=fmt)
 
 
-def _check_train_batches(spec, tokenizer, allowed_captions, n=2):
-  it = iter(pipeline.train_dataset(_tiny_config(spec), tokenizer))
+def _check_train_batches(spec, tokenizer, allowed_captions, n=2, labels=None,
+                         class_templates="auto"):
+  """`labels`: the batch labels allowed (classification sources); None: caption data."""
+  config = _tiny_config(spec)
+  config.data.class_templates = class_templates
+  it = iter(pipeline.train_dataset(config, tokenizer))
   for _ in range(n):
     batch = next(it)
     assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
     assert batch["text"].shape == (4, 16) and batch["text"].dtype == np.int32
     assert {tokenizer.decode(t) for t in batch["text"]} <= set(allowed_captions)
+    for key in ("label", "data_type", "image_id"):
+      assert batch[key].shape == (4,) and batch[key].dtype == np.int32
+    assert set(batch["label"]) <= (set(labels) if labels else {0})
+    assert set(batch["data_type"]) == {1 if labels else 0}
 
 
 def _make(spec, split="train", size=0):
@@ -187,8 +195,10 @@ def test_imagefolder_split_placeholder_and_classnames_files(folder):
 
 
 def test_imagefolder_train_dataset(folder, tokenizer):
+  # A classification source: its classes become prompt captions, labels 1 + class.
   _check_train_batches("imagefolder:" + str(folder), tokenizer,
-                       {"blue thing", "green thing", "red thing"})
+                       {"a blue thing.", "a green thing.", "a red thing."},
+                       labels={1, 3, 4}, class_templates="a {}.")
 
 
 def test_imagefolder_errors(tmp_path):
@@ -324,7 +334,8 @@ def test_tfds_classnames_option(tfds_mock, tmp_path):
 
 
 def test_tfds_train_dataset(tfds_mock, tokenizer):
-  _check_train_batches("tfds:cifar10", tokenizer, {str(i) for i in range(10)})
+  _check_train_batches("tfds:cifar10", tokenizer, {f"the {i}." for i in range(10)},
+                       labels=set(range(1, 11)), class_templates="the {}.")
 
 
 def test_tfds_errors(tfds_mock):

@@ -300,7 +300,7 @@ def test_train_transform_default_unchanged(tokenizer):
     out = transform.random_map(element, np.random.default_rng(seed))
     ref = _reference_train_map(element, np.random.default_rng(seed), tokenizer, 32, 16,
                                "clip")
-    assert set(out) == {"image", "text"}
+    assert set(out) == {"image", "text", "label", "data_type", "image_id"}
     np.testing.assert_array_equal(out["image"], ref["image"])
     np.testing.assert_array_equal(out["text"], ref["text"])
   # Positional construction as used today still works; defaults are off.
@@ -313,9 +313,9 @@ def test_train_transform_bytes_equal_array(tokenizer):
   for kwargs in ({}, {"crop_scale": (0.5, 1.0), "flip": True}):
     transform = transforms.TrainTransform(tokenizer, 32, 16, "inception", **kwargs)
     for seed in range(3):
-      from_arr = transform.random_map({"image": arr, "text": "a cat"},
+      from_arr = transform.random_map({"image": arr, "text": "a cat", "key": "k"},
                                       np.random.default_rng(seed))
-      from_bytes = transform.random_map({"image": png, "text": "a cat"},
+      from_bytes = transform.random_map({"image": png, "text": "a cat", "key": "k"},
                                         np.random.default_rng(seed))
       np.testing.assert_array_equal(from_arr["image"], from_bytes["image"])
       np.testing.assert_array_equal(from_arr["text"], from_bytes["text"])
@@ -325,15 +325,17 @@ def test_train_transform_bytes_equal_array(tokenizer):
 def test_train_transform_random_crop_and_clean_captions(tokenizer):
   img = _coordinate_image(100, 100)
   transform = transforms.TrainTransform(tokenizer, 32, 16, "unit", crop_scale=(0.3, 0.5))
-  out = transform.random_map({"image": img, "text": "x"}, np.random.default_rng(0))
+  out = transform.random_map({"image": img, "text": "x", "key": "k"},
+                             np.random.default_rng(0))
   xs = np.rint(out["image"][..., 0] * 255)
   assert out["image"].shape == (32, 32, 3) and np.ptp(xs) < 80  # A real crop.
   strict = transforms.TrainTransform(tokenizer, 32, 16, clean_captions=True)
-  out = strict.random_map({"image": img, "text": ["", "  only one  "]},
+  out = strict.random_map({"image": img, "text": ["", "  only one  "], "key": "k"},
                           np.random.default_rng(0))
   assert tokenizer.decode(out["text"]) == "only one"
   with pytest.raises(BadRecord) as err:
-    strict.random_map({"image": img, "text": ["", " "]}, np.random.default_rng(0))
+    strict.random_map({"image": img, "text": ["", " "], "key": "k"},
+                      np.random.default_rng(0))
   assert err.value.kind == "bad_caption"
 
 

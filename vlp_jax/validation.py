@@ -1,7 +1,7 @@
 """The whole check of a config before anything runs: the schema (`config.validate`),
 then each selected implementation's own checks, where its registry lives (the model
 family, the objectives against the model's outputs, the evaluators' options) and the
-data mixture. Batch arithmetic, which needs the mesh, is `batch_plan.py`."""
+data checks. Batch arithmetic, which needs the mesh, is `batch_plan.py`."""
 from vlp_jax import config as config_lib
 
 
@@ -15,7 +15,7 @@ def validate(config, evals: bool = True) -> None:
   config_lib.validate(config)
   models.check_config(config.model)
   objectives.check_config(config)
-  mixture.parse_mixture(config.data.mixture)
+  mixture.check_config(config)  # Mixture entries, captions_per_image, class_templates.
   if evals and config.evals:
     from vlp_jax import evaluators  # pylint: disable=g-import-not-at-top
     evaluators.check_config(config)

@@ -1,9 +1,11 @@
 """Whole batches as a random-access (MapDataset) stage: worker- and process-count invariant.
 
-Global batch `b` is built from elements `b*B .. b*B+B-1` of a random-access element
-stream (shuffled, repeated, transformed; bad records appear as markers). Process `p`
-of `P` builds the contiguous rows `p*B/P .. (p+1)*B/P - 1`, so the process-major
-concatenation of the local batches is the same global batch for any `P`. A bad
+Global batch `b` is built from elements `b*B/k .. (b+1)*B/k - 1` of a random-access
+element stream (shuffled, repeated, transformed; bad records appear as markers), where
+each element gives k = config.data.captions_per_image consecutive rows (k = 1: one row
+per element). Process `p` of `P` builds the contiguous rows `p*B/P .. (p+1)*B/P - 1`
+(elements `p*B/(P*k) ..`; k must divide B/P), so the process-major concatenation of
+the local batches is the same global batch for any `P`. A bad
 element `j` is replaced by a seeded spare (`spare_index`) from the same window of the
 stream and listed in the batch's `_skipped` entries. Every batch is a pure function of
 its index, so grain's `mp_prefetch` (which hands whole elements of the MapDataset to
@@ -13,10 +15,15 @@ any `worker_count`.
 import grain
 import numpy as np
 
-from vlp_jax.data import robust
+from vlp_jax.data import mixture, robust
 
 # Spares tried for one bad element before giving up (then most records are bad).
 MAX_SPARES = 16
+# What every training batch holds, one row per example (int32 [B] for the last three):
+# 'label' 0 = caption data, 1 + class (+ offset) = classification data; 'data_type'
+# 0 caption / 1 classification; 'image_id' the hash of the source example's key
+# (`transforms.example_id`), shared by the k rows of one example.
+BATCH_KEYS = ("image", "text", "label", "data_type", "image_id")
 
 
 def spare_index(seed: int, index: int, attempt: int, window: int) -> int:
@@ -59,25 +66,31 @@ class ReplaceBad(grain.MapDataset):
     return f"ReplaceBad(window={self._window})"
 
 
-def collate(rows):
-  """Stacks 'image' / 'text'; concatenates `_skipped`, sums `_read`."""
-  batch = {k: np.stack([r[k] for r in rows]) for k in ("image", "text")}
-  batch["_skipped"] = [s for r in rows for s in r["_skipped"]]
-  batch["_read"] = sum(r["_read"] for r in rows)
+def collate(elements, rows_per_element: int = 1):
+  """Stacks the `BATCH_KEYS` of one-row elements (concatenates those of k-row elements,
+  `rows_per_element` = k > 1); concatenates `_skipped`, sums `_read`."""
+  join = np.stack if rows_per_element == 1 else np.concatenate
+  batch = {k: join([e[k] for e in elements]) for k in BATCH_KEYS}
+  batch["_skipped"] = [s for e in elements for s in e["_skipped"]]
+  batch["_read"] = sum(e["_read"] for e in elements)
   return batch
 
 
 class ProcessBatches(grain.MapDataset):
   """MapDataset of this process's rows of each global batch of `ReplaceBad` elements:
-  {'image': [b, ...], 'text': [b, L], '_skipped': [(kind, key, error, source)],
-  '_read': int}."""
+  {'image': [b, ...], 'text': [b, L], 'label' / 'data_type' / 'image_id': [b],
+  '_skipped': [(kind, key, error, source)], '_read': int}; each element gives
+  `rows_per_element` consecutive rows."""
 
-  def __init__(self, elements: grain.MapDataset, plan):
+  def __init__(self, elements: grain.MapDataset, plan, rows_per_element: int = 1):
     """`plan`: a `vlp_jax.batch_plan.BatchPlan` (global batch, this process's rows)."""
     super().__init__(elements)
-    self._global = plan.global_batch
-    self._local = plan.per_process
-    self._offset = plan.process_offset
+    mixture.check_captions_per_image(rows_per_element, plan.per_process,
+                                     plan.process_count, plan.global_batch)
+    self._rows = rows_per_element
+    self._global = plan.global_batch // rows_per_element
+    self._local = plan.per_process // rows_per_element
+    self._offset = plan.process_offset // rows_per_element
 
   def __len__(self):
     return len(self._parent) // self._global
@@ -86,7 +99,9 @@ class ProcessBatches(grain.MapDataset):
     if isinstance(index, slice):
       return self.slice(index)
     start = index * self._global + self._offset
-    return collate([self._parent[j] for j in range(start, start + self._local)])
+    return collate([self._parent[j] for j in range(start, start + self._local)],
+                   self._rows)
 
   def __str__(self):
-    return f"ProcessBatches(global_batch={self._global}, local={self._local})"
+    return (f"ProcessBatches(global_batch={self._global * self._rows}, "
+            f"local={self._local * self._rows}, rows_per_element={self._rows})")

@@ -40,7 +40,8 @@ def is_bad(element) -> bool:
 
 
 class SafeSource:
-  """Random-access source whose failing records become `{'_bad': kind, 'key': ...}`."""
+  """Random-access source whose failing records become `{'_bad': kind, 'key': ...}`;
+  a record without a 'key' gets 'NAME[index]' (training batches hash it to 'image_id')."""
 
   def __init__(self, source, name: str):
     self.source, self.name = source, name
@@ -50,12 +51,15 @@ class SafeSource:
 
   def __getitem__(self, index):
     try:
-      return self.source[index]
+      element = self.source[index]
     except IndexError:
       raise
     except Exception as e:  # pylint: disable=broad-except
       return {"_bad": bad_kind(e), "key": f"{self.name}[{index}]", "error": str(e)[:200],
               "source": self.name}
+    if isinstance(element, dict) and "key" not in element:
+      element = dict(element, key=f"{self.name}[{index}]")
+    return element
 
   def __getattr__(self, name):  # class_names, root, ...
     if name.startswith("__") or name == "source":  # Unpickling in worker processes.

@@ -2,6 +2,12 @@
 
 Every source is random access (`__len__`, `__getitem__`) and yields
 {'image': uint8 [H, W, 3], 'text': str | list[str], ...optional fields}.
+
+A source is a classification source (`is_classification`) when it has `class_names`
+and a truthy `classification` attribute (imagefolder, TFDS label datasets): in training
+its examples' 'label' (a class index) becomes a prompt caption and the batch's 'label'
+1 + class (+ the classes of earlier mixture components). Other sources are caption
+data (batch 'label' 0), whether or not their examples carry a 'label' field.
 """
 import json
 import os
@@ -58,6 +64,12 @@ class JsonlSource:
 @SOURCES.register("jsonl")
 def make_jsonl_source(path, size=0, **unused):
   return JsonlSource(path, size)
+
+
+def is_classification(source) -> bool:
+  """Whether training treats `source`'s examples as classes (see the module docstring)."""
+  return bool(getattr(source, "classification", False)) and (
+      getattr(source, "class_names", None) is not None)
 
 
 def make_source(spec: str, split: str, size: int, seed: int, image_size: int):

@@ -162,11 +162,15 @@ class ImageFolderSource:
 
   Class names are the folder names with '_' -> ' ', or come from DIR/classnames.txt
   (one per line, in sorted-folder order) or DIR/classnames.json ({folder: name}).
-  `root` is DIR: the zero-shot evaluator reads its prompt templates from
-  DIR/templates.txt when there is one (vlp_jax/evaluators/templates.py).
+  `root` is DIR: prompt templates are read from DIR/templates.txt when there is one
+  (vlp_jax/data/templates.py), by the zero-shot evaluator and, since this is a
+  classification source (`classification`), by training, which turns each label
+  into a prompt caption (config.data.class_templates).
   With `size`, an evenly spaced subset of the (class-sorted) images is kept, so every
   class stays represented.
   """
+
+  classification = True  # Training batches: label 1 + class, a prompt caption.
 
   def __init__(self, root: str, size: int = 0):
     if not root:

@@ -17,7 +17,8 @@ The dataset must be prepared in a random-access format (ArrayRecord), e.g.
 `tfds build NAME --file_format=array_record --data_dir=DIR`.
 
 Label fields become text = class name and the source gains `class_names` for zero-shot
-evaluation (whose prompt templates are the evaluator's option).
+evaluation (whose prompt templates are the evaluator's option) and `classification`:
+in training its labels become prompt captions (config.data.class_templates).
 """
 import json
 import os
@@ -123,6 +124,7 @@ class TfdsSource:
     self.image_key, self.text_key = image_key, text_key
     names = getattr(features[text_key], "names", None)
     self.is_label = names is not None
+    self.classification = self.is_label
     if classnames:
       names = _load_names(classnames)
     if self.is_label:

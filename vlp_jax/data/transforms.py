@@ -5,6 +5,7 @@ bytes are decoded here with `decode.decode_image`, so decoding runs in the (para
 transform workers rather than in the source.
 """
 import dataclasses
+import hashlib
 import math
 from typing import Any, Tuple
 
@@ -94,15 +95,41 @@ def as_caption_list(text) -> list:
   return [text] if isinstance(text, str) else list(text)
 
 
+def example_id(key) -> int:
+  """A deterministic 31-bit id (int in [0, 2**31)) of a source example's key: the first
+  4 bytes of its blake2b digest, so the same in every process, worker and run (unlike
+  Python's salted hash()).
+
+  Ids of distinct keys collide like random 31-bit numbers: a batch of n distinct
+  examples holds about n * (n - 1) / 2**32 colliding pairs on average (B = 4,096:
+  0.004 per batch, one pair in ~256 batches; B = 32,768: 0.25). The ids group the rows
+  of one example within a batch; they are not unique over a large dataset.
+  """
+  data = key if isinstance(key, bytes) else str(key).encode("utf-8")
+  return int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(), "little") & (
+      0x7FFFFFFF)
+
+
 @dataclasses.dataclass
 class TrainTransform(grain.transforms.RandomMap):
-  """Example -> {'image': float32 [S, S, 3], 'text': int32 [L]} with a random caption.
+  """Example -> {'image': float32 [S, S, 3], 'text': int32 [L] (a random caption),
+  'label', 'data_type', 'image_id': int32 scalars}.
 
   Defaults reproduce plain resize + center crop. `crop_scale[0] < 1` switches to
   `random_resized_crop` (area fraction in `crop_scale`, aspect ratio in `crop_ratio`);
   `flip` adds random horizontal flips (off by default: they break "left"/"right"
   captions); `clean_captions` strips captions, drops empty ones and raises
   BadRecord('bad_caption') when none is left.
+
+  Caption data (`class_names` empty): 'label' 0, 'data_type' 0. Classification data
+  (`class_names` set): the example's 'label' (a class index) picks a class name, the
+  captions are `class_templates` (a `data.templates.Templates`) filled with it, and
+  'label' = 1 + `label_offset` + class, 'data_type' 1. 'image_id' is
+  `example_id(element['key'])`.
+
+  `captions_per_image` k > 1: every value gains a leading axis of k rows (image
+  [k, S, S, 3], text [k, L], ...): k captions (distinct when the example has >= k,
+  else drawn with replacement), each row with its own random crop / flip.
   """
   tokenizer: Any
   image_size: int
@@ -112,25 +139,57 @@ class TrainTransform(grain.transforms.RandomMap):
   crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
   flip: bool = False
   clean_captions: bool = False
+  captions_per_image: int = 1
+  class_names: Tuple[str, ...] = ()
+  class_templates: Any = None
+  label_offset: int = 0
+
+  def _texts_and_label(self, element):
+    """(captions or prompts, batch label, data type) of one example."""
+    if not self.class_names:
+      return element["text"], 0, 0
+    label = int(element["label"])
+    if not 0 <= label < len(self.class_names):
+      raise ValueError(f"label {label} is not a class index in 0..."
+                       f"{len(self.class_names) - 1}")
+    prompts = self.class_templates.prompts(self.class_names[label])
+    return prompts, 1 + self.label_offset + label, 1
+
+  def _crops(self, image, rng, n):
+    if self.crop_scale[0] < 1.0:
+      return [random_resized_crop(image, self.image_size, rng, scale=self.crop_scale,
+                                  ratio=self.crop_ratio, flip=self.flip)
+              for _ in range(n)]
+    image = resize_center_crop(image, self.image_size)
+    return [image[:, ::-1] if self.flip and rng.random() < 0.5 else image
+            for _ in range(n)]
 
   def random_map(self, element, rng: np.random.Generator):
+    key = element.get("key")
+    if key is None:
+      raise ValueError("example has no 'key' (needed for its 'image_id')")
+    text, label, data_type = self._texts_and_label(element)
     if self.clean_captions:
-      captions = decode.clean_captions(element["text"])
+      captions = decode.clean_captions(text)
     else:
-      captions = as_caption_list(element["text"])
-    caption = captions[rng.integers(len(captions))]
-    image = as_image_u8(element["image"])
-    if self.crop_scale[0] < 1.0:
-      image = random_resized_crop(image, self.image_size, rng, scale=self.crop_scale,
-                                  ratio=self.crop_ratio, flip=self.flip)
+      captions = as_caption_list(text)
+    k = self.captions_per_image
+    if k == 1:
+      picks = [rng.integers(len(captions))]
+    elif len(captions) >= k:
+      picks = rng.choice(len(captions), size=k, replace=False)
     else:
-      image = resize_center_crop(image, self.image_size)
-      if self.flip and rng.random() < 0.5:
-        image = image[:, ::-1]
-    return {
-        "image": normalize(image, self.normalization),
-        "text": self.tokenizer.tokenize([caption], self.context_length)[0],
-    }
+      picks = rng.integers(len(captions), size=k)
+    images = self._crops(as_image_u8(element["image"]), rng, k)
+    tokens = self.tokenizer.tokenize([captions[i] for i in picks], self.context_length)
+    ids = np.array([label, data_type, example_id(key)], np.int32)
+    if k == 1:
+      return {"image": normalize(images[0], self.normalization), "text": tokens[0],
+              "label": ids[0], "data_type": ids[1], "image_id": ids[2]}
+    return {"image": normalize(np.stack(images), self.normalization),
+            "text": np.asarray(tokens),
+            "label": np.full(k, ids[0]), "data_type": np.full(k, ids[1]),
+            "image_id": np.full(k, ids[2])}
 
 
 @dataclasses.dataclass
