@@ -2,6 +2,9 @@
 from vlp_jax import errors
 from vlp_jax.objectives import caption  # pylint: disable=unused-import
 from vlp_jax.objectives import contrastive  # pylint: disable=unused-import
+from vlp_jax.objectives import filip  # pylint: disable=unused-import
+from vlp_jax.objectives import multipositive  # pylint: disable=unused-import
+from vlp_jax.objectives import soft_targets  # pylint: disable=unused-import
 from vlp_jax.registry import OBJECTIVES
 
 

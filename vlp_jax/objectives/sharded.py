@@ -5,7 +5,9 @@ the full [B, B] logits. These forms never do:
 
 - `clip_loss_local`: open_clip's local loss (`--local-loss --gather-with-grad`). Each
   shard all-gathers the other modality (differentiably) and computes its own b x B
-  rows of both directions: O(b * B) logits per device.
+  rows of both directions: O(b * B) logits per device. Soft targets that are
+  `a * onehot + c` per row (label smoothing, smoothing over the negatives only) need
+  only the row's logit at its label and the row's logit sum (`target_coefficients`).
 - `siglip_loss_chunked`: the SigLIP ring. Each shard computes its b x b positive block,
   then passes text embeddings around the ring (`ppermute`) for n - 1 negatives-only
   blocks. Each block is rematerialised in the backward pass: O(b^2) logits per device.
@@ -95,22 +97,46 @@ def _lse_argmax_bwd(res, g):
 _lse_argmax.defvjp(_lse_argmax_fwd, _lse_argmax_bwd)
 
 
-def _ce_sum(rows, cols, labels, s, label_smoothing):
-  """Sum over rows of the smoothed CE of `s * rows @ cols.T` [b, C] at `labels` [b].
+def is_static_zero(x):
+  """True for a Python number equal to 0 (not for arrays or traced values)."""
+  return isinstance(x, (int, float)) and x == 0
 
-  Per row: lse(l) - (1 - ls) l[label] - ls mean(l); the label and mean terms come
-  from the embeddings, so the logits exist only inside `_lse_argmax`. Also returns
-  the number of rows whose argmax is the label.
+
+def target_coefficients(n, label_smoothing=0.0, negative_smoothing=0.0):
+  """(a, c) with soft targets `a * onehot + c` over `n` candidates (they sum to 1).
+
+  `label_smoothing` ls: the label gets 1 - ls + ls / n, every candidate ls / n
+  (a = 1 - ls, c = ls / n). `negative_smoothing` alpha: the label gets 1 - alpha and
+  each of the n - 1 negatives alpha / (n - 1) (c = alpha / (n - 1), a = 1 - alpha - c;
+  with n = 1 there are no negatives and the target stays one-hot). Either may be a
+  traced scalar (a schedule); at most one of them is non-zero.
+  """
+  if not is_static_zero(label_smoothing) and not is_static_zero(negative_smoothing):
+    raise ValueError("label_smoothing and negative_smoothing are both set; use one.")
+  if not is_static_zero(negative_smoothing):
+    c = negative_smoothing / (n - 1) if n > 1 else 0.0 * negative_smoothing
+    return 1.0 - negative_smoothing - c, c
+  return 1.0 - label_smoothing, label_smoothing / n
+
+
+def _ce_sum(rows, cols, labels, s, a, c):
+  """Sum over rows of the CE of `s * rows @ cols.T` [b, C] against the soft targets
+  `a * onehot(labels) + c` (`target_coefficients`).
+
+  Per row: lse(l) - a l[label] - c sum(l); the label and sum terms come from the
+  embeddings, so the logits exist only inside `_lse_argmax`. Also returns the
+  number of rows whose argmax is the label.
   """
   rows = s * rows
   lse, idx = _lse_argmax(rows, cols)
-  ce = lse - (1.0 - label_smoothing) * jnp.sum(rows * cols[labels], axis=-1)
-  if label_smoothing:
-    ce = ce - label_smoothing * (rows @ jnp.mean(cols, axis=0))
+  ce = lse - a * jnp.sum(rows * cols[labels], axis=-1)
+  if not is_static_zero(c):
+    ce = ce - c * (rows @ jnp.sum(cols, axis=0))
   return jnp.sum(ce), jnp.sum((idx == labels).astype(jnp.float32))
 
 
-def clip_loss_local(image_emb, text_emb, scale, label_smoothing=0.0, axes=None):
+def clip_loss_local(image_emb, text_emb, scale, label_smoothing=0.0, axes=None,
+                    negative_smoothing=0.0):
   """Symmetric InfoNCE over a batch split along `axes` (default: `batch_mesh_axes()`).
 
   Args:
@@ -119,6 +145,8 @@ def clip_loss_local(image_emb, text_emb, scale, label_smoothing=0.0, axes=None):
     scale: scalar multiplicative temperature.
     label_smoothing: smoothing mass spread uniformly over the B candidates.
     axes: mesh axes of the batch split.
+    negative_smoothing: smoothing mass spread over the B - 1 negatives only (may be
+      a traced scalar); see `target_coefficients`.
 
   Returns:
     (loss, i2t_acc, t2i_acc): float32 scalars equal to the dense loss and top-1
@@ -127,9 +155,12 @@ def clip_loss_local(image_emb, text_emb, scale, label_smoothing=0.0, axes=None):
   axes = batch_mesh_axes() if axes is None else tuple(axes)
   _check_axes(image_emb, axes)
   global_b = image_emb.shape[0]
+  a, c = target_coefficients(global_b, label_smoothing, negative_smoothing)
+  static_c = c if is_static_zero(c) else None  # A static 0 skips the sum term.
 
-  def local(img, txt, s):
+  def local(img, txt, s, a, c):
     img, txt, s = _f32(img), _f32(txt), _f32(s)
+    c = c if static_c is None else static_c
     b = img.shape[0]
     all_img = lax.all_gather(img, axis_name=axes, tiled=True)
     all_txt = lax.all_gather(txt, axis_name=axes, tiled=True)
@@ -138,15 +169,16 @@ def clip_loss_local(image_emb, text_emb, scale, label_smoothing=0.0, axes=None):
     # This shard's rows of each modality against all of the other: image->text,
     # then text->image. A loop, so only one direction's logits exist at a time.
     ce, hits = lax.map(
-        lambda rc: _ce_sum(rc[0], rc[1], labels, s, label_smoothing),
+        lambda rc: _ce_sum(rc[0], rc[1], labels, s, a, c),
         (jnp.stack([img, txt]), jnp.stack([all_txt, all_img])))
     loss = lax.psum(jnp.sum(ce), axes) / (2.0 * global_b)
     acc = lax.psum(hits, axes) / global_b
     return loss, acc[0], acc[1]
 
   fn = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
-                     in_specs=(P(axes), P(axes), P()), out_specs=(P(), P(), P()))
-  return fn(image_emb, text_emb, scale)
+                     in_specs=(P(axes), P(axes), P(), P(), P()),
+                     out_specs=(P(), P(), P()))
+  return fn(image_emb, text_emb, scale, _f32(a), _f32(c))
 
 
 def _siglip_block(img, txt, s, bias, positive):
