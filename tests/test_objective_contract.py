@@ -183,3 +183,22 @@ def test_train_step_gives_the_step_to_objectives_that_declare_it(accum_steps):
       accum_steps=accum_steps))(state, batch)
   assert float(metrics["contract_step/step"]) == 6.0
   assert int(new.step) == 7
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("clip", {"negative_smothing": 0.1}, r"Unknown option 'negative_smothing'.*Did you "
+                                         r"mean 'negative_smoothing'"),
+    ("clip", {"label_smoothing": 0.1, "negative_smoothing": 0.1}, r"set one of them"),
+    ("unicl", {"same_image": 1}, r"same_image=1 must be True or False"),
+    ("lightclip", {}, r"needs config.objective_cfg.lightclip.ramp_steps"),
+    ("filip", {"block": 0}, r"filip.block=0 must be a positive integer"),
+])
+def test_bad_objective_options_fail_validation_before_anything_compiles(name, options,
+                                                                        match):
+  config = test_train.tiny_config()
+  config.model.name = "two_tower"
+  config.model.token_embed_dim = 8
+  config.objectives = {name: 1.0}
+  config.objective_cfg = {name: options}
+  with pytest.raises(errors.ConfigError, match=match):
+    validation.validate(config)

@@ -92,8 +92,10 @@ MODELS = Registry("model", "vlp_jax.models")
 # negative of the global batch (accumulation then caches what it reads for the whole
 # batch, and it sees the whole batch's outputs). It is given only what it declares
 # (`objectives/combine.py`).
+# `check`: fn(options dict) raising ValueError on a bad option (run at start-up by
+# `objectives.check_config`, so a typo fails before anything compiles).
 OBJECTIVES = Registry("objective", "vlp_jax.objectives", required=("reads",),
-                      optional={"batch_keys": (), "batch_global": False})
+                      optional={"batch_keys": (), "batch_global": False, "check": None})
 SOURCES = Registry("data source", "vlp_jax.data.sources")
 # Evaluators: fn(predict_fns, params, cfg) -> metrics. `options`: its own keys in
 # config.evals.NAME with their defaults; `check`: fn(cfg, where) validating them.

@@ -9,10 +9,18 @@ from vlp_jax.registry import OBJECTIVES
 
 
 def check_config(config) -> None:
-  """Every selected objective is registered and the model produces what it reads."""
+  """Every selected objective is registered, its options pass its `check`, and the
+  model produces what it reads."""
   from vlp_jax import models  # pylint: disable=g-import-not-at-top
   produced = models.output_names(config.model)
   for name in config.objectives.keys():
+    check = OBJECTIVES.info(name)["check"]
+    if check is not None:
+      options = config.objective_cfg.get(name, {})
+      try:
+        check(options.to_dict() if hasattr(options, "to_dict") else dict(options))
+      except (ValueError, TypeError) as e:
+        raise errors.ConfigError(str(e)) from None
     missing = [r for r in OBJECTIVES.info(name)["reads"] if r not in produced]
     for output in missing:
       switch = models.output_switch(config.model.name, output)

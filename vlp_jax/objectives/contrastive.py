@@ -169,13 +169,20 @@ def clip_with_targets(outputs, cfg, label_smoothing=0.0, negative_smoothing=0.0)
   return loss, metrics
 
 
+def check_clip_options(cfg):
+  """CLIP's options with defaults filled in, checked (ValueError naming the fix)."""
+  cfg = check_options(cfg, "clip", CLIP_OPTIONS)
+  smoothing_options(cfg, "clip")
+  return cfg
+
+
 @OBJECTIVES.register("clip", reads=("image_emb", "text_emb", "logit_scale"),
-                     batch_global=True)
+                     batch_global=True, check=check_clip_options)
 def clip(outputs, batch, cfg):
   """CLIP objective. Options: `label_smoothing` (0.0), `negative_smoothing` (0.0;
   exclusive with label_smoothing), `distributed` ('auto'|'dense')."""
   del batch
-  cfg = check_options(cfg, "clip", CLIP_OPTIONS)
+  cfg = check_clip_options(cfg)
   ls, ns = smoothing_options(cfg, "clip")
   return clip_with_targets(outputs, cfg, ls, ns)
 

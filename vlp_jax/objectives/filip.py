@@ -34,7 +34,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from vlp_jax.objectives import sharded
+from vlp_jax.objectives import contrastive, sharded
 from vlp_jax.registry import OBJECTIVES
 
 DEFAULT_BLOCK = 64
@@ -174,24 +174,34 @@ def _batch_axes(cfg, batch_size):
   return axes if sharded.can_shard_batch(batch_size, axes) else ()
 
 
-_OPTIONS = ("distributed", "block", "label_smoothing")
+FILIP_OPTIONS = {"distributed": "auto", "block": DEFAULT_BLOCK, "label_smoothing": 0.0}
+
+
+def check_filip_options(cfg):
+  """FILIP's options with defaults filled in, checked (ValueError naming the fix)."""
+  if "token_fraction" in (cfg or {}):
+    raise ValueError("config.objective_cfg.filip.token_fraction: the paper's top-k "
+                     "token exchange is not implemented (it makes the loss depend on "
+                     "how the batch is split); remove the option.")
+  cfg = contrastive.check_options(cfg, "filip", FILIP_OPTIONS)
+  cfg["label_smoothing"] = contrastive.check_fraction(cfg["label_smoothing"],
+                                                      "label_smoothing", "filip")
+  if isinstance(cfg["block"], bool) or not isinstance(cfg["block"], int) or (
+      cfg["block"] < 1):
+    raise ValueError(f"config.objective_cfg.filip.block={cfg['block']!r} must be a "
+                     "positive integer (text rows per similarity chunk).")
+  return cfg
 
 
 @OBJECTIVES.register(
     "filip", reads=("image_token_emb", "text_token_emb", "text_token_mask",
-                    "logit_scale"), batch_global=True)
+                    "logit_scale"), batch_global=True, check=check_filip_options)
 def filip(outputs, batch, cfg):
   """FILIP objective. Options: `label_smoothing` (0.0), `block` (text rows per
   similarity chunk, 64), `distributed` ('auto'|'dense')."""
   del batch
-  cfg = dict(cfg or {})
-  unknown = sorted(set(cfg) - set(_OPTIONS))
-  if unknown:
-    raise ValueError(f"Objective 'filip' got unknown options {unknown}; it takes "
-                     f"{list(_OPTIONS)} (the paper's top-k token selection is not "
-                     "implemented).")
-  ls = float(cfg.get("label_smoothing", 0.0))
-  block = int(cfg.get("block", DEFAULT_BLOCK))
+  cfg = check_filip_options(cfg)
+  ls, block = cfg["label_smoothing"], cfg["block"]
   scale = outputs["logit_scale"]
   img, txt = outputs["image_token_emb"], outputs["text_token_emb"]
   mask = outputs["text_token_mask"]

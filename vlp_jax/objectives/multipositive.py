@@ -164,18 +164,25 @@ def unicl_loss_local(image_emb, text_emb, scale, label, image_id, same_image=Fal
             _f32(negative_smoothing))
 
 
+def check_unicl_options(cfg):
+  """UniCL's options with defaults filled in, checked (ValueError naming the fix)."""
+  cfg = contrastive.check_options(cfg, "unicl", UNICL_OPTIONS)
+  cfg["negative_smoothing"] = contrastive.check_fraction(
+      cfg["negative_smoothing"], "negative_smoothing", "unicl")
+  if not isinstance(cfg["same_image"], bool):
+    raise ValueError(f"config.objective_cfg.unicl.same_image={cfg['same_image']!r} "
+                     f"must be True or False.")
+  return cfg
+
+
 @OBJECTIVES.register("unicl", reads=("image_emb", "text_emb", "logit_scale"),
-                     batch_keys=("label", "image_id"), batch_global=True)
+                     batch_keys=("label", "image_id"), batch_global=True,
+                     check=check_unicl_options)
 def unicl(outputs, batch, cfg):
   """UniCL objective. Options: `same_image` (False), `negative_smoothing` (0.0),
   `distributed` ('auto'|'dense')."""
-  cfg = contrastive.check_options(cfg, "unicl", UNICL_OPTIONS)
-  alpha = contrastive.check_fraction(cfg["negative_smoothing"], "negative_smoothing",
-                                     "unicl")
-  same_image = cfg["same_image"]
-  if not isinstance(same_image, bool):
-    raise ValueError(f"config.objective_cfg.unicl.same_image={same_image!r} must be "
-                     f"True or False.")
+  cfg = check_unicl_options(cfg)
+  alpha, same_image = cfg["negative_smoothing"], cfg["same_image"]
   img, txt, scale = outputs["image_emb"], outputs["text_emb"], outputs["logit_scale"]
   args = (img, txt, scale, batch["label"], batch["image_id"], same_image, alpha)
   axes = contrastive._batch_axes(cfg, img.shape[0])  # pylint: disable=protected-access

@@ -67,7 +67,8 @@ def smoothing_at(step, initial, final, ramp_steps, update_every=1):
 
 
 @OBJECTIVES.register("lightclip", reads=("image_emb", "text_emb", "logit_scale"),
-                     batch_keys=("step",), batch_global=True)
+                     batch_keys=("step",), batch_global=True,
+                     check=check_lightclip_options)
 def lightclip(outputs, batch, cfg):
   """CLIP with progressively softened labels. Options: `initial_smoothing` (0.0),
   `final_smoothing` (0.1), `ramp_steps` (required), `update_every` (1), `spread`
