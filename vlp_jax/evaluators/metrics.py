@@ -1,7 +1,8 @@
 """Pure NumPy / Python evaluation metrics for vision-language models.
 
-Classification (`topk_accuracy`), image-text retrieval (`retrieval_recall`)
-and captioning (`bleu`, `cider_d`, `keyword_accuracy`). Inputs are NumPy arrays
+Classification (`topk_accuracy`, from a score matrix), image-text retrieval
+(`retrieval_recall` from embeddings, `retrieval_recall_from_scores` from score
+matrices) and captioning (`bleu`, `cider_d`, `keyword_accuracy`). Inputs are NumPy arrays
 or Python lists; nothing here depends on JAX. Ranks use the "strictly greater"
 convention throughout: ties are resolved in favour of the correct item.
 """
@@ -82,6 +83,44 @@ def retrieval_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10),
     t2i_rank += np.sum(img[s:e] @ txt.T > own_sim[None, :], axis=0)
 
   i2t_rank = i2t_rank[np.isfinite(i2t_rank)]
+  out = {}
+  for k in ks:
+    out[f"i2t_r{k}"] = float(np.mean(i2t_rank < k)) if i2t_rank.size else 0.0
+  for k in ks:
+    out[f"t2i_r{k}"] = float(np.mean(t2i_rank < k)) if nt else 0.0
+  return out
+
+
+def retrieval_recall_from_scores(i2t_scores, t2i_scores, text_to_image,
+                                 ks=(1, 5, 10)) -> Dict[str, float]:
+  """`retrieval_recall` from precomputed [Ni, Nt] score matrices, for scores that are
+  not one dot product (FILIP's token-wise s^I and s^T differ per direction).
+
+  Args:
+    i2t_scores: [Ni, Nt]; row i ranks the texts for image i.
+    t2i_scores: [Ni, Nt]; column t ranks the images for text t (None: i2t_scores).
+    text_to_image: [Nt] int index of the image each text describes.
+    ks: recall cut-offs.
+
+  Returns:
+    {'i2t_r{k}', 't2i_r{k}'} with `retrieval_recall`'s conventions (strictly greater
+    ranks; images without texts left out of the i2t average).
+  """
+  i2t = np.asarray(i2t_scores)
+  t2i = i2t if t2i_scores is None else np.asarray(t2i_scores)
+  if i2t.ndim != 2 or t2i.shape != i2t.shape:
+    raise ValueError(f"i2t_scores {i2t.shape} and t2i_scores {t2i.shape} must both "
+                     "be [Ni, Nt].")
+  ni, nt = i2t.shape
+  owner = np.asarray(text_to_image).astype(np.int64)
+  if owner.shape != (nt,) or (nt and (owner.min() < 0 or owner.max() >= ni)):
+    raise ValueError("text_to_image must be [Nt] indices into the score rows.")
+  cols = np.arange(nt)
+  best_own = np.full(ni, -np.inf, np.result_type(i2t.dtype, np.float32))
+  np.maximum.at(best_own, owner, i2t[owner, cols])
+  has_text = np.bincount(owner, minlength=ni) > 0
+  i2t_rank = np.sum(i2t[has_text] > best_own[has_text, None], axis=1)
+  t2i_rank = np.sum(t2i > t2i[owner, cols][None, :], axis=0)
   out = {}
   for k in ks:
     out[f"i2t_r{k}"] = float(np.mean(i2t_rank < k)) if i2t_rank.size else 0.0

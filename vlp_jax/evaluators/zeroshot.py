@@ -3,6 +3,8 @@
 Option `templates` (see `templates.py`): the user's own list of templates with '{}', a
 built-in set ('imagenet', 'shapes') or a file; by default an imagefolder's
 templates.txt, else the source kind's built-in set, else 'imagenet'.
+
+Models with token embeddings (FILIP) are scored token-wise: `token_class_scores`.
 """
 import numpy as np
 from absl import logging
@@ -25,6 +27,21 @@ def class_embeddings(predict_fns, params, class_names, prompts_fn, batch_size):
   return np.stack(out)
 
 
+def token_class_scores(predict_fns, params, images, class_names, prompts_fn,
+                       batch_size):
+  """[N, C] FILIP zero-shot scores: each image's token-wise image->text score s^I
+  with each prompt, averaged over the prompts of a class. FILIP ensembles prompts by
+  averaging the final similarities, not the text embeddings."""
+  prompts = [prompts_fn(name) for name in class_names]
+  flat = [p for ps in prompts for p in ps]
+  sizes = np.array([len(ps) for ps in prompts])
+  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  texts = common.embed_text_tokens(predict_fns, params, flat, batch_size)
+  per_class = lambda i2t, t2i: np.add.reduceat(i2t, starts, axis=1) / sizes
+  return common.image_token_scores(predict_fns, params, images, batch_size, texts,
+                                   reduce=per_class)
+
+
 def check(cfg, where):
   templates_lib.check(cfg.templates, f"{where}.templates")
 
@@ -40,14 +57,20 @@ def zeroshot(predict_fns, params, cfg):
   templates = templates_lib.resolve(cfg.templates, cfg.source, source, where)
   logging.info("%s: %d prompt templates from %s.", where, len(templates.templates),
                templates.origin)
-  classes = class_embeddings(predict_fns, params, source.class_names, templates.prompts,
-                             cfg.batch_size)
-  image_emb, examples = common.embed_images(predict_fns, params, ds, cfg.batch_size)
+  if common.scores_tokens(predict_fns):
+    images, examples = common.load_images(ds)
+    scores = token_class_scores(predict_fns, params, images, source.class_names,
+                                templates.prompts, cfg.batch_size)
+  else:
+    classes = class_embeddings(predict_fns, params, source.class_names,
+                               templates.prompts, cfg.batch_size)
+    image_emb, examples = common.embed_images(predict_fns, params, ds, cfg.batch_size)
+    scores = image_emb @ classes.T
   labels = np.array([e.get("label", -1) for e in examples])
   keep = labels >= 0
   if not keep.any():
     raise ValueError(f"Zero-shot source '{cfg.source}' split '{cfg.split}' has no "
                      "labelled examples.")
-  result = metrics.topk_accuracy(image_emb[keep] @ classes.T, labels[keep], ks=(1, 5))
+  result = metrics.topk_accuracy(scores[keep], labels[keep], ks=(1, 5))
   result["num_examples"] = int(keep.sum())
   return result

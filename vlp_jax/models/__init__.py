@@ -66,8 +66,14 @@ def tower_macs(config, tower: str, train: bool = True) -> int:
 def check_config(model_cfg) -> None:
   """The model family is registered, follows the interface, and its implementation
   switches are known."""
-  family(model_cfg.name)
+  cls = family(model_cfg.name)
   compute_dtype(model_cfg)
+  for setting, off in interface.unsupported_settings(cls, model_cfg):
+    can = [n for n in MODELS.names() if setting in getattr(MODELS.get(n), "SUPPORTS", ())]
+    raise errors.ConfigError(
+        f"config.model.{setting} is set, but model '{model_cfg.name}' does not "
+        f"implement it (models that do: {can}); set {off} or change "
+        "config.model.name.")
   if model_cfg.remat not in layers.REMAT_POLICIES:
     raise errors.ConfigError(f"config.model.remat='{model_cfg.remat}' is not one of "
                              f"{sorted(layers.REMAT_POLICIES)}.")

@@ -21,14 +21,24 @@ def tower_kwargs(cfg: ml_collections.ConfigDict, dtype, opts=None):
 
 
 def text_kwargs(cfg: ml_collections.ConfigDict, dtype, causal=None, pool=None,
-                opts=None):
-  """Text-tower keyword arguments from `model.text` (`causal`/`pool` override it)."""
+                opts=None, prefix: bool = False):
+  """Text-tower keyword arguments from `model.text` (`causal`/`pool` override it).
+
+  `prefix=True` (a family that passes `data_type` to the tower) adds the prefix
+  conditioning of `model.text.prefix_conditioning` / `prefix_length`."""
   return dict(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth,
               mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads,
               context_length=cfg.context_length,
               causal=cfg.causal if causal is None else causal,
               pool=cfg.pool if pool is None else pool, dtype=dtype,
-              dropout=cfg.get("dropout", 0.0), opts=opts or layers.TransformerOptions())
+              dropout=cfg.get("dropout", 0.0),
+              prefix_length=prefix_length(cfg) if prefix else 0,
+              opts=opts or layers.TransformerOptions())
+
+
+def prefix_length(cfg: ml_collections.ConfigDict) -> int:
+  """Learned prefix vectors per data type of `model.text` (0 = no prefix conditioning)."""
+  return int(cfg.get("prefix_length", 1)) if cfg.get("prefix_conditioning") else 0
 
 
 def scale_kwargs(cfg: ml_collections.ConfigDict):

@@ -19,6 +19,22 @@ class Projection(nn.Module):
     return layers.l2_normalize(x)
 
 
+class TokenProjection(nn.Module):
+  """Per-token linear projection [B, T, W] -> [B, T, D], L2-normalised per token
+  (FILIP's token embeddings). Normalised in float32, returned in the compute dtype:
+  these are [B, T, D] per modality, and FILIP itself runs the token-wise
+  similarity in reduced precision (its section 3.1.2)."""
+  embed_dim: int
+  dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = layers.dense(self.embed_dim, ("embed", "proj"), self.dtype, "proj",
+                     use_bias=False)(x)
+    x = layers.l2_normalize(x).astype(self.dtype)
+    return layers.constrain(x, ("batch", "length", "proj"))
+
+
 class LogitScale(nn.Module):
   """Learnable t = exp(t') (clamped at `max_scale`) and optional bias b.
 

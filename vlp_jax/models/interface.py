@@ -17,6 +17,10 @@ dtype=...)` after `check_family` has checked the class against `ModelFamily` bel
 - evaluators (`train/predict.py`) and the tower benchmark: `embed_image`, `embed_text`;
 - caption generation (`models/generate.py`), only if the family has both:
   `encode_image` and `decode` (`Captioner`);
+- token-wise (FILIP) evaluation, only if the family has both `embed_image_tokens` and
+  `embed_text_tokens` and the config turns them on (`TokenEmbedder`,
+  `can_embed_tokens`);
+- `models.check_config`: `SUPPORTS`, the optional settings the family implements;
 - MFU and the benchmark's FLOPs (`perf/flops.py`): `forward_macs`, `tower_macs`
   (add up the primitives of `models/macs.py`). There is no generic fallback: a count
   the family does not give would make a wrong MFU.
@@ -39,6 +43,11 @@ class ModelFamily(Protocol):
   # Optional: outputs produced only under a setting, output -> the setting to change
   # (e.g. {"logit_bias": "config.model.use_logit_bias=True"}); for config errors.
   OUTPUT_SWITCHES: Dict[str, str]
+
+  # Optional: the optional `config.model` settings the family implements, by name
+  # relative to config.model (see `OPTIONAL_SETTINGS`); a config that turns on one
+  # the family lacks is a ConfigError, not a silently ignored switch.
+  SUPPORTS: FrozenSet[str]
 
   @classmethod
   def outputs(cls, cfg) -> FrozenSet[str]:
@@ -77,6 +86,27 @@ class Captioner(ModelFamily, Protocol):
     """Next-token logits [B, L, V]: `logits[:, t]` predicts `tokens[:, t + 1]`."""
 
 
+class TokenEmbedder(ModelFamily, Protocol):
+  """A family with per-token embeddings for token-wise (FILIP) scoring (both methods,
+  or neither); evaluators use them when `can_embed_tokens(model)`."""
+
+  def embed_image_tokens(self, images: Array,
+                         train: bool = False) -> Tuple[Array, Array]:
+    """-> (embedding [B, D], token embeddings [B, N, d], L2-normalised per token)."""
+
+  def embed_text_tokens(self, tokens: Array, train: bool = False,
+                        data_type: Array = None) -> Tuple[Array, Array, Array]:
+    """-> (embedding [B, D], token embeddings [B, T, d], mask [B, T]: 1 = real)."""
+
+
+# Optional settings of config.model -> (is it on for `cfg`, what to change).
+OPTIONAL_SETTINGS = {
+    "token_embed_dim": (lambda m: m.get("token_embed_dim", 0) > 0,
+                        "config.model.token_embed_dim=0"),
+    "text.prefix_conditioning": (lambda m: bool(m.text.get("prefix_conditioning")),
+                                 "config.model.text.prefix_conditioning=False"),
+}
+
 # Attribute -> (what it is, whether it must be a classmethod / staticmethod).
 REQUIRED = {
     "outputs": ("classmethod outputs(cfg) -> frozenset of output names", True),
@@ -88,6 +118,7 @@ REQUIRED = {
     "embed_text": ("embed_text(tokens, train=False) -> (embedding, features)", False),
 }
 GENERATION = ("encode_image", "decode")
+TOKEN_METHODS = ("embed_image_tokens", "embed_text_tokens")
 FIELDS = ("config", "dtype")
 
 
@@ -115,10 +146,16 @@ def problems(cls) -> list:
   switches = getattr(cls, "OUTPUT_SWITCHES", {})
   if not isinstance(switches, dict):
     out.append(f"OUTPUT_SWITCHES as a dict output -> setting (got {switches!r})")
-  has = [callable(getattr(cls, a, None)) for a in GENERATION]
-  if any(has) and not all(has):
-    out.append(f"both {' and '.join(GENERATION)} for generation (it has only "
-               f"{GENERATION[has.index(True)]})")
+  supports = getattr(cls, "SUPPORTS", frozenset())
+  if not (isinstance(supports, (set, frozenset, tuple, list))
+          and set(supports) <= set(OPTIONAL_SETTINGS)):
+    out.append(f"SUPPORTS as a set of names from {sorted(OPTIONAL_SETTINGS)} (got "
+               f"{supports!r})")
+  for methods, what in ((GENERATION, "generation"), (TOKEN_METHODS, "token embeddings")):
+    has = [callable(getattr(cls, a, None)) for a in methods]
+    if any(has) and not all(has):
+      out.append(f"both {' and '.join(methods)} for {what} (it has only "
+                 f"{methods[has.index(True)]})")
   return out
 
 
@@ -135,3 +172,19 @@ def check_family(name: str, cls) -> None:
 def can_generate(model) -> bool:
   """Whether `model` (a family class or instance) generates captions (`Captioner`)."""
   return all(callable(getattr(model, a, None)) for a in GENERATION)
+
+
+def can_embed_tokens(model) -> bool:
+  """Whether `model` (a built family instance) gives per-token embeddings under its
+  config (`TokenEmbedder` and `config.token_embed_dim` > 0)."""
+  config = getattr(model, "config", None)
+  return (all(callable(getattr(model, a, None)) for a in TOKEN_METHODS)
+          and config is not None and config.get("token_embed_dim", 0) > 0)
+
+
+def unsupported_settings(cls, model_cfg) -> list:
+  """(setting, how to turn it off) of the optional settings `model_cfg` turns on that
+  family `cls` does not implement (its `SUPPORTS`)."""
+  supports = set(getattr(cls, "SUPPORTS", ()))
+  return [(name, off) for name, (is_on, off) in OPTIONAL_SETTINGS.items()
+          if name not in supports and is_on(model_cfg)]

@@ -60,3 +60,32 @@ def text_macs(text_cfg) -> int:
 def contrastive_logits_macs(config) -> int:
   """One row of the B x B image-text similarity matrix (B = config.batch_size)."""
   return config.batch_size * config.model.embed_dim
+
+
+def token_projection_macs(num_image_tokens: int, image_width: int, text_length: int,
+                          text_width: int, token_dim: int) -> int:
+  """FILIP's per-token projections of one sample: every image and text token to
+  `token_dim`."""
+  return token_dim * (num_image_tokens * image_width + text_length * text_width)
+
+
+def token_similarity_macs(config, train: bool = True) -> int:
+  """One row of FILIP's token-wise similarity: the sample's N x L token products with
+  every text of the global batch (B x N x L x d; s^I and s^T share them; the max and
+  mean reductions are not matmuls). L: the text positions the tower sees, at most
+  `context_length` (prefix conditioning inserts its vectors within it)."""
+  m = config.model
+  n = image_tokens(m, config.data.image_size, train)
+  return config.batch_size * n * m.text.context_length * m.token_embed_dim
+
+
+def logits_macs(config, train: bool = True) -> int:
+  """One sample's share of the similarity logits the selected objectives compute:
+  the token-wise ones for 'filip' (with `model.token_embed_dim` > 0), the pooled
+  B x B ones (`contrastive_logits_macs`) unless 'filip' is the only objective."""
+  names = set(config.objectives.keys())
+  filip = "filip" in names and config.model.get("token_embed_dim", 0) > 0
+  total = token_similarity_macs(config, train) if filip else 0
+  if names - {"filip"} or not filip:
+    total += contrastive_logits_macs(config)
+  return total

@@ -1,4 +1,5 @@
-"""Text transformer tower: causal (CLIP) or bidirectional, with padding masks."""
+"""Text transformer tower: causal (CLIP) or bidirectional, with padding masks, and
+optional prefix conditioning (Saito et al., arXiv 2206.01125)."""
 from typing import Any
 
 import flax.linen as nn
@@ -7,6 +8,9 @@ import jax.numpy as jnp
 from vlp_jax.models import layers
 
 PAD_ID = 0
+# Prefix conditioning's data types (batch['data_type']): one learned prefix each.
+CAPTION, CLASSIFICATION = 0, 1
+NUM_DATA_TYPES = 2
 
 
 def padding_mask(tokens):
@@ -14,9 +18,58 @@ def padding_mask(tokens):
   return (tokens != PAD_ID)[:, None, None, :]
 
 
+def sequence_length(length: int, prefix_length: int, context_length: int) -> int:
+  """Positions the encoder sees for [B, length] tokens: the prefix is inserted and
+  the whole is cut back to `context_length` (`insert_prefix`)."""
+  return min(length + prefix_length, context_length)
+
+
+def sequence_mask(tokens, prefix_length: int = 0, context_length: int = None):
+  """[B, L] tokens -> [B, T] bool, True at the positions the encoder sees as real:
+  the tokens' own mask without a prefix, else that of `insert_prefix`'s layout
+  (T = `sequence_length`)."""
+  valid = tokens != PAD_ID
+  if not prefix_length:
+    return valid
+  length = tokens.shape[1]
+  t = sequence_length(length, prefix_length, context_length)
+  n = jnp.sum(valid, axis=1)
+  m = jnp.where(n > 0, jnp.minimum(n + prefix_length, t), 0)
+  return jnp.arange(t)[None, :] < m[:, None]
+
+
+def insert_prefix(x, prefix, tokens, context_length: int):
+  """Token embeddings [B, L, W] with prefix vectors [B, P, W] inserted right after
+  the first (BOS) token -> [B, T, W], T = `sequence_length(L, P, context_length)`.
+
+  Layout of a row with n real tokens (BOS w_1 .. w_{n-2} EOS):
+  BOS p_1 .. p_P w_1 .. w_{n-2} EOS, then padding. When n + P > T the last words
+  before EOS are dropped, never EOS itself, so the last real position (where 'eos'
+  pooling reads) is always the input's last real token. All-padding rows stay all
+  padding (no prefix).
+  """
+  b, length, _ = x.shape
+  p = prefix.shape[1]
+  combined = jnp.concatenate([x[:, :1], prefix.astype(x.dtype), x[:, 1:]], axis=1)
+  t = sequence_length(length, p, context_length)
+  if t == length + p:  # Nothing can overflow: the layout is the concatenation.
+    return combined
+  n = jnp.sum(tokens != PAD_ID, axis=1)
+  m = jnp.where(n > 0, jnp.minimum(n + p, t), 0)[:, None]
+  j = jnp.arange(t)[None, :]
+  # Position m-1 reads the input's last real token (combined index n-1+p); the rest
+  # keep their place, so a row that fits is unchanged.
+  src = jnp.where((j == m - 1) & (n[:, None] > 1), n[:, None] - 1 + p, j)
+  return jnp.take_along_axis(combined, jnp.broadcast_to(src, (b, t))[..., None], axis=1)
+
+
 def pool_tokens(x, tokens, pool: str):
   """Pools [B, L, W] features: 'eos' = last non-pad token, 'first', or masked 'mean'."""
-  valid = tokens != PAD_ID
+  return pool_features(x, tokens != PAD_ID, pool)
+
+
+def pool_features(x, valid, pool: str):
+  """`pool_tokens` over [B, L, W] features whose real positions are `valid` [B, L]."""
   if pool == "eos":
     last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
     return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
@@ -31,8 +84,14 @@ def pool_tokens(x, tokens, pool: str):
 class TextTransformer(nn.Module):
   """Token + position embeddings and a pre-LN transformer.
 
-  Returns (pooled [B, W], tokens [B, L, W]). With `causal`, pooling at the EOS token
+  Returns (pooled [B, W], tokens [B, T, W]). With `causal`, pooling at the EOS token
   (the last non-pad one) sees the whole caption, as in CLIP.
+
+  With `prefix_length` P > 0 (prefix conditioning), a learned table of
+  [NUM_DATA_TYPES, P, width] vectors (N(0, 0.02), as CoOp's context vectors) gives
+  each example the P vectors of its `data_type` (0 caption, the default; 1
+  classification prompt), inserted after BOS (`insert_prefix`); the sequence then
+  has T = min(L + P, context_length) positions (`sequence_mask` says which are real).
   """
   vocab_size: int
   width: int
@@ -44,10 +103,11 @@ class TextTransformer(nn.Module):
   pool: str = "eos"
   dtype: Any = jnp.float32
   dropout: float = 0.0
+  prefix_length: int = 0
   opts: layers.TransformerOptions = layers.TransformerOptions()
 
   @nn.compact
-  def __call__(self, tokens, train: bool = False):
+  def __call__(self, tokens, train: bool = False, data_type=None):
     b, length = tokens.shape
     if length > self.context_length:
       raise ValueError(f"Text length {length} exceeds context_length "
@@ -59,11 +119,21 @@ class TextTransformer(nn.Module):
     pos = self.param("pos_embedding", nn.with_logical_partitioning(
         nn.initializers.normal(stddev=0.01), (None, "length", "embed")),
                      (1, self.context_length, self.width), jnp.float32)
-    x = embed(tokens) + pos[:, :length].astype(self.dtype)
+    x = embed(tokens)
+    valid = sequence_mask(tokens, self.prefix_length, self.context_length)
+    if self.prefix_length:
+      table = self.param("prefix_embedding", nn.with_logical_partitioning(
+          nn.initializers.normal(stddev=0.02), (None, None, "embed")),
+                         (NUM_DATA_TYPES, self.prefix_length, self.width), jnp.float32)
+      if data_type is None:
+        data_type = jnp.full((b,), CAPTION, jnp.int32)
+      x = insert_prefix(x, table[jnp.asarray(data_type, jnp.int32)], tokens,
+                        self.context_length)
+    x = x + pos[:, :x.shape[1]].astype(self.dtype)
     x = layers.constrain(x, ("batch", "length", "embed"))
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = layers.Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
                            causal=self.causal, dropout=self.dropout, opts=self.opts,
                            name="encoder")(
-                               x, mask=padding_mask(tokens), train=train)
-    return pool_tokens(x, tokens, self.pool), x
+                               x, mask=valid[:, None, None, :], train=train)
+    return pool_features(x, valid, self.pool), x

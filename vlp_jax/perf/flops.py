@@ -14,13 +14,16 @@ import jax.numpy as jnp
 from vlp_jax import models
 # The shared primitives, re-exported: each model family adds them up itself.
 from vlp_jax.models.macs import (  # pylint: disable=unused-import
-    attention_macs, block_macs, image_tokens, pool_macs)
+    attention_macs, block_macs, image_tokens, logits_macs, pool_macs,
+    token_projection_macs, token_similarity_macs)
 
 
 def forward_macs(config, train: bool = True) -> dict:
   """Per-sample forward multiply-adds by part, as the model family `config.model.name`
   counts them (its `forward_macs`; two_tower and coca: image, text, decoder, heads,
-  logits). A family without a count is a TypeError, never a guessed MFU."""
+  logits; with FILIP, 'heads' holds the per-token projections and 'logits' the
+  token-wise similarity, `logits_macs`). A family without a count is a TypeError,
+  never a guessed MFU."""
   return models.forward_macs(config, train)
 
 
