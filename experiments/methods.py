@@ -52,8 +52,8 @@ METHODS: Dict[str, Method] = {
                            {"objective_cfg": "{'clip': {'negative_smoothing': 0.2}}"}),
     "lightclip": Method("Nie et al. 2023 (progressive soft labels)",
                         {"objectives": "{'lightclip': 1.0}",
-                         # The softening ramps over the whole run (bench: 200 steps).
-                         "objective_cfg": "{'lightclip': {'ramp_steps': 200}}"}),
+                         # The softening ramps over the whole run (bench: 300 steps).
+                         "objective_cfg": "{'lightclip': {'ramp_steps': 300}}"}),
     "clip_mix": Method("CLIP on the classification + caption mixture",
                        {"data.mixture": MIXTURE},
                        "baseline for the two below: same data"),
@@ -155,7 +155,10 @@ def main(argv=None):
         print(" ".join(argv_), flush=True)
         if args.dry_run:
           continue
-        subprocess.run(argv_, cwd=ROOT, check=True)
+        proc = subprocess.run(argv_, cwd=ROOT, check=False)
+        if proc.returncode:
+          print(f"{method} seed {seed} failed (exit {proc.returncode}); see "
+                f"{run_dir(args.workdir, method, seed)}", flush=True)
         summary = summarize_run(path)
       results[method][seed] = summary
   if args.dry_run:

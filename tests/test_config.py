@@ -14,7 +14,7 @@ from vlp_jax import config as config_lib
 from vlp_jax import validation
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = ("demo", "clip_b16", "siglip_b16", "coca_b16")
+RECIPES = ("demo", "clip_b16", "siglip_b16", "coca_b16", "filip_b16", "unicl_b16", "bench")
 
 
 def _recipe(name):

@@ -4,7 +4,7 @@ import pytest
 from vlp_jax import cli, errors, validation
 from vlp_jax.perf import flops
 
-B16 = ("clip_b16", "siglip_b16", "coca_b16")
+B16 = ("clip_b16", "siglip_b16", "coca_b16", "filip_b16", "unicl_b16")
 
 
 @pytest.mark.parametrize("name", B16)
@@ -35,3 +35,17 @@ def test_unknown_recipe_argument_on_the_command_line_is_one_line(tmp_path):
        f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
   assert "error: Unknown recipe argument 'runlocl'" in proc.stderr
+
+
+def test_method_recipes():
+  filip = cli.load_config_file("configs/filip_b16.py")
+  assert dict(filip.objectives) == {"filip": 1.0} and filip.model.token_embed_dim == 256
+  assert filip.optim.name == "lamb" and filip.batch_size == 40960
+  assert filip.optim.lr == pytest.approx(2e-3 * (40960 / 512) ** 0.5)
+  unicl = cli.load_config_file("configs/unicl_b16.py")
+  assert dict(unicl.objectives) == {"unicl": 1.0} and len(unicl.data.mixture) == 2
+  assert not unicl.model.text.prefix_conditioning
+  local = cli.load_config_file("configs/unicl_b16.py:runlocal,prefix")
+  validation.validate(local)
+  assert local.model.text.prefix_conditioning
+  assert [s for s, _ in local.data.mixture] == ["shapes:hard,classes", "shapes:hard"]
