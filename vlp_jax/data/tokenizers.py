@@ -8,8 +8,9 @@ stays the last token.
 
 Specs for `get_tokenizer`: "bytes" (built in, no files),
 "sentencepiece:/path/to/model" (a local SentencePiece model file), and
-"words:/path/to/vocab.txt" or "words:shapes" (word-level, one word per line, or the
-built-in vocabulary of the shapes demo data).
+"words:/path/to/vocab.txt", "words:shapes" or "words:shapes_hard" (word-level, one word
+per line, or the built-in vocabulary of the shapes demo data, or of `shapes:hard` and
+`shapes` together).
 """
 import os
 import re
@@ -20,7 +21,7 @@ import numpy as np
 from vlp_jax import errors
 
 VALID_SPECS = ("bytes", "sentencepiece:/path/to/spm.model", "words:/path/to/vocab.txt",
-               "words:shapes")
+               "words:shapes", "words:shapes_hard")
 
 
 class Tokenizer:
@@ -173,6 +174,9 @@ def get_tokenizer(spec: str) -> Tokenizer:
   if spec == "words:shapes":
     from vlp_jax.data import shapes  # pylint: disable=g-import-not-at-top
     return WordTokenizer(shapes.vocabulary())
+  if spec == "words:shapes_hard":
+    from vlp_jax.data import shapes  # pylint: disable=g-import-not-at-top
+    return WordTokenizer(shapes.hard_vocabulary())
   if isinstance(spec, str) and spec.startswith("words:") and spec[len("words:"):]:
     return WordTokenizer.from_file(spec[len("words:"):])
   prefix = "sentencepiece:"
