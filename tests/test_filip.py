@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests import test_train
+from tests.test_objectives import _num_grad
 from vlp_jax.models import macs
 from vlp_jax.objectives import combine
 from vlp_jax.objectives import contrastive
@@ -37,22 +38,6 @@ def _f32(x):
 
 def _unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def _num_grad(f, x, h=1e-6):
-  """Central finite differences of scalar `f` at float64 array `x` (any shape)."""
-  x = np.array(x, np.float64)
-  g = np.zeros_like(x)
-  flat, gflat = x.reshape(-1), g.reshape(-1)
-  for k in range(flat.size):
-    orig = flat[k]
-    flat[k] = orig + h
-    up = f(x)
-    flat[k] = orig - h
-    down = f(x)
-    flat[k] = orig
-    gflat[k] = (up - down) / (2 * h)
-  return g
 
 
 def _log_softmax_row(row):

@@ -83,11 +83,15 @@ def retrieval_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10),
     t2i_rank += np.sum(img[s:e] @ txt.T > own_sim[None, :], axis=0)
 
   i2t_rank = i2t_rank[np.isfinite(i2t_rank)]
+  return _recalls(i2t_rank, t2i_rank, ks)
+
+
+def _recalls(i2t_rank, t2i_rank, ks) -> Dict[str, float]:
+  """{'i2t_r{k}', 't2i_r{k}'}: the fraction of ranks below each k (0 when empty)."""
   out = {}
-  for k in ks:
-    out[f"i2t_r{k}"] = float(np.mean(i2t_rank < k)) if i2t_rank.size else 0.0
-  for k in ks:
-    out[f"t2i_r{k}"] = float(np.mean(t2i_rank < k)) if nt else 0.0
+  for name, ranks in (("i2t", i2t_rank), ("t2i", t2i_rank)):
+    for k in ks:
+      out[f"{name}_r{k}"] = float(np.mean(ranks < k)) if np.size(ranks) else 0.0
   return out
 
 
@@ -121,12 +125,7 @@ def retrieval_recall_from_scores(i2t_scores, t2i_scores, text_to_image,
   has_text = np.bincount(owner, minlength=ni) > 0
   i2t_rank = np.sum(i2t[has_text] > best_own[has_text, None], axis=1)
   t2i_rank = np.sum(t2i > t2i[owner, cols][None, :], axis=0)
-  out = {}
-  for k in ks:
-    out[f"i2t_r{k}"] = float(np.mean(i2t_rank < k)) if i2t_rank.size else 0.0
-  for k in ks:
-    out[f"t2i_r{k}"] = float(np.mean(t2i_rank < k)) if nt else 0.0
-  return out
+  return _recalls(i2t_rank, t2i_rank, ks)
 
 
 def normalize_caption(s: str) -> List[str]:
