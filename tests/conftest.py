@@ -1,7 +1,9 @@
 """Shared pytest set-up for the vlp_jax tests."""
+import json
 import os
 import tempfile
 
+import pytest
 from absl import flags
 
 # Many tests (and the subprocesses they start, which inherit the environment) compile
@@ -26,3 +28,67 @@ def pytest_configure(config):
 # tests/multidevice/ needs 8 simulated CPU devices, which must be set before JAX starts:
 # test_multidevice.py runs it in a subprocess with XLA_FLAGS, so skip it here.
 collect_ignore = ["multidevice"]
+
+
+# --- Opt-in sharing of compiled set-ups: a module whose tests build many Experiments
+# (each `loop.run` / `loop.evaluate` builds one) of the same few configs declares
+#   pytestmark = pytest.mark.usefixtures("shared_compilations")
+# and reuses one Experiment per model/optimizer/data config for the whole session, so
+# its jitted train step, predict fns and state initialiser are traced, lowered and
+# loaded once instead of once per run. Everything is still built by the real code
+# (`loop.Experiment`, `state.create_state`): a config not seen before (one that is
+# invalid included) builds a new Experiment.
+
+# Keys that only the loop, checkpointing and evaluation read, from the config they are
+# handed (`exp.config` is always the caller's): set-ups differing only in these are
+# shared. Their checks still run on every call (see `shared_experiment`).
+LOOP_ONLY_KEYS = (
+    "best_metric", "best_mode", "checkpoint_every", "damaged_checkpoint",
+    "device_prefetch", "evals", "init_from", "keep_checkpoints", "keep_every",
+    "lock_stale_after_s", "log_every", "nonfinite", "nonfinite_max_consecutive", "plot",
+    "profile_steps", "stop_sync_every")
+_SHARED_SETUPS = {}  # (setup key, devices) -> Experiment built by the real class.
+_SHARED_INIT_FNS = {}  # (id(model), id(tx), setup key) -> (model, tx, init fn).
+
+
+def setup_key(config):
+  """JSON of `config` without LOOP_ONLY_KEYS: equal for equal set-ups."""
+  from vlp_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  d = config_lib.to_dict(config)
+  return json.dumps({k: v for k, v in d.items() if k not in LOOP_ONLY_KEYS},
+                    sort_keys=True)
+
+
+@pytest.fixture(scope="module")
+def shared_compilations():
+  """Makes `loop.Experiment(config, workdir, devices)` return a copy of the one built
+  before for an equal set-up (`setup_key`) and devices, holding this call's config and
+  workdir; and `state.create_state` reuse the initialiser it jitted for the same model
+  and optimizer objects (the same executable, with no new trace)."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from vlp_jax import evaluators, validation  # pylint: disable=g-import-not-at-top
+  from vlp_jax.train import loop, state as state_lib  # pylint: disable=g-import-not-at-top
+  experiment_cls, init_fn = loop.Experiment, state_lib._init_fn  # pylint: disable=protected-access
+
+  def shared_experiment(config, workdir, devices=None):
+    key = (setup_key(config), None if devices is None else tuple(d.id for d in devices))
+    if key not in _SHARED_SETUPS:
+      _SHARED_SETUPS[key] = experiment_cls(config, workdir, devices)
+    else:  # The checks of Experiment.__init__ that read LOOP_ONLY_KEYS.
+      validation.validate(config, evals=False)
+      if config.evals:
+        evaluators.check_config(config)
+    exp = copy.copy(_SHARED_SETUPS[key])
+    exp.config, exp.workdir = config, workdir
+    return exp
+
+  def shared_init_fn(model, tx, config):
+    key = (id(model), id(tx), setup_key(config))
+    if key not in _SHARED_INIT_FNS:  # Holds model and tx: their ids stay theirs.
+      _SHARED_INIT_FNS[key] = (model, tx, init_fn(model, tx, config))
+    return _SHARED_INIT_FNS[key][2]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(loop, "Experiment", shared_experiment)
+    mp.setattr(state_lib, "_init_fn", shared_init_fn)
+    yield

@@ -23,6 +23,10 @@ from vlp_jax.train import metric_writer as metrics_lib, state as state_lib, step
 
 POISON = -100.0  # A pixel value that makes the test objective below non-finite.
 
+# One set-up per config for the module's runs (tests/conftest.py); the loop tests use
+# tiny_config()'s 8 steps, whose train step the session compiles once.
+pytestmark = pytest.mark.usefixtures("shared_compilations")
+
 
 def nan_probe(outputs, batch, cfg):
   """Test-only objective: 0 normally; NaN (and a NaN gradient) when the batch holds a
@@ -123,34 +127,34 @@ def test_skip_counts_and_continues(tmp_path, monkeypatch):
 
 
 def test_checkpoint_policy_keep_every_best_and_tmp_dirs(tmp_path):
-  c = test_train.tiny_config(total_steps=10)
-  c.checkpoint_every, c.keep_checkpoints, c.keep_every = 2, 1, 4
+  c = test_train.tiny_config()
+  c.checkpoint_every, c.keep_checkpoints, c.keep_every = 1, 1, 3
   c.evals = {"zeroshot": common.eval_entry(type="zeroshot", every=2, size=24,
                                                batch_size=8)}
   c.best_metric = "eval/zeroshot/top1"
   workdir = str(tmp_path)
   loop.run(c, workdir)
-  # keep_every=4 keeps 4 and 8 besides the newest (10).
-  assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["4", "8", "10"]
+  # keep_every=3 keeps 3 and 6 besides the newest (8).
+  assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["3", "6", "8"]
   rows = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   evals = [(r["step"], r[c.best_metric]) for r in rows if c.best_metric in r]
-  assert [s for s, _ in evals] == [2, 4, 6, 8, 10]
+  assert [s for s, _ in evals] == [2, 4, 6, 8]
   best_step = max(evals, key=lambda x: x[1])[0]  # The first of equals.
   assert os.listdir(tmp_path / "checkpoints_best") == [str(best_step)]
-  with open(tmp_path / "checkpoints" / "10" / "meta" / "metadata") as f:
+  with open(tmp_path / "checkpoints" / "8" / "meta" / "metadata") as f:
     meta = json.load(f)
-  assert meta["config"]["total_steps"] == 10 and meta["best"]["step"] == best_step
-  assert [s for s, _ in meta["best_history"]] == [2, 4, 6, 8, 10]
+  assert meta["config"]["total_steps"] == 8 and meta["best"]["step"] == best_step
+  assert [s for s, _ in meta["best_history"]] == [2, 4, 6, 8]
   # An interrupted save (Orbax's tmp dir) is never taken for the latest checkpoint.
   tmp = tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp-1234"
   (tmp / "state").mkdir(parents=True)
   (tmp / "state" / "junk").write_text("partial")
   exp = loop.Experiment(c, workdir)
   manager = checkpoint.make_manager(workdir, c)
-  assert manager.latest_step() == 10
+  assert manager.latest_step() == 8
   state, step = checkpoint.restore(manager, exp.abstract)
   manager.close()
-  assert step == 10 and int(state.step) == 10
+  assert step == 8 and int(state.step) == 8
   assert not tmp.exists()  # ... and is cleaned up at start-up.
   # The best parameters can seed a new run (init_from a checkpoints_best/ step).
   c.init_from.checkpoint = str(tmp_path / "checkpoints_best" / str(best_step))
@@ -158,7 +162,7 @@ def test_checkpoint_policy_keep_every_best_and_tmp_dirs(tmp_path):
                                      exp.state_shardings.opt_state)
   assert report.loaded == list(freeze.named_leaves(state.params))
   assert not report.missing and not report.unexpected and not report.shape_mismatch
-  if best_step != 10:  # Trained further after the best: the values differ.
+  if best_step != 8:  # Trained further after the best: the values differ.
     assert not leaves_equal(jax.device_get(params), jax.device_get(state.params))
 
 
@@ -208,7 +212,9 @@ def trained_clip(tmp_path_factory):
   config.objectives = {"clip": 1.0}
   exp = loop.Experiment(config, workdir)
   state = state_lib.create_state(exp.model, exp.tx, config, exp.mesh)
-  state = state.replace(params=jax.tree.map(lambda x: x + 1.0, state.params))
+  # Jitted: one compile for all leaves (not one per leaf shape).
+  state = state.replace(params=jax.jit(lambda p: jax.tree.map(lambda x: x + 1.0, p))(
+      state.params))
   manager = checkpoint.make_manager(workdir, config)
   checkpoint.save(manager, 7, state)
   manager.wait_until_finished()
@@ -266,33 +272,36 @@ def test_init_from_reports_shape_mismatch_and_unexpected(trained_clip):
   assert reshaped and all(np.array_equal(params[k], init[k]) for k in reshaped)
   same = [k for k in params if k in src and params[k].shape == src[k].shape]
   assert all(np.array_equal(params[k], src[k]) for k in same)
-  # A checkpoint parameter the model lacks.
+  # A checkpoint parameter the model lacks: found from the parameters' names and
+  # shapes, before anything is restored (so the model's abstract state will do).
   config = test_train.tiny_config()
   config.model.name = "two_tower"
   config.objectives = {"clip": 1.0}
   config.model.image.pool = "map"
   config.init_from.workdir = workdir
   config.init_from.allow_missing = [".*"]
+  exp = loop.Experiment(config, "/unused")
   with pytest.raises(ValueError, match="in the checkpoint but not the model"):
-    _init(config)
+    init_from.apply(config.init_from, exp.abstract, exp.tx, exp.state_shardings)
 
 
 def test_init_from_is_ignored_when_the_run_resumes(trained_clip, tmp_path):
   """A resumed fine-tune continues from its own checkpoint, not init_from."""
   workdir, _ = trained_clip
-  config = test_train.tiny_config(total_steps=2)
+  config = test_train.tiny_config()  # trained_clip's config: one set-up, one step.
   config.model.name = "two_tower"
   config.objectives = {"clip": 1.0}
-  config.checkpoint_every = 2
   config.init_from.workdir = workdir
   run_dir = str(tmp_path / "ft")
   loop.run(config, run_dir)
   first = metrics_lib.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-  config.total_steps = 3
+  shutil.rmtree(os.path.join(run_dir, "checkpoints", "8"))  # Stopped after step 4's.
   config.init_from.workdir = "/nonexistent"  # Would fail if it were read.
   loop.run(config, run_dir)
   rows = metrics_lib.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-  assert [r["step"] for r in rows] == [1, 2, 3] and rows[:2] == first
+  assert [r["step"] for r in rows] == list(range(1, 9)) and rows[:4] == first[:4]
+  # Resumed from step 4's parameters, not init_from's: the same steps 5..8 again.
+  assert [r["loss"] for r in rows] == [r["loss"] for r in first]
 
 
 def test_unwritable_workdir_fails_before_compiling(tmp_path, monkeypatch):
@@ -346,6 +355,9 @@ def test_resume_drops_rows_past_the_checkpoint_and_a_half_written_line(tmp_path)
     metrics_lib.read_metrics(str(path))
 
 
+_jitted_flags = jax.jit(nonfinite.flags, static_argnums=2)
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, None])
 def test_flags_match_a_per_leaf_reference(value):
   """The one-norm gradient check flags exactly what a per-leaf isfinite loop flags."""
@@ -360,7 +372,8 @@ def test_flags_match_a_per_leaf_reference(value):
     target = grads[leaf] if leaf == "a" else grads["b"][leaf]
     target.flat[rng.integers(target.size)] = value
     metrics["caption/loss"] = np.float32(value)
-  got = np.asarray(nonfinite.flags(metrics, grads, ["clip", "caption"]))
+  # Jitted, as in the train step (one compile for every case, not one per operation).
+  got = np.asarray(_jitted_flags(metrics, grads, ("clip", "caption")))
   grads_bad = not all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   caption_bad = not np.isfinite(metrics["caption/loss"])
   want = [grads_bad or caption_bad, grads_bad, False, caption_bad]

@@ -3,7 +3,10 @@ that must not rewrite config.json, damaged newest checkpoints (fallback or stop)
 bounded non-finite skip, and the progress bar off a terminal.
 
 After each fault the original config resumes and reproduces an uninterrupted run's
-per-step losses bitwise (`REF`: 12 steps, checkpoints at 4, 8, 12)."""
+per-step losses bitwise (`REF`: 8 steps, checkpoints at 2, 4, 6, 8). The train step is
+tests/test_train.tiny_config()'s (checkpoint_every is no part of it), so the session's
+compilation cache already holds it; the module's runs share one set-up
+(`shared_compilations`, tests/conftest.py)."""
 import glob
 import io
 import json
@@ -22,11 +25,14 @@ from vlp_jax import sharding as vlp_sharding
 from vlp_jax import errors
 from vlp_jax.train import checkpoint_health, loop, nonfinite, workdir_lock
 
-TOTAL = 12
+TOTAL, EVERY = 8, 2
+
+pytestmark = pytest.mark.usefixtures("shared_compilations")
 
 
 def config(**kw):
   c = test_train.tiny_config(total_steps=TOTAL)
+  c.checkpoint_every = EVERY
   for k, v in kw.items():
     c[k] = v
   return c
@@ -34,22 +40,22 @@ def config(**kw):
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-  """An uninterrupted 12-step run."""
+  """An uninterrupted 8-step run."""
   workdir = str(tmp_path_factory.mktemp("ref"))
   loop.run(config(), workdir)
   return workdir
 
 
-def stopped_at_8(ref, tmp_path):
-  """A copy of `ref` as a run killed after its step-8 checkpoint (rows past 8 stay in
+def stopped_at_6(ref, tmp_path):
+  """A copy of `ref` as a run killed after its step-6 checkpoint (rows past 6 stay in
   metrics.jsonl: the resume drops them)."""
   workdir = str(tmp_path / "run")
   shutil.copytree(ref, workdir)
-  shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))
   return workdir
 
 
-def assert_resumes_to_ref(workdir, ref, from_step=8, cfg=None):
+def assert_resumes_to_ref(workdir, ref, from_step=6, cfg=None):
   loop.run(cfg or config(), workdir)
   got, want = test_train.losses(workdir), test_train.losses(ref)
   assert got == want  # Bitwise: the same floats, every step once.
@@ -71,7 +77,7 @@ def _write_lock(workdir, **record):
 
 
 def test_lock_held_by_a_live_process_refuses_and_a_dead_one_is_taken_over(ref, tmp_path):
-  workdir = stopped_at_8(ref, tmp_path)
+  workdir = stopped_at_6(ref, tmp_path)
   holder = _sleeper()
   try:
     ticks = workdir_lock._proc_start_ticks(holder.pid)  # pylint: disable=protected-access
@@ -151,7 +157,7 @@ def test_evaluation_takes_no_lock_and_a_mistyped_workdir_creates_nothing(ref, tm
 # 2. A failed resume leaves config.json as it was.
 
 def test_failed_resume_does_not_rewrite_config_json(ref, tmp_path):
-  workdir = stopped_at_8(ref, tmp_path)
+  workdir = stopped_at_6(ref, tmp_path)
   path = os.path.join(workdir, "config.json")
   with open(path, "rb") as f:
     saved = f.read()
@@ -205,38 +211,38 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_good_one(
   workdir = str(tmp_path / "run")
   shutil.copytree(ref, workdir)
   damage, what = DAMAGES[kind]
-  damage(os.path.join(workdir, "checkpoints", "12"))
-  with pytest.raises(errors.CheckpointError, match=rf"step 12: .*{what}.* "
-                     r"config.damaged_checkpoint='fall_back' to resume from step 8"):
+  damage(os.path.join(workdir, "checkpoints", "8"))
+  with pytest.raises(errors.CheckpointError, match=rf"step 8: .*{what}.* "
+                     r"config.damaged_checkpoint='fall_back' to resume from step 6"):
     loop.run(config(damaged_checkpoint="stop"), workdir)
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", "12"))  # Nothing moved.
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "8"))  # Nothing moved.
   assert_resumes_to_ref(workdir, ref)
-  assert any("Resumed from step 8 instead of the newest checkpoint step 12" in r.message
+  assert any("Resumed from step 6 instead of the newest checkpoint step 8" in r.message
              for r in caplog.records)
-  moved = os.path.join(workdir, checkpoint_health.DAMAGED_DIR, "12")
-  assert os.path.isdir(moved)  # Kept, out of Orbax's sight; step 12 saved anew.
+  moved = os.path.join(workdir, checkpoint_health.DAMAGED_DIR, "8")
+  assert os.path.isdir(moved)  # Kept, out of Orbax's sight; step 8 saved anew.
 
 
 @pytest.mark.slow  # ~6 s; the 20-seed fault injection covers fallbacks too.
 def test_two_damaged_steps_are_both_named_and_skipped(ref, tmp_path, caplog):
   workdir = str(tmp_path / "run")
   shutil.copytree(ref, workdir)
-  _rm("state/_METADATA")(os.path.join(workdir, "checkpoints", "12"))
-  _empty(os.path.join(workdir, "checkpoints", "8"))
+  _rm("state/_METADATA")(os.path.join(workdir, "checkpoints", "8"))
+  _empty(os.path.join(workdir, "checkpoints", "6"))
   loop.run(config(total_steps=TOTAL), workdir)
   assert test_train.losses(workdir) == test_train.losses(ref)
   text = " ".join(r.message for r in caplog.records)
-  assert "Resumed from step 4 instead of the newest checkpoint step 12" in text
-  assert "step 8: the step directory is empty" in text
+  assert "Resumed from step 4 instead of the newest checkpoint step 8" in text
+  assert "step 6: the step directory is empty" in text
   assert sorted(os.listdir(os.path.join(workdir, checkpoint_health.DAMAGED_DIR))) == [
-      "12", "8"]
+      "6", "8"]
 
 
 def test_a_checkpoint_of_another_model_is_an_error_not_a_fallback(ref, tmp_path):
-  workdir = stopped_at_8(ref, tmp_path)
+  workdir = stopped_at_6(ref, tmp_path)
   wider = config()
   wider.model.text.width = 48
-  with pytest.raises(errors.CheckpointError, match="step 8 .* does not match"):
+  with pytest.raises(errors.CheckpointError, match="step 6 .* does not match"):
     loop.run(wider, workdir, allow_config_change=True)
   assert not os.path.exists(os.path.join(workdir, checkpoint_health.DAMAGED_DIR))
 
@@ -260,8 +266,11 @@ def test_skip_halts_after_too_many_consecutive_nonfinite_steps(ref, tmp_path,
     batch = test_fault_tolerance.poison(batch) if calls["n"] >= 6 else batch
     return original(batch, mesh, rules)
   monkeypatch.setattr(vlp_sharding, "make_global_batch", poisoned_from_6)
+  # Checkpoints every 4 steps: none is due while the skipped steps 6..8 run. The probe
+  # config's train step is test_fault_tolerance's (compiled once per session).
   probe = lambda: test_fault_tolerance.probe_config(  # pylint: disable=g-long-lambda
-      total_steps=TOTAL, nonfinite="skip", nonfinite_max_consecutive=2)
+      total_steps=TOTAL, nonfinite="skip", nonfinite_max_consecutive=2,
+      checkpoint_every=4)
   workdir = str(tmp_path)
   with pytest.raises(nonfinite.NonFiniteError,
                      match=r"Steps 6\.\.8: 3 consecutive .*nonfinite_max_consecutive=2"):

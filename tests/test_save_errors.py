@@ -21,6 +21,9 @@ from vlp_jax.train import state as state_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP4 = os.path.join("checkpoints", "4.orbax-checkpoint-tmp")  # Step 4 being written.
 
+# tiny_config()'s set-up, shared with the session's other loop tests (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("shared_compilations")
+
 
 def _inject(monkeypatch, code, where):
   """Makes a write of step 4's checkpoint raise OSError(code): `where` is 'mkdir' (the

@@ -36,6 +36,10 @@ def tiny_config(total_steps=8, evals=False):
   return c
 
 
+# The runs of a config share one set-up (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("shared_compilations")
+
+
 def losses(workdir):
   rows = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   return [(r["step"], r["loss"]) for r in rows if "loss" in r]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests import test_train
-from vlp_jax import sharding
+from vlp_jax import config as config_lib, sharding
 from vlp_jax.data import pipeline
 from vlp_jax.train import loop, state as state_lib, step as step_lib
 
@@ -26,6 +26,7 @@ def coca_config():
 
 def siglip_config():
   c = test_train.tiny_config()
+  c.batch_size = 32  # The accumulation test's batch: one single-device reference.
   c.model.name = "two_tower"
   c.model.image.pool = "map"
   c.model.logit_scale_init = math.log(10.0)
@@ -68,9 +69,10 @@ def assert_close(actual, expected):
   np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 
 
-# `make test` covers all three axes at once (data, fsdp, tensor) here, data8 with
-# accumulation below, and CoCa's params on every mesh in test_resharding_restore.py;
-# the remaining combinations are `slow` (`make test-all`).
+# `make test` covers all three axes at once (data, fsdp, tensor) here and with
+# accumulation below, data8 with accumulation in test_objective_contract_md.py, and
+# CoCa's params on every mesh in test_resharding_restore.py; the remaining
+# combinations are `slow` (`make test-all`).
 FAST_CASES = {("siglip", "data2_fsdp2_tensor2")}
 
 
@@ -112,8 +114,10 @@ def test_parallelism_is_a_config_change():
 
 @pytest.mark.parametrize("name", ["siglip", pytest.param("coca", marks=pytest.mark.slow)])
 def test_accumulation_on_a_mesh_matches_one_device_full_batch(name):
-  """accum_steps=4 on (data=2, fsdp=4) equals the plain full-batch step on one device
-  (CoCa: clip only, since caption losses accumulate as a mean of micro-batch means)."""
+  """accum_steps=4 on (data=2, fsdp=2, tensor=2) equals the plain full-batch step on
+  one device (CoCa: clip only, since caption losses accumulate as a mean of
+  micro-batch means). The mesh is test_mesh_matches_single_device's fast one: the
+  same state initialiser; siglip's reference run is that test's too."""
   def config_fn():
     c = CONFIGS[name]()
     c.batch_size = 32
@@ -121,12 +125,15 @@ def test_accumulation_on_a_mesh_matches_one_device_full_batch(name):
       c.objectives = {"clip": 1.0}
     return c
   config = config_fn()
-  it = iter(pipeline.train_dataset(config, pipeline.make_tokenizer(config.data)))
-  batches = [next(it) for _ in range(2)]
-  config.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
-  ref_losses, ref_params = train(config, jax.devices()[:1], batches)
+  if config_lib.to_dict(config) == config_lib.to_dict(CONFIGS[name]()):
+    batches, (ref_losses, ref_params) = reference(name)
+  else:
+    it = iter(pipeline.train_dataset(config, pipeline.make_tokenizer(config.data)))
+    batches = [next(it) for _ in range(2)]
+    config.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+    ref_losses, ref_params = train(config, jax.devices()[:1], batches)
   config = config_fn()
-  config.mesh = MESHES["data2_fsdp4"]
+  config.mesh = MESHES["data2_fsdp2_tensor2"]
   config.accum_steps = 4
   losses, params = train(config, jax.devices(), batches)
   assert_close(losses, ref_losses)
