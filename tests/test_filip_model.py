@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import test_train
+from tests import test_flops, test_train
 from vlp_jax import errors, models, validation
 from vlp_jax.data import pipeline
 from vlp_jax.data import templates as templates_lib
@@ -300,7 +300,6 @@ def test_flops_of_a_tiny_filip_config_are_pinned():
 
 @pytest.mark.slow  # ~20 s: compiles a train step
 def test_filip_count_matches_xla_cost_analysis():
-  from vlp_jax.perf import benchmark  # pylint: disable=g-import-not-at-top
   c = filip_config(token_embed_dim=64)
   c.objectives = {"filip": 1.0}
   c.evals = {}
@@ -308,11 +307,4 @@ def test_filip_count_matches_xla_cost_analysis():
   c.model.image.update(width=128, depth=2, mlp_dim=512, num_heads=2, patch_size=8)
   c.model.text.update(width=128, depth=2, mlp_dim=512, num_heads=2)
   c.model.embed_dim = 128
-  setup = benchmark.TrainSetup(c)
-  mesh_ctx, rules_ctx = setup.contexts()
-  with mesh_ctx, rules_ctx:
-    state = setup.create_state()
-    compiled = setup.step_fn.lower(state, benchmark.synthetic_batch(c)).compile()
-  analytic = flops.train_flops_per_sample(c) * c.batch_size
-  xla = flops.xla_flops(compiled)
-  assert analytic == pytest.approx(xla, rel=0.10), (analytic, xla)
+  test_flops.assert_analytic_matches_xla(c)

@@ -143,7 +143,7 @@ def _jitted_objective(name, cfg_items):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
-def _objective_value_and_grad(name, cfg):
+def objective_value_and_grad(name, cfg):
   """Jitted value_and_grad of objective `name` over (img, txt, scale, batch)."""
   return _jitted_objective(name, tuple(sorted(cfg.items())))
 
@@ -155,9 +155,9 @@ def test_unique_labels_equal_clip(alpha):
   rng = np.random.default_rng(11)
   args = (jnp.asarray(_normalized(rng, b), jnp.float32),
           jnp.asarray(_normalized(rng, b), jnp.float32), jnp.float32(6.0))
-  (ref_loss, ref_m), ref_g = _objective_value_and_grad(
+  (ref_loss, ref_m), ref_g = objective_value_and_grad(
       "clip", {"negative_smoothing": alpha})(*args, {})
-  unicl = _objective_value_and_grad(
+  unicl = objective_value_and_grad(
       "unicl", {"negative_smoothing": alpha, "same_image": True})
   for label in (np.zeros(b, np.int32), np.arange(1, b + 1, dtype=np.int32)):
     batch = {"label": label, "image_id": np.arange(b, dtype=np.int32) * 3}
@@ -176,12 +176,12 @@ def test_same_image_off_ignores_image_ids():
   args = (jnp.asarray(_normalized(rng, b), jnp.float32),
           jnp.asarray(_normalized(rng, b), jnp.float32), jnp.float32(4.0))
   batch = {"label": np.zeros(b, np.int32), "image_id": np.zeros(b, np.int32)}
-  (loss_off, m_off), _ = _objective_value_and_grad(
+  (loss_off, m_off), _ = objective_value_and_grad(
       "unicl", {"negative_smoothing": 0.0, "same_image": False})(*args, batch)
-  (loss_clip, _), _ = _objective_value_and_grad(
+  (loss_clip, _), _ = objective_value_and_grad(
       "clip", {"negative_smoothing": 0.0})(*args, {})
   np.testing.assert_allclose(loss_off, loss_clip, rtol=1e-6)
-  (loss_on, m_on), _ = _objective_value_and_grad(
+  (loss_on, m_on), _ = objective_value_and_grad(
       "unicl", {"negative_smoothing": 0.0, "same_image": True})(*args, batch)
   assert float(m_off["positives"]) == pytest.approx(1.0)
   assert float(m_on["positives"]) == pytest.approx(b)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import test_multipositive
 from tests.test_objectives import _f32, _log_softmax_row, _normalized, _num_grad
 from vlp_jax.objectives import soft_targets
 from vlp_jax.registry import OBJECTIVES
@@ -43,19 +44,7 @@ def ref_schedule(step, initial, final, ramp_steps, every=1):
   return initial + (final - initial) * min(held / ramp_steps, 1.0)
 
 
-@functools.cache
-def _jitted(name, cfg_items):
-  fn = OBJECTIVES.get(name)
-  cfg = dict(cfg_items)
-
-  def loss(img, txt, scale, batch):
-    return fn({"image_emb": img, "text_emb": txt, "logit_scale": scale}, batch, cfg)
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-
-
-def value_and_grad(name, cfg):
-  """Jitted value_and_grad of objective `name` over (img, txt, scale, batch)."""
-  return _jitted(name, tuple(sorted(cfg.items())))
+value_and_grad = test_multipositive.objective_value_and_grad
 
 
 def _inputs(seed):

@@ -37,7 +37,7 @@ def clip_logits(image_emb, text_emb, scale):
   return _f32(scale) * (_f32(image_emb) @ _f32(text_emb).T)
 
 
-def _smoothed_ce(logits, label_smoothing, negative_smoothing=0.0):
+def smoothed_ce(logits, label_smoothing, negative_smoothing=0.0):
   """Per-row CE of `logits` [N,C] against smoothed one-hot targets on arange(N)
   (`sharded.target_coefficients`)."""
   n, c = logits.shape
@@ -66,8 +66,8 @@ def clip_loss_from_embeddings(image_emb, text_emb, scale, label_smoothing=0.0,
     (loss, logits): the float32 scalar loss and the [B, B] logits.
   """
   logits = clip_logits(image_emb, text_emb, scale)
-  i2t = jnp.mean(_smoothed_ce(logits, label_smoothing, negative_smoothing))
-  t2i = jnp.mean(_smoothed_ce(logits.T, label_smoothing, negative_smoothing))
+  i2t = jnp.mean(smoothed_ce(logits, label_smoothing, negative_smoothing))
+  t2i = jnp.mean(smoothed_ce(logits.T, label_smoothing, negative_smoothing))
   return 0.5 * (i2t + t2i), logits
 
 
@@ -128,7 +128,7 @@ def smoothing_options(cfg, objective):
   return ls, ns
 
 
-def _batch_axes(cfg, batch_size):
+def batch_axes(cfg, batch_size):
   """Mesh axes for the distributed form, or () for the dense one (option `distributed`)."""
   mode = (cfg or {}).get("distributed", "auto")
   if mode not in _DISTRIBUTED_MODES:
@@ -150,7 +150,7 @@ def clip_with_targets(outputs, cfg, label_smoothing=0.0, negative_smoothing=0.0)
   ls, ns = label_smoothing, negative_smoothing
   scale = outputs["logit_scale"]
   img, txt = outputs["image_emb"], outputs["text_emb"]
-  axes = _batch_axes(cfg, img.shape[0])
+  axes = batch_axes(cfg, img.shape[0])
   if axes:
     loss, i2t_acc, t2i_acc = sharded.clip_loss_local(
         img, txt, scale, label_smoothing=ls, axes=axes, negative_smoothing=ns)
@@ -195,7 +195,7 @@ def siglip(outputs, batch, cfg):
   del batch
   scale, bias = outputs["logit_scale"], outputs["logit_bias"]
   img, txt = outputs["image_emb"], outputs["text_emb"]
-  axes = _batch_axes(cfg, img.shape[0])
+  axes = batch_axes(cfg, img.shape[0])
   if axes:
     loss = sharded.siglip_loss_chunked(img, txt, scale, bias, axes=axes)
   else:

@@ -34,7 +34,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from vlp_jax.objectives import contrastive, sharded
+from vlp_jax.objectives import contrastive
 from vlp_jax.registry import OBJECTIVES
 
 DEFAULT_BLOCK = 64
@@ -125,15 +125,6 @@ def token_similarities(image_tokens, text_tokens, text_mask, block=DEFAULT_BLOCK
   return tuple(o.reshape(-1, bt)[:bi] for o in out)
 
 
-def _smoothed_ce(logits, label_smoothing):
-  """Per-row CE of `logits` [n, C] at targets arange(n), smoothed over the C columns."""
-  n = logits.shape[0]
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  # Both terms always: `label_smoothing` may be traced.
-  return -((1.0 - label_smoothing) * logp[jnp.arange(n), jnp.arange(n)] +
-           label_smoothing * jnp.mean(logp, axis=-1))
-
-
 def filip_loss_from_tokens(image_tokens, text_tokens, text_mask, scale,
                            label_smoothing=0.0, block=DEFAULT_BLOCK):
   """Dense FILIP loss; matching pairs are on the diagonal.
@@ -157,21 +148,9 @@ def filip_loss_from_tokens(image_tokens, text_tokens, text_mask, scale,
   s_i, s_t = token_similarities(image_tokens, text_tokens, text_mask, block=block)
   s = _f32(scale)
   i2t, t2i = s * s_i, s * s_t
-  loss = 0.5 * (jnp.mean(_smoothed_ce(i2t, label_smoothing)) +
-                jnp.mean(_smoothed_ce(t2i.T, label_smoothing)))
+  loss = 0.5 * (jnp.mean(contrastive.smoothed_ce(i2t, label_smoothing)) +
+                jnp.mean(contrastive.smoothed_ce(t2i.T, label_smoothing)))
   return loss, (i2t, t2i)
-
-
-def _batch_axes(cfg, batch_size):
-  """Mesh axes for the ring form, or () for the dense one (option `distributed`)."""
-  mode = cfg.get("distributed", "auto")
-  if mode not in ("auto", "dense"):
-    raise ValueError(f"Objective 'filip' option distributed={mode!r}; use 'auto' "
-                     "(ring form when the batch is split) or 'dense'.")
-  if mode == "dense":
-    return ()
-  axes = sharded.batch_mesh_axes()
-  return axes if sharded.can_shard_batch(batch_size, axes) else ()
 
 
 FILIP_OPTIONS = {"distributed": "auto", "block": DEFAULT_BLOCK, "label_smoothing": 0.0}
@@ -205,7 +184,7 @@ def filip(outputs, batch, cfg):
   scale = outputs["logit_scale"]
   img, txt = outputs["image_token_emb"], outputs["text_token_emb"]
   mask = outputs["text_token_mask"]
-  axes = _batch_axes(cfg, img.shape[0])
+  axes = contrastive.batch_axes(cfg, img.shape[0])
   if axes:
     from vlp_jax.objectives import sharded_filip  # pylint: disable=g-import-not-at-top
     loss, i2t_acc, t2i_acc = sharded_filip.filip_loss_ring(

@@ -185,7 +185,7 @@ def unicl(outputs, batch, cfg):
   alpha, same_image = cfg["negative_smoothing"], cfg["same_image"]
   img, txt, scale = outputs["image_emb"], outputs["text_emb"], outputs["logit_scale"]
   args = (img, txt, scale, batch["label"], batch["image_id"], same_image, alpha)
-  axes = contrastive._batch_axes(cfg, img.shape[0])  # pylint: disable=protected-access
+  axes = contrastive.batch_axes(cfg, img.shape[0])
   if axes:
     loss, i2t_acc, t2i_acc, positives = unicl_loss_local(*args, axes=axes)
   else:
