@@ -18,6 +18,11 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "matplotlib==3.11.2",
     "tqdm==4.70.1",
+    # CLIP BPE tokenizer (open_clip's text cleaning), hub tokenizer.json, safetensors.
+    "ftfy==6.3.1",
+    "regex==2026.11.15",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
 ]
 
 setup(
