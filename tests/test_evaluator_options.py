@@ -79,10 +79,11 @@ def test_importing_evaluators_and_recipes_does_not_import_grain():
 
 def test_eval_entry_holds_each_evaluators_options():
   zs = common.eval_entry(type="zeroshot")
-  assert set(zs) == set(config_lib.EVAL_COMMON_KEYS) | {"templates"}
+  assert set(zs) == set(config_lib.EVAL_COMMON_KEYS) | {"templates", "classnames"}
   assert zs.type == "zeroshot" and zs.templates == ()
   assert common.eval_entry(type="captioning").log_examples == 5
-  assert set(common.eval_entry(type="retrieval")) == set(config_lib.EVAL_COMMON_KEYS)
+  assert set(common.eval_entry(type="retrieval")) == set(config_lib.EVAL_COMMON_KEYS) | {
+      "ks", "group_by_image"}
   # A string for a tuple option is a one-element tuple (the command line's type).
   assert common.eval_entry(type="zeroshot", templates="imagenet").templates == ("imagenet",)
   assert common.eval_entry(type="zeroshot", templates=["a {}."]).templates == ("a {}.",)
@@ -117,7 +118,7 @@ def test_unknown_option_key_names_the_key_the_closest_and_the_valid_keys():
     validation.validate(c)
   msg = str(e.value)
   assert "'config.evals.zeroshot.templats'" in msg and "Did you mean 'templates'" in msg
-  assert "zeroshot's options ['templates']" in msg and "'batch_size'" in msg
+  assert "zeroshot's options ['classnames', 'templates']" in msg and "'batch_size'" in msg
   # Another evaluator's option, and a removed key, say so.
   c = _config(zeroshot={"every": 0, "log_examples": 3})
   with pytest.raises(errors.ConfigKeyError, match=r"option of \['captioning'\]"):

@@ -9,7 +9,11 @@ the labels of classification sources into captions. A value is one of
                               `default_templates` (a built-in set's name), else the
                               built-in set of the source's kind (SOURCE_DEFAULTS:
                               'shapes' for shapes), else 'imagenet'
-  ('imagenet',) / 'imagenet'  a built-in set (BUILTIN)
+  ('imagenet',) / 'imagenet'  a built-in set (BUILTIN): 'clip80' (CLIP's 80 ImageNet
+                              templates), 'simple' (open_clip's 7), 'imagenet' (10 of
+                              the 80), 'shapes', and CLIP's templates of each dataset
+                              with a class-name set ('cifar10', 'food101', 'pets', ...;
+                              vlp_jax/data/classnames/prompts.py)
   ('/path/templates.txt',)    a file: one template per line; blank lines and lines
                               starting with '#' are skipped
   ('a photo of a {}.', ...)   the templates themselves
@@ -25,6 +29,8 @@ import string
 from typing import List, NamedTuple, Sequence, Tuple
 
 from vlp_jax import errors
+from vlp_jax.data import classnames
+from vlp_jax.data.classnames import prompts
 
 # CLIP's zero-shot ImageNet templates (a subset of the 80).
 IMAGENET: Tuple[str, ...] = (
@@ -49,7 +55,10 @@ SHAPES: Tuple[str, ...] = (
     "a simple drawing of a {}.",
     "a {}.",
 )
-BUILTIN = {"imagenet": IMAGENET, "shapes": SHAPES}
+BUILTIN = {"imagenet": IMAGENET, "shapes": SHAPES, "clip80": prompts.CLIP80,
+           "simple": prompts.SIMPLE, **prompts.DATASETS,
+           **{a: prompts.DATASETS[n] for a, n in classnames.ALIASES.items()
+              if n in prompts.DATASETS}}
 _FIX_ARTICLES = ("shapes",)  # Built-in sets whose prompts get "a" -> "an" before a vowel.
 # Source kind (the spec before ':') -> its built-in set when `templates` is () and the
 # source names none itself (a `default_templates` attribute).

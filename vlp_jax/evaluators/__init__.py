@@ -18,7 +18,7 @@ import difflib
 from typing import Any, Dict
 
 from vlp_jax import config as config_lib, errors
-from vlp_jax.evaluators import captioning, retrieval, zeroshot  # pylint: disable=unused-import
+from vlp_jax.evaluators import captioning, fewshot, linear_probe, retrieval, zeroshot  # pylint: disable=unused-import
 from vlp_jax.registry import EVALUATORS
 
 # Keys that entries no longer take, with what to do instead.
