@@ -12,9 +12,10 @@ Data defaults to a user-supplied annotation file; point it at yours:
         --config.data.source=jsonl:/data/cc12m/train.jsonl
 
 or try it anywhere on the built-in data: --config.data.source=shapes
---config.total_steps=2 --config.batch_size=8. CLIP's BPE vocabulary has 49,408 ids;
-pass a SentencePiece model with --config.data.tokenizer=sentencepiece:/path/spm.model
-(the default, 'bytes', needs no file).
+--config.total_steps=2 --config.batch_size=8. Text is tokenized with CLIP's BPE
+('clip', built in, 49,408 ids at context 77: open_clip's ids); other tokenizers:
+--config.data.tokenizer=hf:/path/tokenizer.json, sentencepiece:/path/spm.model or
+bytes, with model.text.vocab_size at least the tokenizer's.
 """
 from configs import common
 

@@ -19,7 +19,8 @@ def eval_entry(type: str, **values) -> ConfigDict:  # pylint: disable=redefined-
 
 def b16_recipe() -> ConfigDict:
   """What the ViT-B/16 recipes share: 224 px B/16 image tower, CLIP's 12 x 512 text
-  tower with context 77 and 49,408 ids, data and a retrieval eval on user paths."""
+  tower with context 77 and CLIP's BPE tokenizer ('clip', built in: 49,408 ids, the
+  ids of open_clip), data and a retrieval eval on user paths."""
   c = config_lib.default_config()
   c.log_every = 100
   c.checkpoint_every = 2000
@@ -31,7 +32,7 @@ def b16_recipe() -> ConfigDict:
   c.model.image.update(variant="B/16")
   c.model.text.update(vocab_size=49408, width=512, depth=12, mlp_dim=2048, num_heads=8,
                       context_length=77, causal=True, pool="eos")
-  c.data.update(source="jsonl:data/train.jsonl", image_size=224, tokenizer="bytes",
+  c.data.update(source="jsonl:data/train.jsonl", image_size=224, tokenizer="clip",
                 normalization="clip")
   # Enable with --config.evals.retrieval.every=N (0 = only at the end).
   c.evals = {"retrieval": eval_entry(type="retrieval", every=-1,

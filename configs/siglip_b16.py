@@ -1,9 +1,12 @@
 """SigLIP ViT-B/16 (Zhai et al., 2023): pairwise sigmoid loss.
 
 Image tower ViT-B/16 at 224 px with a MAP (attention-pooling) head; text transformer
-12 x 512, context 77 (the published SigLIP B/16 uses a B-sized text tower with 64
-tokens and a 32k SentencePiece vocabulary: override model.text.* to match a tokenizer
-you supply). Temperature t' = log 10 and bias b = -10 at init. Optimiser: AdamW
+12 x 512, context 77, CLIP's BPE tokenizer ('clip', built in). The published SigLIP
+B/16 uses a B-sized text tower with 64 tokens and a 32k T5-style SentencePiece
+vocabulary (no BOS, padded with EOS): give its spiece.model with
+--config.data.tokenizer=siglip:/path/spiece.model --config.model.text.vocab_size=32000
+--config.model.text.context_length=64 (or a SigLIP 2 tokenizer.json with hf:/path).
+Temperature t' = log 10 and bias b = -10 at init. Optimiser: AdamW
 lr 1e-3, weight decay 1e-4, beta2 0.95 (the paper's stability setting), cosine
 decay; batch 32,768.
 

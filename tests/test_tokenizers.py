@@ -1,4 +1,6 @@
-"""Tests for the byte and SentencePiece tokenizers."""
+"""Tests for the tokenizer contract, the byte and SentencePiece tokenizers and specs
+(CLIP BPE, hf: and siglip: against reference ids: tests/test_tokenizers_*.py)."""
+import os
 import pickle
 
 import numpy as np
@@ -107,3 +109,46 @@ def test_sentencepiece_without_eos_errors(tmp_path):
   path = _train_spm(tmp_path, "noeos", eos_id=-1)
   with pytest.raises(ValueError, match="EOS"):
     tokenizers.SentencePieceTokenizer(path)
+
+
+_FIX = os.path.join(os.path.dirname(__file__), "fixtures", "tokenizers", "")
+ALL_SPECS = ("bytes", "clip", "words:shapes", f"siglip:{_FIX}siglip_tiny.model",
+             f"hf:{_FIX}hf_t5_style", f"hf:{_FIX}hf_clip_style/tokenizer.json,pad=0")
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_contract_of_every_kind(spec):
+  """Layout [BOS?, tokens..., EOS, PAD...], EOS kept when cut, decode up to EOS."""
+  tok = tokenizers.get_tokenizer(spec)
+  assert tok.bos_id is None or 0 <= tok.bos_id < tok.vocab_size
+  assert 0 <= tok.eos_id < tok.vocab_size and 0 <= tok.pad_id < tok.vocab_size
+  text = "a small red circle"
+  ids = tok.encode(text)
+  head = [] if tok.bos_id is None else [tok.bos_id]
+  row = tok.tokenize([text], 40)[0]
+  assert row.dtype == np.int32
+  n = len(head) + len(ids)
+  np.testing.assert_array_equal(row[:n + 1], head + ids + [tok.eos_id])
+  assert np.all(row[n + 1:] == tok.pad_id)
+  assert tok.decode(row) == tok.decode(ids) != ""
+  assert "small" in tok.decode(row)
+  cut = tok.tokenize([text * 10], len(head) + 3)[0]
+  assert cut.tolist() == head + (tok.encode(text * 10))[:2] + [tok.eos_id]
+
+
+def test_parse_spec_and_validation():
+  assert tokenizers.parse_spec("clip") == ("clip", "", {})
+  assert tokenizers.parse_spec("sentencepiece:/a,b.model") == (
+      "sentencepiece", "/a,b.model", {})
+  assert tokenizers.parse_spec("hf:/m/tokenizer.json,pad=</s>,clean=lower") == (
+      "hf", "/m/tokenizer.json", {"pad": "</s>", "clean": "lower"})
+  for bad, match in [("hf:", "needs a path"), ("bpe", "valid specs"),
+                     ("siglip:", "needs a path"), ("hf:/m,lower", "Unknown option")]:
+    with pytest.raises(ValueError, match=match):
+      tokenizers.parse_spec(bad)
+  from vlp_jax import cli, errors, validation  # pylint: disable=g-import-not-at-top
+  config = cli.load_config_file("configs/clip_b16.py")
+  assert config.data.tokenizer == "clip"
+  config.data.tokenizer = "gpt2"
+  with pytest.raises(errors.ConfigError, match="'gpt2'.*clip"):
+    validation.validate(config)

@@ -11,8 +11,9 @@ def validate(config, evals: bool = True) -> None:
   `evals=False` skips the evaluators' checks (the benchmark, which runs none).
   """
   from vlp_jax import models, objectives  # pylint: disable=g-import-not-at-top
-  from vlp_jax.data import mixture  # pylint: disable=g-import-not-at-top
+  from vlp_jax.data import mixture, tokenizers  # pylint: disable=g-import-not-at-top
   config_lib.validate(config)
+  tokenizers.parse_spec(config.data.tokenizer)  # Its form; paths are read at start.
   models.check_config(config.model)
   objectives.check_config(config)
   mixture.check_config(config)  # Mixture entries, captions_per_image, class_templates.

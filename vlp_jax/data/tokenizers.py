@@ -1,27 +1,47 @@
 """Text tokenizers with a shared contract.
 
-Every tokenizer has `vocab_size`, `pad_id` (always 0), `bos_id`, `eos_id`,
+Every tokenizer has `vocab_size`, `pad_id`, `bos_id`, `eos_id`,
 `encode(text) -> list[int]` (no special tokens), `decode(ids) -> str` (stops at the
 first EOS, skips PAD and BOS) and `tokenize(texts, length) -> int32 [N, length]`
 laid out as [BOS, tokens..., EOS, PAD, ...]; over-long text is truncated so that EOS
 stays the last token.
 
-Specs for `get_tokenizer`: "bytes" (built in, no files),
-"sentencepiece:/path/to/model" (a local SentencePiece model file), and
-"words:/path/to/vocab.txt", "words:shapes" or "words:shapes_hard" (word-level, one word
-per line, or the built-in vocabulary of the shapes demo data, or of `shapes:hard` and
-`shapes` together).
+`pad_id` is 0 and `bos_id`/`eos_id` are ints for the built-in tokenizers and
+SentencePiece models ('sentencepiece:'). Tokenizers reproducing a pretrained model's
+own layout may differ: 'siglip:' and 'hf:' tokenizers may pad with a non-zero id
+(SigLIP pads with EOS = 1) and have `bos_id` None (no BOS: T5/SigLIP-style rows are
+[tokens..., EOS, PAD, ...]); an 'hf:' tokenizer whose post-processor appends nothing
+has `eos_id` None. Code that needs a BOS (caption generation) checks for None. In
+CLIP's vocabulary ('clip', 'bpe:') id 0 is both PAD and the token '!', as in open_clip:
+its `decode` reads a 0 before the EOS as '!'.
+
+Specs for `get_tokenizer` (`VALID_SPECS`):
+  "bytes"                        UTF-8 bytes, built in.
+  "clip"                         CLIP's BPE (49,408 ids, open_clip's ids), built in.
+  "bpe:/path/vocab.txt.gz"       CLIP-style BPE over another merges file.
+  "hf:/path/tokenizer.json[,pad=ID|TOKEN][,clean=whitespace|lower]"
+                                 a Hugging Face `tokenizers` file (or a folder holding
+                                 tokenizer.json), with its own special tokens.
+  "siglip:/path/spiece.model"    SigLIP's T5-style SentencePiece layout (transformers'
+                                 SiglipTokenizer: canonicalised text, no BOS, EOS kept,
+                                 padded with EOS).
+  "sentencepiece:/path/spm.model" a SentencePiece model with BOS and EOS.
+  "words:/path/to/vocab.txt", "words:shapes", "words:shapes_hard"
+                                 word-level: one word per line, or the built-in
+                                 vocabulary of the shapes demo data (of `shapes:hard`
+                                 and `shapes` together).
 """
 import os
 import re
-from typing import Iterable, List, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from vlp_jax import errors
 
-VALID_SPECS = ("bytes", "sentencepiece:/path/to/spm.model", "words:/path/to/vocab.txt",
-               "words:shapes", "words:shapes_hard")
+VALID_SPECS = ("bytes", "clip", "bpe:/path/to/vocab.txt.gz", "hf:/path/to/tokenizer.json",
+               "siglip:/path/to/spiece.model", "sentencepiece:/path/to/spm.model",
+               "words:/path/to/vocab.txt", "words:shapes", "words:shapes_hard")
 
 
 class Tokenizer:
@@ -29,8 +49,8 @@ class Tokenizer:
 
   vocab_size: int
   pad_id: int = 0
-  bos_id: int
-  eos_id: int
+  bos_id: Optional[int]
+  eos_id: Optional[int]
 
   def encode(self, text: str) -> List[int]:
     raise NotImplementedError
@@ -51,15 +71,29 @@ class Tokenizer:
       content.append(i)
     return self._decode_content(content)
 
+  def special_ids(self) -> Tuple[List[int], List[int]]:
+    """The ids `tokenize` puts before and after the text: ([BOS], [EOS]) by default,
+    without the ones that are None."""
+    return ([] if self.bos_id is None else [self.bos_id],
+            [] if self.eos_id is None else [self.eos_id])
+
+  def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+    """`encode` of each text."""
+    return [self.encode(t) for t in texts]
+
   def tokenize(self, texts: Union[str, Sequence[str]], length: int) -> np.ndarray:
-    """Returns int32 [N, length] rows of [BOS, tokens..., EOS, 0, ...]."""
-    if length < 2:
-      raise ValueError(f"length must be >= 2 to hold BOS and EOS, got {length}.")
+    """Returns int32 [N, length] rows of [BOS, tokens..., EOS, PAD, ...] (see
+    `special_ids`); over-long text loses its last tokens, never the EOS."""
+    prefix, suffix = self.special_ids()
+    keep = length - len(prefix) - len(suffix)
+    if keep < 0 or length < 1:
+      raise ValueError(f"length must be >= {max(1, len(prefix) + len(suffix))} to hold "
+                       f"the special tokens {prefix + suffix}, got {length}.")
     if isinstance(texts, str):
       texts = [texts]
     out = np.full((len(texts), length), self.pad_id, dtype=np.int32)
-    for row, text in enumerate(texts):
-      ids = [self.bos_id] + self.encode(text)[:length - 2] + [self.eos_id]
+    for row, ids in enumerate(self.encode_batch(list(texts))):
+      ids = prefix + ids[:keep] + suffix
       out[row, :len(ids)] = ids
     return out
 
@@ -107,7 +141,9 @@ class SentencePieceTokenizer(Tokenizer):
     if sp_bos < 0 or sp_eos < 0:
       raise errors.DataError(
           f"SentencePiece model '{self.model_path}' has no BOS or EOS piece "
-          f"(bos_id={sp_bos}, eos_id={sp_eos}); train it with bos_id and eos_id >= 0.")
+          f"(bos_id={sp_bos}, eos_id={sp_eos}); train it with bos_id and eos_id >= 0, "
+          f"or, for a T5/SigLIP-style model without BOS, use the spec "
+          f"'siglip:{self.model_path}'.")
     self._offset = 0 if self._sp.pad_id() == 0 else 1
     self.pad_id = 0
     self.bos_id = sp_bos + self._offset
@@ -167,20 +203,58 @@ class WordTokenizer(Tokenizer):
     return f"WordTokenizer({len(self.words)} words)"
 
 
+# Spec kinds taking a path after ':', and the options each takes after the path.
+_PATH_KINDS = {"words": None, "sentencepiece": None, "bpe": None, "siglip": None,
+               "hf": ("pad", "clean")}
+_BUILT_IN = ("bytes", "clip", "words:shapes", "words:shapes_hard")
+
+
+def parse_spec(spec: str):
+  """A tokenizer spec -> (kind, path, options); raises ConfigError for a malformed
+  one. Reads no file (`get_tokenizer` checks the path)."""
+  if isinstance(spec, str) and spec in _BUILT_IN:
+    return spec, "", {}
+  kind, _, rest = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+  if kind not in _PATH_KINDS or not rest:
+    hint = (f" ('{kind}:' needs a path after the colon)" if kind in _PATH_KINDS else "")
+    raise errors.ConfigError(
+        f"Unknown tokenizer spec {spec!r}{hint}; valid specs: {list(VALID_SPECS)}.")
+  allowed = _PATH_KINDS[kind]
+  if allowed is None:  # No options: the whole rest is the path (commas allowed).
+    return kind, rest, {}
+  path, *items = rest.split(",")
+  options = {}
+  for item in items:
+    key, eq, value = item.partition("=")
+    if key not in allowed or not eq:
+      raise errors.ConfigError(
+          f"Unknown option {item!r} in tokenizer spec {spec!r}; '{kind}:' takes "
+          f"{[k + '=...' for k in allowed]} after the path, e.g. "
+          f"'{kind}:/path/to/tokenizer.json,{allowed[0]}=0' (a path holding a comma "
+          "cannot take options).")
+    options[key] = value
+  return kind, path, options
+
+
 def get_tokenizer(spec: str) -> Tokenizer:
-  """Builds a tokenizer from one of `VALID_SPECS`."""
-  if spec == "bytes":
+  """Builds a tokenizer from one of `VALID_SPECS` (see the module docstring)."""
+  # pylint: disable=g-import-not-at-top
+  kind, path, options = parse_spec(spec)
+  if kind == "bytes":
     return ByteTokenizer()
-  if spec == "words:shapes":
-    from vlp_jax.data import shapes  # pylint: disable=g-import-not-at-top
-    return WordTokenizer(shapes.vocabulary())
-  if spec == "words:shapes_hard":
-    from vlp_jax.data import shapes  # pylint: disable=g-import-not-at-top
-    return WordTokenizer(shapes.hard_vocabulary())
-  if isinstance(spec, str) and spec.startswith("words:") and spec[len("words:"):]:
-    return WordTokenizer.from_file(spec[len("words:"):])
-  prefix = "sentencepiece:"
-  if isinstance(spec, str) and spec.startswith(prefix) and spec[len(prefix):]:
-    return SentencePieceTokenizer(spec[len(prefix):])
-  raise errors.ConfigError(
-      f"Unknown tokenizer spec {spec!r}; valid specs: {list(VALID_SPECS)}.")
+  if kind in ("words:shapes", "words:shapes_hard"):
+    from vlp_jax.data import shapes
+    return WordTokenizer(shapes.vocabulary() if kind == "words:shapes"
+                         else shapes.hard_vocabulary())
+  if kind == "words":
+    return WordTokenizer.from_file(path)
+  if kind == "sentencepiece":
+    return SentencePieceTokenizer(path)
+  if kind in ("clip", "bpe"):
+    from vlp_jax.data import tokenizers_clip
+    return tokenizers_clip.ClipBpeTokenizer(*([path] if path else []))
+  if kind == "siglip":
+    from vlp_jax.data import tokenizers_siglip
+    return tokenizers_siglip.SiglipTokenizer(path)
+  from vlp_jax.data import tokenizers_hf
+  return tokenizers_hf.HfTokenizer(path, **options)

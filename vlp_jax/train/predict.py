@@ -9,6 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vlp_jax import errors
 from vlp_jax.models import generate, interface
 from vlp_jax.objectives import filip
 
@@ -38,14 +39,27 @@ def make_predict_fns(model, tokenizer, context_length: int):
       "tokenize": lambda texts: tokenizer.tokenize(list(texts), context_length),
       "detokenize": tokenizer.decode,
   }
-  if interface.can_generate(model):
+  if interface.can_generate(model) and tokenizer.bos_id is None:
+    fns["generate"] = _needs_bos(tokenizer)
+  elif interface.can_generate(model):
+    eos_id = -1 if tokenizer.eos_id is None else tokenizer.eos_id  # -1: never ends early.
     fns["generate"] = jax.jit(functools.partial(
         generate.greedy_generate, model, max_len=context_length,
-        bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id),
+        bos_id=tokenizer.bos_id, eos_id=eos_id, pad_id=tokenizer.pad_id),
                               out_shardings=replicated)
   if interface.can_embed_tokens(model):
     fns.update(token_predict_fns(model, replicated))
   return fns
+
+
+def _needs_bos(tokenizer):
+  """A 'generate' that explains why a tokenizer without BOS cannot start a caption."""
+  def generate_fn(*unused_args, **unused_kwargs):
+    raise errors.ConfigError(
+        f"Caption generation starts from a BOS token, but {tokenizer!r} has none "
+        "(T5/SigLIP-style 'siglip:' or 'hf:' tokenizers). Use a tokenizer with BOS "
+        "(e.g. --config.data.tokenizer=clip) for the captioning evaluator.")
+  return generate_fn
 
 
 def _types(tokens, data_type):
