@@ -30,11 +30,15 @@ setup(
     version="0.1.0",
     description="Vision-language pre-training (CLIP, SigLIP, CoCa) in JAX/Flax.",
     packages=find_packages(include=["vlp_jax", "vlp_jax.*", "configs"]),
+    # CLIP's BPE merges for the built-in 'clip' tokenizer, with their license notice.
+    package_data={"vlp_jax.data": ["assets/*.gz", "assets/*.md"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest==9.2.0"],
         "gpu": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
+        # Only to read TorchScript / legacy torch checkpoints (vlp_jax/interop/).
+        "torch": ["torch==2.14.1"],
     },
 )

@@ -27,6 +27,9 @@ EVAL_COMMON_KEYS = {
 }
 
 
+# Weight formats `config.init_from.format` accepts (vlp_jax/interop/ implements them).
+INIT_FROM_FORMATS = ("open_clip", "openai", "hf_clip", "hf_siglip", "big_vision")
+
 # Keys of `config.init_from` (parameters of another run loaded into a new one).
 INIT_FROM_KEYS = {
     "workdir": "",  # A run's workdir (its checkpoints/ are read) ...
@@ -36,6 +39,9 @@ INIT_FROM_KEYS = {
     "exclude": [],  # ... minus these (they keep their fresh initialisation).
     "allow_missing": [],  # Selected params absent from the checkpoint: init, no error.
     "allow_shape_mismatch": [],  # Selected params of another shape: init, no error.
+    # Another library's weights in `checkpoint` (a file): '' = a vlp_jax checkpoint;
+    # 'open_clip', 'openai', 'hf_clip', 'hf_siglip', 'big_vision' (vlp_jax/interop/).
+    "format": "",
 }
 
 
@@ -105,6 +111,19 @@ def default_config() -> ConfigDict:
   # (0 = caption, 1 = classification prompt), taken from batch['data_type'].
   c.model.text.prefix_conditioning = False
   c.model.text.prefix_length = 1  # Learned prefix vectors per data type.
+  # Architecture options of pretrained checkpoints (vlp_jax/interop/): the defaults are
+  # vlp_jax's own. MLP activation of both towers: gelu_tanh | gelu (exact erf, torch /
+  # open_clip) | quick_gelu (OpenAI CLIP).
+  c.model.mlp_act = "gelu_tanh"
+  c.model.layer_norm_eps = 1e-6  # torch / open_clip / HF CLIP: 1e-5.
+  c.model.image.ln_pre = False  # LayerNorm after the positions (OpenAI / open_clip ViT).
+  # False: no key mask from pad ids (CLIP's id 0 is also '!'; SigLIP pads with EOS).
+  c.model.text.padding_mask = True
+  # Pooled projections (models/heads.py): with a bias (big_vision / SigLIP `head`), or
+  # none at all for a tower (SigLIP's image tower: its MAP output is the embedding).
+  c.model.proj_bias = False
+  c.model.image.proj = True
+  c.model.text.proj = True
   # Rows per source example: k > 1 puts k captions of one image (each with its own
   # crop) in the batch as consecutive rows with the same batch['image_id'].
   c.data.captions_per_image = 1
@@ -239,6 +258,14 @@ def validate_fault_tolerance(config) -> None:
   if init.workdir and init.checkpoint:
     raise errors.ConfigError(
         "config.init_from: set either 'workdir' or 'checkpoint', not both.")
+  if init.format and init.format not in INIT_FROM_FORMATS:
+    raise errors.ConfigError(
+        f"config.init_from.format={init.format!r} is not one of {list(INIT_FROM_FORMATS)} "
+        "('' = a vlp_jax checkpoint).")
+  if init.format and not init.checkpoint:
+    raise errors.ConfigError(
+        f"config.init_from.format={init.format!r} reads the file named by "
+        "config.init_from.checkpoint; set it to the weights' path (not workdir).")
   for key in ("include", "exclude", "allow_missing", "allow_shape_mismatch"):
     _check_regexes(init[key], f"config.init_from.{key}", re)
   _check_regexes(config.frozen, "config.frozen", re)
@@ -379,7 +406,25 @@ def _lists(value):
   return value
 
 
+# layers.MLP_ACTIVATIONS and text.TEXT_POOLS (not imported here: they need jax).
+MLP_ACTS = ("gelu_tanh", "gelu", "quick_gelu")
+TEXT_POOLS = ("eos", "first", "mean", "argmax", "last")
+
+
+def _validate_model_options(m):
+  if m.mlp_act not in MLP_ACTS:
+    raise errors.ConfigError(f"config.model.mlp_act={m.mlp_act!r} is not one of "
+                             f"{list(MLP_ACTS)}.")
+  if not (_is_number(m.layer_norm_eps) and 0 < m.layer_norm_eps < 1):
+    raise errors.ConfigError(f"config.model.layer_norm_eps={m.layer_norm_eps!r} must be "
+                             "in (0, 1), e.g. 1e-6 (flax) or 1e-5 (torch / open_clip).")
+  if m.text.pool not in TEXT_POOLS:
+    raise errors.ConfigError(f"config.model.text.pool={m.text.pool!r} is not one of "
+                             f"{list(TEXT_POOLS)}.")
+
+
 def _validate_profile(config):
+  _validate_model_options(config.model)
   if not 0.0 <= config.model.image.patch_dropout < 1.0:
     raise errors.ConfigError(
         f"config.model.image.patch_dropout={config.model.image.patch_dropout} must be "

@@ -15,6 +15,8 @@ def tower_kwargs(cfg: ml_collections.ConfigDict, dtype, opts=None):
   if missing:
     raise ValueError(f"model.image needs a variant like 'B/16' or explicit "
                      f"{sorted(missing)}.")
+  if cfg.get("ln_pre", False):  # Only when on: the defaults' arguments stay as they were.
+    kw["ln_pre"] = True
   return dict(kw, pool=cfg.pool, dtype=dtype, dropout=cfg.get("dropout", 0.0),
               patch_dropout=cfg.get("patch_dropout", 0.0),
               opts=opts or layers.TransformerOptions())
@@ -26,6 +28,7 @@ def text_kwargs(cfg: ml_collections.ConfigDict, dtype, causal=None, pool=None,
 
   `prefix=True` (a family that passes `data_type` to the tower) adds the prefix
   conditioning of `model.text.prefix_conditioning` / `prefix_length`."""
+  extra = {} if cfg.get("padding_mask", True) else {"padding_mask": False}
   return dict(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth,
               mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads,
               context_length=cfg.context_length,
@@ -33,7 +36,7 @@ def text_kwargs(cfg: ml_collections.ConfigDict, dtype, causal=None, pool=None,
               pool=cfg.pool if pool is None else pool, dtype=dtype,
               dropout=cfg.get("dropout", 0.0),
               prefix_length=prefix_length(cfg) if prefix else 0,
-              opts=opts or layers.TransformerOptions())
+              opts=opts or layers.TransformerOptions(), **extra)
 
 
 def prefix_length(cfg: ml_collections.ConfigDict) -> int:

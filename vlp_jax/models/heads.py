@@ -8,15 +8,39 @@ from vlp_jax.models import layers
 
 
 class Projection(nn.Module):
-  """LayerNorm-free linear projection to the shared embedding space, L2-normalised."""
+  """LayerNorm-free linear projection to the shared embedding space, L2-normalised.
+
+  `use_bias` adds a bias (big_vision's / SigLIP's `head` Dense); `linear=False` has
+  no parameters: the pooled features themselves are normalised (SigLIP's image
+  tower, whose MAP head output is the embedding; their width must be `embed_dim`).
+  """
   embed_dim: int
   dtype: object = jnp.float32
+  use_bias: bool = False
+  linear: bool = True
 
   @nn.compact
   def __call__(self, x):
-    x = layers.dense(self.embed_dim, ("embed", "proj"), self.dtype, "proj",
-                     use_bias=False)(x)
+    if self.linear:
+      x = layers.dense(self.embed_dim, ("embed", "proj"), self.dtype, "proj",
+                       use_bias=self.use_bias)(x)
+    elif x.shape[-1] != self.embed_dim:
+      raise ValueError(f"A tower without projection gives width {x.shape[-1]} "
+                       f"embeddings, but model.embed_dim is {self.embed_dim}: set "
+                       "embed_dim to the tower's width or turn its projection on.")
     return layers.l2_normalize(x)
+
+
+def projection_kwargs(model_cfg, tower: str) -> dict:
+  """`Projection` options of tower 'image' or 'text' from `config.model`
+  (`proj_bias`; `image.proj` / `text.proj`, False = no projection)."""
+  return dict(use_bias=bool(model_cfg.get("proj_bias", False)),
+              linear=bool(model_cfg[tower].get("proj", True)))
+
+
+def projection_macs(model_cfg, tower: str, width: int) -> int:
+  """Per-sample multiply-adds of a tower's pooled projection (0 without one)."""
+  return width * model_cfg.embed_dim if model_cfg[tower].get("proj", True) else 0
 
 
 class TokenProjection(nn.Module):

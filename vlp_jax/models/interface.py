@@ -105,6 +105,10 @@ OPTIONAL_SETTINGS = {
                         "config.model.token_embed_dim=0"),
     "text.prefix_conditioning": (lambda m: bool(m.text.get("prefix_conditioning")),
                                  "config.model.text.prefix_conditioning=False"),
+    "proj_bias": (lambda m: bool(m.get("proj_bias")), "config.model.proj_bias=False"),
+    "image.proj": (lambda m: not m.image.get("proj", True),
+                   "config.model.image.proj=True"),
+    "text.proj": (lambda m: not m.text.get("proj", True), "config.model.text.proj=True"),
 }
 
 # Attribute -> (what it is, whether it must be a classmethod / staticmethod).

@@ -33,20 +33,37 @@ REMAT_POLICIES = {
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
 
 
+# `config.model.mlp_act` -> activation. 'gelu_tanh' is flax's default (tanh
+# approximation); 'gelu' the exact erf form (torch nn.GELU, open_clip's default);
+# 'quick_gelu' x * sigmoid(1.702 x) (OpenAI CLIP).
+MLP_ACTIVATIONS = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+DEFAULT_LAYER_NORM_EPS = 1e-6  # flax's default; torch / open_clip / HF CLIP use 1e-5.
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerOptions:
-  """Speed switches that do not change the function computed (`config.model.*`)."""
+  """Options of every block (`config.model.*`): the speed switches (scan_layers, remat,
+  fused_qkv, attention_impl) do not change the function computed; `mlp_act` and
+  `layer_norm_eps` do (pretrained checkpoints of other libraries need theirs)."""
   scan_layers: bool = False
   remat: str = "none"
   fused_qkv: bool = False
   attention_impl: str = "auto"
+  mlp_act: str = "gelu_tanh"
+  layer_norm_eps: float = DEFAULT_LAYER_NORM_EPS
 
 
 def options_from_config(model_cfg) -> TransformerOptions:
   return TransformerOptions(
       scan_layers=model_cfg.get("scan_layers", False), remat=model_cfg.get("remat", "none"),
       fused_qkv=model_cfg.get("fused_qkv", False),
-      attention_impl=model_cfg.get("attention_impl", "auto"))
+      attention_impl=model_cfg.get("attention_impl", "auto"),
+      mlp_act=model_cfg.get("mlp_act", "gelu_tanh"),
+      layer_norm_eps=model_cfg.get("layer_norm_eps", DEFAULT_LAYER_NORM_EPS))
 
 
 def dense(features: int, axes, dtype, name=None, kernel_init=default_kernel_init,
@@ -58,9 +75,9 @@ def dense(features: int, axes, dtype, name=None, kernel_init=default_kernel_init
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
 
 
-def layer_norm(dtype, name=None) -> nn.LayerNorm:
+def layer_norm(dtype, name=None, eps: float = DEFAULT_LAYER_NORM_EPS) -> nn.LayerNorm:
   return nn.LayerNorm(
-      dtype=dtype, param_dtype=jnp.float32, name=name,
+      epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
@@ -191,17 +208,20 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """Two-layer GELU MLP (width -> mlp_dim -> width)."""
+  """Two-layer MLP (width -> mlp_dim -> width); `act` names an `MLP_ACTIVATIONS` entry."""
   mlp_dim: int
   dtype: Dtype = jnp.float32
   dropout: float = 0.0
+  act: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     width = x.shape[-1]
     h = checkpoint_name(dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "fc1")(x),
                         "mlp_hidden")
-    h = nn.gelu(h)
+    if self.act not in MLP_ACTIVATIONS:
+      raise ValueError(f"mlp_act '{self.act}' is not one of {sorted(MLP_ACTIVATIONS)}.")
+    h = MLP_ACTIVATIONS[self.act](h)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     return checkpoint_name(dense(width, ("mlp", "embed"), self.dtype, "fc2")(h), "mlp_out")
 
@@ -219,15 +239,16 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, mask=None, context=None, context_mask=None, train=False):
     drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=not train)
+    eps = self.opts.layer_norm_eps
     h = Attention(self.num_heads, self.dtype, causal=self.causal, opts=self.opts,
-                  name="attn")(layer_norm(self.dtype, "ln_attn")(x), mask=mask)
+                  name="attn")(layer_norm(self.dtype, "ln_attn", eps)(x), mask=mask)
     x = constrain(x + drop(h), ("batch", "length", "embed"))
     if self.cross_attention:
       h = Attention(self.num_heads, self.dtype, opts=self.opts, name="cross_attn")(
-          layer_norm(self.dtype, "ln_cross")(x), context=context, mask=context_mask)
+          layer_norm(self.dtype, "ln_cross", eps)(x), context=context, mask=context_mask)
       x = constrain(x + drop(h), ("batch", "length", "embed"))
-    h = Mlp(self.mlp_dim, self.dtype, self.dropout, name="mlp")(
-        layer_norm(self.dtype, "ln_mlp")(x), train=train)
+    h = Mlp(self.mlp_dim, self.dtype, self.dropout, self.opts.mlp_act, name="mlp")(
+        layer_norm(self.dtype, "ln_mlp", eps)(x), train=train)
     return constrain(x + drop(h), ("batch", "length", "embed"))
 
 
@@ -288,7 +309,7 @@ class Transformer(nn.Module):
       for i in range(self.depth):
         x = cls(**block, name=f"block_{i}")(x, mask, context, context_mask, train)
     if self.final_norm:
-      x = layer_norm(self.dtype, "ln_final")(x)
+      x = layer_norm(self.dtype, "ln_final", self.opts.layer_norm_eps)(x)
     return x
 
 
@@ -314,8 +335,8 @@ class AttentionPool(nn.Module):
     probe = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0],) + probe.shape[1:])
     h = Attention(self.num_heads, self.dtype, opts=self.opts, name="attn")(
         probe, context=x, mask=mask)
-    y = layer_norm(self.dtype, "ln")(h)
-    return h + Mlp(self.mlp_dim, self.dtype, name="mlp")(y)
+    y = layer_norm(self.dtype, "ln", self.opts.layer_norm_eps)(h)
+    return h + Mlp(self.mlp_dim, self.dtype, act=self.opts.mlp_act, name="mlp")(y)
 
 
 def l2_normalize(x, eps=1e-6):

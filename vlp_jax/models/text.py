@@ -63,22 +63,40 @@ def insert_prefix(x, prefix, tokens, context_length: int):
   return jnp.take_along_axis(combined, jnp.broadcast_to(src, (b, t))[..., None], axis=1)
 
 
+TEXT_POOLS = ("eos", "first", "mean", "argmax", "last")
+
+
 def pool_tokens(x, tokens, pool: str):
-  """Pools [B, L, W] features: 'eos' = last non-pad token, 'first', or masked 'mean'."""
-  return pool_features(x, tokens != PAD_ID, pool)
+  """Pools [B, L, W] features: 'eos' = last non-pad token, 'first', masked 'mean',
+  'argmax' = the position of the highest token id (CLIP's end-of-text token, as
+  OpenAI / open_clip / HF CLIP pool) or 'last' = the last position (SigLIP)."""
+  return pool_features(x, tokens != PAD_ID, pool, tokens)
 
 
-def pool_features(x, valid, pool: str):
-  """`pool_tokens` over [B, L, W] features whose real positions are `valid` [B, L]."""
+def pool_features(x, valid, pool: str, tokens=None, prefix_length: int = 0):
+  """`pool_tokens` over [B, L, W] features whose real positions are `valid` [B, L].
+
+  'argmax' needs the `tokens` [B, L0]; with a prefix of `prefix_length` vectors
+  inserted after BOS its position moves by that many (at most to the last position,
+  where `insert_prefix` keeps the last real token)."""
   if pool == "eos":
     last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
     return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
   if pool == "first":
     return x[:, 0]
+  if pool == "last":
+    return x[:, -1]
   if pool == "mean":
     w = valid[..., None].astype(x.dtype)
     return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1)
-  raise ValueError(f"Unknown text pool '{pool}'; use 'eos', 'first' or 'mean'.")
+  if pool == "argmax":
+    if tokens is None:
+      raise ValueError("text pool 'argmax' needs the token ids.")
+    at = jnp.argmax(tokens, axis=1)
+    if prefix_length:
+      at = jnp.minimum(jnp.where(at > 0, at + prefix_length, at), x.shape[1] - 1)
+    return jnp.take_along_axis(x, at[:, None, None], axis=1)[:, 0]
+  raise ValueError(f"Unknown text pool '{pool}'; use one of {TEXT_POOLS}.")
 
 
 class TextTransformer(nn.Module):
@@ -92,6 +110,10 @@ class TextTransformer(nn.Module):
   each example the P vectors of its `data_type` (0 caption, the default; 1
   classification prompt), inserted after BOS (`insert_prefix`); the sequence then
   has T = min(L + P, context_length) positions (`sequence_mask` says which are real).
+
+  `padding_mask=False` masks no keys by pad id (only the causal mask, if any): CLIP's
+  vocabulary has id 0 both as padding and as '!', and SigLIP pads with EOS; in a
+  causal tower the output at the end token does not see the padding after it anyway.
   """
   vocab_size: int
   width: int
@@ -104,6 +126,7 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   dropout: float = 0.0
   prefix_length: int = 0
+  padding_mask: bool = True
   opts: layers.TransformerOptions = layers.TransformerOptions()
 
   @nn.compact
@@ -132,8 +155,8 @@ class TextTransformer(nn.Module):
     x = x + pos[:, :x.shape[1]].astype(self.dtype)
     x = layers.constrain(x, ("batch", "length", "embed"))
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    mask = valid[:, None, None, :] if self.padding_mask else None
     x = layers.Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
                            causal=self.causal, dropout=self.dropout, opts=self.opts,
-                           name="encoder")(
-                               x, mask=valid[:, None, None, :], train=train)
-    return pool_features(x, valid, self.pool), x
+                           name="encoder")(x, mask=mask, train=train)
+    return pool_features(x, valid, self.pool, tokens, self.prefix_length), x

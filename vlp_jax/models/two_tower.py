@@ -28,7 +28,8 @@ class TwoTower(nn.Module):
   OUTPUT_SWITCHES = dict({"logit_bias": "config.model.use_logit_bias=True"},
                          **{k: "config.model.token_embed_dim=256" for k in TOKEN_OUTPUTS})
   # Settings of config.model this family implements (models.check_config).
-  SUPPORTS = frozenset({"token_embed_dim", "text.prefix_conditioning"})
+  SUPPORTS = frozenset({"token_embed_dim", "text.prefix_conditioning", "proj_bias",
+                        "image.proj", "text.proj"})
 
   @classmethod
   def outputs(cls, cfg):
@@ -48,7 +49,8 @@ class TwoTower(nn.Module):
     m = config.model
     n = macs.image_tokens(m, config.data.image_size, train)
     width = builders.tower_kwargs(m.image, None)["width"]
-    head = (width + m.text.width) * m.embed_dim
+    head = (heads.projection_macs(m, "image", width)
+            + heads.projection_macs(m, "text", m.text.width))
     if m.get("token_embed_dim", 0) > 0:
       head += macs.token_projection_macs(n, width, m.text.context_length, m.text.width,
                                          m.token_embed_dim)
@@ -63,9 +65,9 @@ class TwoTower(nn.Module):
     if tower == "image":
       n = macs.image_tokens(m, config.data.image_size, train)
       width = builders.tower_kwargs(m.image, None)["width"]
-      return macs.vit_macs(m.image, n) + width * m.embed_dim
+      return macs.vit_macs(m.image, n) + heads.projection_macs(m, "image", width)
     if tower == "text":
-      return macs.text_macs(m.text) + m.text.width * m.embed_dim
+      return macs.text_macs(m.text) + heads.projection_macs(m, "text", m.text.width)
     raise ValueError(f"tower must be 'image' or 'text', got {tower!r}.")
 
   def setup(self):
@@ -74,8 +76,10 @@ class TwoTower(nn.Module):
     self.img = vit.ViT(**builders.tower_kwargs(cfg.image, self.dtype, opts))
     self.txt = text.TextTransformer(**builders.text_kwargs(cfg.text, self.dtype,
                                                            opts=opts, prefix=True))
-    self.img_proj = heads.Projection(cfg.embed_dim, self.dtype)
-    self.txt_proj = heads.Projection(cfg.embed_dim, self.dtype)
+    self.img_proj = heads.Projection(cfg.embed_dim, self.dtype,
+                                     **heads.projection_kwargs(cfg, "image"))
+    self.txt_proj = heads.Projection(cfg.embed_dim, self.dtype,
+                                     **heads.projection_kwargs(cfg, "text"))
     token_dim = cfg.get("token_embed_dim", 0)
     if token_dim > 0:
       self.img_token_proj = heads.TokenProjection(token_dim, self.dtype)

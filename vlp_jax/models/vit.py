@@ -55,7 +55,9 @@ class ViT(nn.Module):
   """ViT: patchify (reshape + matmul), learned positions, pre-LN encoder, pooling.
 
   Returns (pooled [B, W], tokens [B, N, W]); `pool` is 'cls', 'gap', 'map' or 'none'
-  (pooled is None). With `patch_dropout` p > 0 (FLIP), training keeps a random subset
+  (pooled is None). `ln_pre` adds a LayerNorm (param `ln_pre`) over the tokens after
+  positions and the class token (OpenAI / open_clip ViTs). The class token gets no
+  position embedding (a checkpoint's position 0 is folded into it on import). With `patch_dropout` p > 0 (FLIP), training keeps a random subset
   of round(N (1 - p)) patch tokens per example (positions added first; the class token
   is always kept); evaluation sees every patch.
   """
@@ -68,6 +70,7 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   dropout: float = 0.0
   patch_dropout: float = 0.0
+  ln_pre: bool = False
   opts: layers.TransformerOptions = layers.TransformerOptions()
 
   @nn.compact
@@ -96,6 +99,8 @@ class ViT(nn.Module):
           nn.initializers.zeros, (None, None, "embed")), (1, 1, self.width), jnp.float32)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x],
                           axis=1)
+    if self.ln_pre:
+      x = layers.layer_norm(self.dtype, "ln_pre", self.opts.layer_norm_eps)(x)
     x = layers.constrain(x, ("batch", "length", "embed"))
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = layers.Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,

@@ -11,14 +11,23 @@ fresh initialisation. Among selected names:
   shape mismatch  other shape: an error unless matched by `allow_shape_mismatch`;
   unexpected      in the checkpoint only: an error (exclude them to proceed).
 Allowed missing / mismatched parameters keep their initialisation.
+
+With `format` ('open_clip', 'openai', 'hf_clip', 'hf_siglip', 'big_vision'),
+`checkpoint` is another library's weights file (vlp_jax/interop/): it is converted to
+the model's parameter tree (its param layout and image size: positions are resized)
+and then selected by the same rules. The model's architecture options must match the
+checkpoint's (`check_architecture`; the error lists the overrides). `load_params` is
+the parameter-only entry point (evaluation of an imported model: `main.py --mode=eval`).
 """
 import dataclasses
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from vlp_jax import errors
 from vlp_jax.train import freeze
 
 
@@ -108,8 +117,26 @@ def check(init_cfg, report: Report, where: str):
                      "found in the checkpoint.")
 
 
-def load(init_cfg, params, tx, opt_shardings):
-  """(params with the selected checkpoint values, fresh optimizer state, Report)."""
+def load(init_cfg, params, tx, opt_shardings, model_cfg=None):
+  """(params with the selected checkpoint values, fresh optimizer state, Report).
+
+  `model_cfg` (config.model): checked against an imported checkpoint's architecture."""
+  new_params, report = _load_params(init_cfg, params, model_cfg)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(new_params)
+  return new_params, opt_state, report
+
+
+def load_params(config, params):
+  """`params` (the model's parameter tree: arrays, or ShapeDtypeStructs with
+  shardings) with the values `config.init_from` selects, from a vlp_jax checkpoint or
+  an imported one (`config.init_from.format`) -> (params, Report). For evaluating a
+  model with no checkpoint of its own, and anything that needs no optimizer state."""
+  return _load_params(config.init_from, params, config.model)
+
+
+def _load_params(init_cfg, params, model_cfg=None):
+  if init_cfg.get("format", ""):
+    return _load_converted(init_cfg, params, model_cfg)
   root, step = resolve(init_cfg)
   where = f"({root}/{step})"
   manager = _open(root)
@@ -141,9 +168,90 @@ def load(init_cfg, params, tx, opt_shardings):
   values = freeze.named_leaves(restored["params"] if item == "state" else restored)
   new_params = jax.tree_util.tree_map_with_path(
       lambda path, x: values.get(freeze.path_str(path), x), params)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(new_params)
   logging.info("init_from %s: %s", where, report.summary())
-  return new_params, opt_state, report
+  return new_params, report
+
+
+# Architecture options an imported checkpoint fixes: (key of config.model, tower).
+ARCH_KEYS = (("mlp_act", None), ("layer_norm_eps", None), ("image.ln_pre", "img"),
+             ("image.pool", "img"), ("text.causal", "txt"), ("text.pool", "txt"),
+             ("text.padding_mask", "txt"), ("use_logit_bias", "scale"),
+             ("logit_scale_max", "scale"), ("proj_bias", None), ("image.proj", None),
+             ("text.proj", None))
+
+
+def _get(cfg, dotted):
+  for k in dotted.split("."):
+    cfg = cfg[k]
+  return cfg
+
+
+def check_architecture(model_cfg, ckpt_cfg, selected_names, where):
+  """Raises errors.ConfigError listing the overrides when `model_cfg` computes another
+  function than the imported checkpoint (`ckpt_cfg`) in the selected towers."""
+  towers = {n.split("/")[0] for n in selected_names}
+  diffs = []
+  for key, tower in ARCH_KEYS:
+    if tower is not None and tower not in towers:
+      continue
+    want, have = _get(ckpt_cfg, key), _get(model_cfg, key)
+    same = abs(want - have) <= 1e-12 if isinstance(want, float) else want == have
+    if key == "text.pool" and {want, have} <= {"argmax", "eos"}:
+      same = True  # Both read CLIP's end token (argmax also where '!' (id 0) occurs).
+    if key == "text.padding_mask" and not want and model_cfg.text.causal and \
+        model_cfg.text.pool in ("argmax", "eos"):
+      same = True  # A causal tower's end-token output never sees the padding.
+    if not same:
+      diffs.append(f"config.model.{key}={want!r}")
+  if diffs:
+    raise errors.ConfigError(
+        f"config.init_from {where}: the model's architecture differs from the "
+        f"checkpoint's; set {', '.join(diffs)} (or exclude those towers from "
+        "init_from.include). tools/convert_weights.py --print_config prints the whole "
+        "config.model of a checkpoint.")
+
+
+def _layout_of(params):
+  """{scan_layers, fused_qkv} of a parameter tree."""
+  names = list(freeze.named_leaves(params))
+  return {"scan_layers": any("/encoder/layers/" in n for n in names),
+          "fused_qkv": any("/qkv_kernel" in n for n in names)}
+
+
+def _load_converted(init_cfg, params, model_cfg):
+  """Another library's weights (`init_cfg.format`) converted and selected."""
+  from vlp_jax import interop  # pylint: disable=import-outside-toplevel
+  where = f"({init_cfg.format} {init_cfg.checkpoint})"
+  fmt = interop.get(init_cfg.format)
+  raw = fmt.read(init_cfg.checkpoint)
+  ckpt_cfg = fmt.model_config(raw, model_cfg)
+  target = freeze.named_leaves(params)
+  ckpt_cfg.update(_layout_of(params))
+  size = fmt.native_image_size(raw)
+  if "img/pos_embedding" in target:  # The model's grid (positions are resized to it).
+    n = target["img/pos_embedding"].shape[1]
+    size = int(round(n ** 0.5)) * int(ckpt_cfg.image.patch_size)
+  if "txt/pos_embedding" in target:
+    ckpt_cfg.text.context_length = min(int(ckpt_cfg.text.context_length),
+                                       int(target["txt/pos_embedding"].shape[1]))
+  converted = freeze.named_leaves(fmt.to_params(raw, ckpt_cfg, size))
+  report = compare(init_cfg, {k: v.shape for k, v in converted.items()},
+                   {k: v.shape for k, v in target.items()})
+  check(init_cfg, report, where)
+  if model_cfg is not None:
+    check_architecture(model_cfg, ckpt_cfg, report.loaded, where)
+  loaded = set(report.loaded)
+
+  def put(path, x):
+    name = freeze.path_str(path)
+    if name not in loaded:
+      return x
+    value = np.asarray(converted[name], dtype=x.dtype)
+    sharding = getattr(x, "sharding", None)
+    return jax.device_put(value, sharding) if sharding is not None else jax.numpy.asarray(value)
+  new_params = jax.tree_util.tree_map_with_path(put, params)
+  logging.info("init_from %s: %s", where, report.summary())
+  return new_params, report
 
 
 def _prune(tree):
@@ -154,10 +262,12 @@ def _prune(tree):
   return tree
 
 
-def apply(init_cfg, state, tx, state_shardings):
-  """`state` with parameters from `init_cfg`'s checkpoint (if it names one)."""
+def apply(init_cfg, state, tx, state_shardings, model_cfg=None):
+  """`state` with parameters from `init_cfg`'s checkpoint (if it names one);
+  `model_cfg` (config.model) is checked against an imported checkpoint's."""
   if not (init_cfg.workdir or init_cfg.checkpoint):
     return state
-  params, opt_state, _ = load(init_cfg, state.params, tx, state_shardings.opt_state)
+  params, opt_state, _ = load(init_cfg, state.params, tx, state_shardings.opt_state,
+                              model_cfg)
   return state.replace(params=params, opt_state=opt_state)
 
