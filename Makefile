@@ -25,6 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 test-all: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,notebook]"  # The notebook's slow test.
 	$(PY) -m pytest -q tests
 
 clean:

@@ -1,7 +1,13 @@
 """vlp_jax entry point.
 
     python main.py --config=configs/demo.py --workdir=/tmp/demo [--config.a.b=value ...]
-    python main.py --config=configs/demo.py --workdir=/tmp/demo --mode=eval
+    python main.py --config=configs/demo.py --workdir=/tmp/demo --mode=eval [--step=N] \
+        [--eval_dir=DIR]
+
+Eval mode evaluates checkpoint N (default: the newest) of the workdir or, when the
+workdir has none, the parameters `config.init_from` names (an imported model), and
+writes DIR/results.json (default WORKDIR/eval/step_N/); the run's metrics.jsonl is
+never touched.
 """
 import os
 import sys
@@ -16,6 +22,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe: configs/NAME.
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, plots.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "train (resumes if the workdir holds a checkpoint) or eval.")
+_STEP = flags.DEFINE_integer("step", -1, "--mode=eval: the checkpoint step to evaluate "
+                             "(-1: the newest good one).")
+_EVAL_DIR = flags.DEFINE_string(
+    "eval_dir", "", "--mode=eval: where results.json goes (default WORKDIR/eval/step_N, "
+    "or WORKDIR/eval/init_from for config.init_from's parameters).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "Multi-process: HOST:PORT of process 0 (not needed on "
     "TPU pod slices and SLURM, which are detected).")
@@ -35,6 +46,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _MODE.value == "train" and (_STEP.value != -1 or _EVAL_DIR.value):
+    raise app.UsageError("--step and --eval_dir only apply to --mode=eval.")
   from vlp_jax import errors  # pylint: disable=g-import-not-at-top
   try:
     _main()
@@ -58,7 +71,9 @@ def _main():
     loop.run(_CONFIG.value, _WORKDIR.value,
              allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   else:
-    loop.evaluate(_CONFIG.value, _WORKDIR.value)
+    loop.evaluate(_CONFIG.value, _WORKDIR.value,
+                  step=None if _STEP.value < 0 else _STEP.value,
+                  eval_dir=_EVAL_DIR.value or None)
 
 
 if __name__ == "__main__":

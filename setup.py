@@ -38,6 +38,8 @@ setup(
         "test": ["pytest==9.2.0"],
         "gpu": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
+        # Executing notebooks/colab_demo.ipynb in tests (tests/test_notebook.py).
+        "notebook": ["nbformat==5.11.1", "nbclient==0.11.0", "ipykernel==7.4.0"],
         # Only to read TorchScript / legacy torch checkpoints (vlp_jax/interop/).
         "torch": ["torch==2.14.1"],
     },

@@ -5,13 +5,19 @@ and the evaluator's own options (registered with it in `vlp_jax/evaluators/`).
 `eval_configs(config)` resolves each enabled entry into the cfg its evaluator gets;
 `run_evals(...)` runs them, logs each one's time and metrics, and returns
 {'eval/NAME/METRIC': value}. The config is checked before (`evaluators.check_config`).
+`main.py --mode=eval` writes them with `write_results` to `results_dir(...)`, never to
+the training run's own metrics.jsonl.
 """
 import contextlib
+import json
+import math
 import time
 from typing import Dict, Iterable, Optional
 
 import jax
+import numpy as np
 from absl import logging
+from etils import epath
 
 from vlp_jax import config as config_lib, evaluators
 from vlp_jax.registry import EVALUATORS
@@ -58,3 +64,71 @@ def run_evals(evals: Dict[str, config_lib.ConfigDict], predict_fns, params, step
                            for k, v in res.items()))
     results.update({f"eval/{name}/{k}": v for k, v in res.items()})
   return results
+
+
+RESULTS_FILE = "results.json"
+
+
+def results_dir(workdir: str, step: int, eval_dir: Optional[str] = None,
+                from_init: bool = False) -> str:
+  """Where eval mode writes: `eval_dir` if given, else WORKDIR/eval/step_STEP (or
+  WORKDIR/eval/init_from for the parameters `config.init_from` names)."""
+  if eval_dir:
+    return eval_dir
+  return str(epath.Path(workdir) / "eval" / ("init_from" if from_init else f"step_{step}"))
+
+
+def _json_value(v):
+  if isinstance(v, (str, bool)) or v is None:
+    return v
+  v = float(np.asarray(v))
+  return v if math.isfinite(v) else str(v)
+
+
+def write_results(directory: str, step: int, metrics: Dict[str, object], params_from: str,
+                  config) -> str:
+  """Writes DIRECTORY/results.json ({step, params_from, metrics, time}) and the config
+  evaluated with (config.json), each atomically; -> the results path."""
+  d = epath.Path(directory)
+  d.mkdir(parents=True, exist_ok=True)
+  results = {"step": int(step), "params_from": params_from, "time": time.time(),
+             "metrics": {k: _json_value(v) for k, v in sorted(metrics.items())}}
+  for name, obj in ((RESULTS_FILE, results), ("config.json", config_lib.to_dict(config))):
+    tmp = d / (name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
+    tmp.rename(d / name)
+  return str(d / RESULTS_FILE)
+
+
+def read_results(directory: str) -> dict:
+  """The results.json `write_results` wrote in `directory`."""
+  return json.loads((epath.Path(directory) / RESULTS_FILE).read_text())
+
+
+def zeroshot_predictions(predict_fns, params, cfg, num: int = 8, k: int = 3,
+                         mesh=None) -> dict:
+  """The top-`k` classes of the first `num` images of zero-shot evaluator `cfg` (an
+  `eval_config`) under `mesh`, for showing predictions beside their images:
+  {'images' [n, H, W, 3] (model input), 'labels' [n], 'top' [n, k] class ids,
+  'probs' [n, k] (softmax over 100 x cosine), 'class_names'}."""
+  from vlp_jax.evaluators import common, zeroshot  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.ConfigDict(cfg.to_dict())
+  cfg.size = num
+  ds, source = common.load_eval_set(cfg)
+  where = f"config.evals.{cfg.name}"
+  # The evaluator's own resolution of class names and templates.
+  names = list(zeroshot.classnames_lib.resolve(cfg.classnames, cfg.source, source,
+                                               f"{where}.classnames").names)
+  templates = zeroshot.templates_lib.resolve(cfg.templates, cfg.source, source,
+                                             f"{where}.templates")
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    classes = zeroshot.class_embeddings(predict_fns, params, names, templates.prompts,
+                                        cfg.batch_size)
+    image_emb, examples = common.embed_images(predict_fns, params, ds, cfg.batch_size)
+  logits = 100.0 * image_emb @ classes.T
+  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+  probs /= probs.sum(axis=1, keepdims=True)
+  top = np.argsort(-probs, axis=1)[:, :k]
+  return {"images": np.stack([e["image"] for e in examples]),
+          "labels": np.array([e.get("label", -1) for e in examples]), "top": top,
+          "probs": np.take_along_axis(probs, top, axis=1), "class_names": names}

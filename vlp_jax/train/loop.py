@@ -3,11 +3,13 @@
     run(config, workdir)      set-up (Experiment) -> workdir checks and lock ->
                               _restore -> the loop (_Loop: train_step, log, check_stop,
                               evaluate, save) -> finish
-    evaluate(config, workdir) the configured evaluators on a trained workdir
+    evaluate(config, workdir) the configured evaluators on a checkpoint (or on the
+                              init_from parameters) -> WORKDIR/eval/step_N/results.json
 
 Evaluation orchestration is `evaluation.py`; checkpoints `checkpoint.py`.
 """
 import contextlib
+import copy
 import json
 import os
 import sys
@@ -44,6 +46,12 @@ class Experiment(setup_lib.TrainSetup):
       raise ValueError(
           f"Tokenizer '{config.data.tokenizer}' has {self.tokenizer.vocab_size} ids but "
           f"model.text.vocab_size is {config.model.text.vocab_size}; raise the latter.")
+    caption_pad = config.objective_cfg.get("caption", {}).get("pad_id", 0)
+    if "caption" in config.objectives and caption_pad != self.tokenizer.pad_id:
+      raise errors.ConfigError(
+          f"Tokenizer '{config.data.tokenizer}' pads with id {self.tokenizer.pad_id} but "
+          f"the caption objective masks id {caption_pad}; set "
+          f"--config.objective_cfg.caption.pad_id={self.tokenizer.pad_id}.")
     self.predict_fns = predict.make_predict_fns(
         self.model, self.tokenizer, config.model.text.context_length)
     self.is_chief = jax.process_index() == 0
@@ -251,32 +259,107 @@ def _closing(progress, manager, tracker, writer, data_iter, prof):
       data_iter.close()  # Stops grain's worker processes (config.data.worker_count).
 
 
-def evaluate(config, workdir: str, step=None):
-  """Runs every configured evaluator on the checkpoint in `workdir` (default: the
-  newest good one). Reads only: takes no lock, creates and deletes nothing (a training
-  run may be writing the workdir)."""
+def evaluate(config, workdir: str, step=None, eval_dir=None):
+  """Runs every configured evaluator on checkpoint `step` of `workdir` (default: the
+  newest good one) or, when the workdir has no checkpoint, on the parameters that
+  `config.init_from` names (another run's or an imported model: step 0). Writes the
+  results to `eval_dir` (default WORKDIR/eval/step_N, `evaluation.results_dir`) and
+  returns {'eval/NAME/METRIC': value}. Leaves the run's own files alone: takes no lock
+  and creates nothing but the results directory (a training run may be writing)."""
   exp = Experiment(config, workdir)
-  evals = exp.eval_configs()
-  if not evals:
+  if not exp.eval_configs():
     raise errors.ConfigError("config.evals enables no evaluator (each needs every >= 0); "
                              "enable one, e.g. --config.evals.zeroshot.every=0.")
+  params, step, params_from = eval_params(exp, workdir, step)
+  results = exp.run_evals(params, step)
+  if exp.is_chief:
+    out = evaluation.results_dir(workdir, step, eval_dir,
+                                 from_init=params_from.startswith("init_from"))
+    logging.info("Wrote %s", evaluation.write_results(out, step, results, params_from,
+                                                      config))
+  return results
+
+
+def eval_params(exp, workdir: str, step=None):
+  """(params, step, where they came from) that `evaluate` uses: checkpoint `step` of
+  `workdir` (None: the newest good one), else `config.init_from`'s parameters."""
+  config = exp.config
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if "://" not in workdir and not os.path.isdir(ckpt_dir):
+  has_dir = "://" in workdir or os.path.isdir(ckpt_dir)
+  if has_dir:
+    manager = checkpoint.make_manager(workdir, config, cleanup=False)  # Training may run.
+    try:
+      steps = sorted(manager.all_steps())
+      if step is not None and step not in steps:
+        raise errors.WorkdirError(
+            f"No checkpoint at step {step} in {ckpt_dir} (it has steps {steps}); pass "
+            "one of them to --step, or leave --step out for the newest.")
+      try:
+        state, got = checkpoint.restore(manager, exp.abstract, step=step)
+        params = None if state is None else state.params
+      except errors.CheckpointError as mismatch:  # Saved at another image size?
+        params, got = _restore_resized(exp, manager, step if step is not None else
+                                       steps[-1], mismatch)
+    finally:
+      manager.close()
+    if params is not None:
+      return params, got, f"checkpoint {ckpt_dir}/{got}"
+  if _init_from_set(config.init_from):
+    if step is not None:
+      raise errors.WorkdirError(
+          f"--step={step} names a checkpoint, but {workdir} has none; leave --step out "
+          "to evaluate the parameters config.init_from names.")
+    params, _ = init_from.load_params(config, exp.abstract.params)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+      # Parameters init_from leaves out (allow_missing, include) keep a fresh init.
+      fresh = exp.create_state().params
+      params = jax.tree.map(lambda p, f: f if isinstance(p, jax.ShapeDtypeStruct) else p,
+                            params, fresh)
+    init = config.init_from
+    source = " ".join(filter(None, (init.get("format", ""), init.checkpoint or init.workdir)))
+    return params, 0, f"init_from {source}"
+  if not has_dir:
     raise errors.WorkdirError(
         f"No checkpoints to evaluate: {ckpt_dir} does not exist. Pass the --workdir of a "
-        "trained run (or train first with --mode=train).")
-  manager = checkpoint.make_manager(workdir, config, cleanup=False)  # Training may run.
+        "trained run (or train first with --mode=train), or set config.init_from to "
+        "evaluate another run's or an imported model's parameters.")
+  raise errors.WorkdirError(f"No checkpoint found in {ckpt_dir}; train first "
+                            "(--mode=train) or pass the workdir of a trained run.")
+
+
+def _restore_resized(exp, manager, step, mismatch):
+  """(params, step) of checkpoint `step` trained at another `data.image_size` than
+  `exp.config`'s: restored into the model of its own size, then its image position
+  embeddings resized (bicubic, as open_clip) to this config's grid. Raises `mismatch`
+  when the positions do not explain it."""
+  from vlp_jax.interop import common as interop_common  # pylint: disable=g-import-not-at-top
   try:
-    state, step = checkpoint.restore(manager, exp.abstract, step=step)
-  finally:
-    manager.close()
-  if state is None:
-    raise errors.WorkdirError(f"No checkpoint found in {ckpt_dir}; train first "
-                              "(--mode=train) or pass the workdir of a trained run.")
-  results = exp.run_evals(state.params, step)
-  if exp.is_chief:
-    metrics_lib.MetricWriter(workdir, True, resume_step=1 << 62).write(step, results)
-  return results
+    pos = manager.item_metadata(step)["state"]["params"]["img"]["pos_embedding"]
+    target = exp.abstract.params["img"]["pos_embedding"]
+  except (KeyError, TypeError):
+    raise mismatch from None
+  grid = int(round(pos.shape[1] ** 0.5))
+  if grid * grid != pos.shape[1] or tuple(pos.shape) == tuple(target.shape):
+    raise mismatch
+  config = copy.deepcopy(exp.config)
+  config.data.image_size = grid * exp.config.model.image.patch_size
+  own = setup_lib.TrainSetup(config)
+  state, got = checkpoint.restore(manager, own.abstract, step=step)  # Other diffs raise.
+  new_grid = int(round(target.shape[1] ** 0.5))
+  resized = interop_common.resize_grid(np.asarray(state.params["img"]["pos_embedding"])[0],
+                                       new_grid)[None]
+  params = dict(state.params)
+  params["img"] = dict(params["img"], pos_embedding=jax.device_put(
+      resized.astype(target.dtype), target.sharding))
+  logging.info("Checkpoint step %d was trained at %d px; its image position embeddings "
+               "are resized from a %dx%d to a %dx%d grid for %d px.", got,
+               config.data.image_size, grid, grid, new_grid, new_grid,
+               exp.config.data.image_size)
+  return params, got
+
+
+def _init_from_set(init_cfg) -> bool:
+  return bool(init_cfg.workdir or init_cfg.checkpoint)
 
 
 def _num_params(params):
