@@ -38,6 +38,8 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0,
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head width used to infer head counts.")
 _IMAGE_HEADS = flags.DEFINE_integer("image_heads", 0, "Image heads (0 = inferred).")
 _TEXT_HEADS = flags.DEFINE_integer("text_heads", 0, "Text heads (0 = inferred).")
+_POOL_HEADS = flags.DEFINE_integer("pool_heads", 0, "open_clip_coca: the attentional "
+                                   "pooler's heads (0 = open_clip's default, 8).")
 _QUICK_GELU = flags.DEFINE_enum("quick_gelu", "auto", ["auto", "true", "false"],
                                 "open_clip / openai: QuickGELU (auto = the format's "
                                 "default: openai yes, open_clip no).")
@@ -66,6 +68,9 @@ def overrides(model_cfg, image_size):
           ("text", ("vocab_size", "width", "depth", "mlp_dim", "num_heads",
                     "context_length", "causal", "pool", "padding_mask", "proj")))
       for k in ks]
+  if model_cfg.name == "coca":  # open_clip's CoCa (vlp_jax/interop/open_clip_coca.py).
+    keys = ["name", "coca_layout", "decoder.depth", "decoder.num_queries",
+            "decoder.pool_heads"] + keys
   for k in keys:
     if k in flat:
       v = flat[k]
@@ -75,10 +80,12 @@ def overrides(model_cfg, image_size):
 
 def _options(fmt):
   opts = {}
-  if fmt in ("open_clip", "openai", "hf_clip"):
+  if fmt in ("open_clip", "openai", "hf_clip", "open_clip_coca"):
     opts = dict(head_dim=_HEAD_DIM.value, image_heads=_IMAGE_HEADS.value,
                 text_heads=_TEXT_HEADS.value)
-  if fmt in ("open_clip", "openai") and _QUICK_GELU.value != "auto":
+  if fmt == "open_clip_coca":
+    opts["pool_heads"] = _POOL_HEADS.value
+  if fmt in ("open_clip", "openai", "open_clip_coca") and _QUICK_GELU.value != "auto":
     opts["quick_gelu"] = _QUICK_GELU.value == "true"
   return opts
 

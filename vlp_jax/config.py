@@ -28,7 +28,8 @@ EVAL_COMMON_KEYS = {
 
 
 # Weight formats `config.init_from.format` accepts (vlp_jax/interop/ implements them).
-INIT_FROM_FORMATS = ("open_clip", "openai", "hf_clip", "hf_siglip", "big_vision")
+INIT_FROM_FORMATS = ("open_clip", "openai", "hf_clip", "hf_siglip", "big_vision",
+                     "open_clip_coca")
 
 # Keys of `config.init_from` (parameters of another run loaded into a new one).
 INIT_FROM_KEYS = {
@@ -40,7 +41,8 @@ INIT_FROM_KEYS = {
     "allow_missing": [],  # Selected params absent from the checkpoint: init, no error.
     "allow_shape_mismatch": [],  # Selected params of another shape: init, no error.
     # Another library's weights in `checkpoint` (a file): '' = a vlp_jax checkpoint;
-    # 'open_clip', 'openai', 'hf_clip', 'hf_siglip', 'big_vision' (vlp_jax/interop/).
+    # 'open_clip', 'openai', 'hf_clip', 'hf_siglip', 'big_vision', 'open_clip_coca'
+    # (vlp_jax/interop/).
     "format": "",
 }
 
@@ -124,6 +126,12 @@ def default_config() -> ConfigDict:
   c.model.proj_bias = False
   c.model.image.proj = True
   c.model.text.proj = True
+  # CoCa (name='coca') layout: 'vlp_jax' (two attention pools, one multimodal block
+  # per layer) or 'open_clip' (open_clip's CoCa: one attentional pooler of
+  # decoder.num_queries queries whose first is the contrastive one, a class token
+  # appended to the text, self- and cross-attention blocks; vlp_jax/models/coca.py).
+  c.model.coca_layout = "vlp_jax"
+  c.model.decoder.pool_heads = 0  # 'open_clip' layout: the pooler's heads (0 = image's).
   # Rows per source example: k > 1 puts k captions of one image (each with its own
   # crop) in the batch as consecutive rows with the same batch['image_id'].
   c.data.captions_per_image = 1
@@ -347,7 +355,9 @@ MODEL_RANGES = {
                                 "learned prefix vectors per data type")},
     ".decoder": {"depth": (True, _GE0, ">= 0", "multimodal decoder layers"),
                  "num_queries": (True, _GE1, ">= 1",
-                                 "image tokens the decoder cross-attends to")},
+                                 "image tokens the decoder cross-attends to"),
+                 "pool_heads": (True, _GE0, ">= 0", "the open_clip CoCa pooler's "
+                                "attention heads; 0 = the image tower's")},
 }
 EVAL_RANGES = {  # Of EVAL_COMMON_KEYS; an evaluator checks its own options.
     "batch_size": (True, _GE1, ">= 1", "examples per evaluation batch"),
@@ -406,9 +416,11 @@ def _lists(value):
   return value
 
 
-# layers.MLP_ACTIVATIONS and text.TEXT_POOLS (not imported here: they need jax).
+# layers.MLP_ACTIVATIONS, text.TEXT_POOLS and coca.COCA_LAYOUTS (not imported here:
+# they need jax).
 MLP_ACTS = ("gelu_tanh", "gelu", "quick_gelu")
 TEXT_POOLS = ("eos", "first", "mean", "argmax", "last")
+COCA_LAYOUTS = ("vlp_jax", "open_clip")
 
 
 def _validate_model_options(m):
@@ -421,6 +433,22 @@ def _validate_model_options(m):
   if m.text.pool not in TEXT_POOLS:
     raise errors.ConfigError(f"config.model.text.pool={m.text.pool!r} is not one of "
                              f"{list(TEXT_POOLS)}.")
+  layout = m.get("coca_layout", "vlp_jax")
+  if layout not in COCA_LAYOUTS:
+    raise errors.ConfigError(f"config.model.coca_layout={layout!r} is not one "
+                             f"of {list(COCA_LAYOUTS)}.")
+  if m.name == "coca" and layout == "open_clip" and (
+      m.embed_dim != m.text.width or m.decoder.num_queries < 2):
+    raise errors.ConfigError(
+        "config.model.coca_layout='open_clip' needs config.model.embed_dim == "
+        f"config.model.text.width (got {m.embed_dim} and {m.text.width}: the pooled "
+        "image queries are the decoder's context) and config.model.decoder.num_queries "
+        f">= 2 (got {m.decoder.num_queries}: query 0 is the contrastive one).")
+  heads = m.decoder.get("pool_heads", 0)
+  if m.name == "coca" and layout == "open_clip" and heads and m.embed_dim % heads:
+    raise errors.ConfigError(
+        f"config.model.decoder.pool_heads={heads} does not divide config.model.embed_dim"
+        f"={m.embed_dim} (the open_clip CoCa pooler's width).")
 
 
 def _validate_profile(config):

@@ -9,8 +9,9 @@ default; its '-quickgelu' models need `quick_gelu=True`). Files: .safetensors, o
 torch .bin/.pt (a plain state dict is read without torch; OpenAI's TorchScript .pt
 needs the `vlp_jax[torch]` extra).
 
-Not covered: CoCa, ResNet ("RN50") image towers, timm / HF-hub text towers, layer
-scale (`ls_1`), attentional poolers; their arrays are reported as unsupported.
+CoCa: format 'open_clip_coca' (open_clip_coca.py). Not covered: ResNet ("RN50") image
+towers, timm / HF-hub text towers, layer scale (`ls_1`), attentional poolers; their
+arrays are reported as unsupported.
 """
 import ml_collections
 import numpy as np
@@ -235,7 +236,8 @@ def _check_supported(raw, fmt):
     raise errors.CheckpointError(
         f"{fmt} weights have arrays this converter does not support ({len(other)}: "
         f"{sorted(other)[:6]}): only ViT image towers with class-token pooling and "
-        "the causal text transformer are (no CoCa, ResNet, timm/HF towers, layer scale).")
+        "the causal text transformer are (no ResNet, timm/HF towers, layer scale; for "
+        "an open_clip CoCa use format 'open_clip_coca').")
 
 
 def _check_exportable(model_cfg, fmt):

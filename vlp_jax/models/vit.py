@@ -71,6 +71,7 @@ class ViT(nn.Module):
   dropout: float = 0.0
   patch_dropout: float = 0.0
   ln_pre: bool = False
+  final_norm: bool = True  # False: no LayerNorm after the last block (open_clip CoCa).
   opts: layers.TransformerOptions = layers.TransformerOptions()
 
   @nn.compact
@@ -104,7 +105,8 @@ class ViT(nn.Module):
     x = layers.constrain(x, ("batch", "length", "embed"))
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = layers.Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
-                           dropout=self.dropout, opts=self.opts, name="encoder")(
+                           dropout=self.dropout, final_norm=self.final_norm,
+                           opts=self.opts, name="encoder")(
                                x, train=train)
     if self.pool == "cls":
       return x[:, 0], x[:, 1:]

@@ -12,7 +12,8 @@ fresh initialisation. Among selected names:
   unexpected      in the checkpoint only: an error (exclude them to proceed).
 Allowed missing / mismatched parameters keep their initialisation.
 
-With `format` ('open_clip', 'openai', 'hf_clip', 'hf_siglip', 'big_vision'),
+With `format` ('open_clip', 'openai', 'hf_clip', 'hf_siglip', 'big_vision',
+'open_clip_coca'),
 `checkpoint` is another library's weights file (vlp_jax/interop/): it is converted to
 the model's parameter tree (its param layout and image size: positions are resized)
 and then selected by the same rules. The model's architecture options must match the
@@ -174,6 +175,7 @@ def _load_params(init_cfg, params, model_cfg=None):
 
 # Architecture options an imported checkpoint fixes: (key of config.model, tower).
 ARCH_KEYS = (("mlp_act", None), ("layer_norm_eps", None), ("image.ln_pre", "img"),
+             ("coca_layout", None), ("decoder.pool_heads", "attn_pool"),
              ("image.pool", "img"), ("text.causal", "txt"), ("text.pool", "txt"),
              ("text.padding_mask", "txt"), ("use_logit_bias", "scale"),
              ("logit_scale_max", "scale"), ("proj_bias", None), ("image.proj", None),
@@ -231,9 +233,10 @@ def _load_converted(init_cfg, params, model_cfg):
   if "img/pos_embedding" in target:  # The model's grid (positions are resized to it).
     n = target["img/pos_embedding"].shape[1]
     size = int(round(n ** 0.5)) * int(ckpt_cfg.image.patch_size)
-  if "txt/pos_embedding" in target:
+  if "txt/pos_embedding" in target:  # open_clip's CoCa: one more, the class token's.
+    extra = int(ckpt_cfg.get("coca_layout", "") == "open_clip")
     ckpt_cfg.text.context_length = min(int(ckpt_cfg.text.context_length),
-                                       int(target["txt/pos_embedding"].shape[1]))
+                                       int(target["txt/pos_embedding"].shape[1]) - extra)
   converted = freeze.named_leaves(fmt.to_params(raw, ckpt_cfg, size))
   report = compare(init_cfg, {k: v.shape for k, v in converted.items()},
                    {k: v.shape for k, v in target.items()})
