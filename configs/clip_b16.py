@@ -1,8 +1,9 @@
 """CLIP ViT-B/16 (Radford et al., 2021): the published recipe.
 
 Image 224 px, ViT-B/16 with a class token; text transformer 12 x 512, 8 heads, context
-77, causal, pooled at the end-of-text token; embeddings 512; temperature initialised
-to 1/0.07 and clamped at 100. Optimiser: AdamW lr 5e-4, betas (0.9, 0.98), eps 1e-6,
+77, causal, pooled at the end-of-text token (CLIP's highest id: pool 'argmax', with no
+padding mask, since id 0 is also '!'); embeddings 512; temperature initialised to
+1/0.07 and clamped at 100. Optimiser: AdamW lr 5e-4, betas (0.9, 0.98), eps 1e-6,
 weight decay 0.2, 2000 warmup steps, cosine decay; batch 32,768 for 32 epochs of 400M
 pairs (~390k steps).
 
@@ -15,7 +16,9 @@ or try it anywhere on the built-in data: --config.data.source=shapes
 --config.total_steps=2 --config.batch_size=8. Text is tokenized with CLIP's BPE
 ('clip', built in, 49,408 ids at context 77: open_clip's ids); other tokenizers:
 --config.data.tokenizer=hf:/path/tokenizer.json, sentencepiece:/path/spm.model or
-bytes, with model.text.vocab_size at least the tokenizer's.
+bytes, with model.text.vocab_size at least the tokenizer's and, as their EOS is not
+their highest id, --config.model.text.pool=eos --config.model.text.padding_mask=True
+(checked at start-up).
 """
 from configs import common
 
@@ -29,6 +32,7 @@ def get_config(arg=None):
 
   c.model.name = "two_tower"
   c.model.image.pool = "cls"
+  common.clip_text_pool(c)
 
   c.objectives = {"clip": 1.0}
   c.optim.update(lr=5e-4, warmup_steps=2000, weight_decay=0.2, b1=0.9, b2=0.98,

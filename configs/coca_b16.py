@@ -4,9 +4,11 @@ Image 224 px ViT-B/16; attentional poolers: 1 query for the contrastive embeddin
 256 queries for the decoder's cross-attention. Text: 12 unimodal causal layers of
 width 512 (pooled at the end-of-text token) and 12 multimodal layers with
 cross-attention, context 77. Loss = 1 x contrastive + 2 x captioning (the paper's
-weights). Optimiser: lr 8e-4, betas (0.9, 0.999), decoupled weight decay 0.01,
-warmup 2% of 500k steps, cosine decay (the paper uses Adafactor; AdamW here); batch
-65,536.
+weights). CoCa's default layout pools at the last non-pad token and masks padding by
+id 0 whatever model.text.pool / padding_mask say, so a '!' (id 0 in CLIP's BPE, as
+padding) in a caption is masked (the CLIP recipes pool at argmax instead).
+Optimiser: lr 8e-4, betas (0.9, 0.999), decoupled weight decay 0.01, warmup 2% of
+500k steps, cosine decay (the paper uses Adafactor; AdamW here); batch 65,536.
 
     python main.py --config=configs/coca_b16.py --workdir=/tmp/coca \
         --config.data.source=jsonl:/data/laion/train.jsonl

@@ -17,6 +17,16 @@ def eval_entry(type: str, **values) -> ConfigDict:  # pylint: disable=redefined-
   return entry
 
 
+def clip_text_pool(c: ConfigDict) -> ConfigDict:
+  """CLIP's pooling for a causal text tower on CLIP's BPE ('clip'): at the highest id
+  (end-of-text, 49407) with no key mask by pad id, as OpenAI / open_clip. In CLIP's
+  vocabulary id 0 is both padding and '!', so 'eos' pooling with the padding mask
+  would drop every '!' from attention and pool before the end token of a caption
+  holding one; the causal mask keeps the trailing padding out of the pooled token."""
+  c.model.text.update(pool="argmax", padding_mask=False)
+  return c
+
+
 def b16_recipe() -> ConfigDict:
   """What the ViT-B/16 recipes share: 224 px B/16 image tower, CLIP's 12 x 512 text
   tower with context 77 and CLIP's BPE tokenizer ('clip', built in: 49,408 ids, the
@@ -72,6 +82,8 @@ def runlocal(c: ConfigDict) -> ConfigDict:
                       context_length=24)
   c.model.decoder.update(depth=min(c.model.decoder.depth, 1), num_queries=8)
   c.data.update(source="shapes", image_size=64, tokenizer="words:shapes", size=0)
+  # Word tokenizers: EOS (2) is not the highest id and nothing else is 0 -> 'eos'.
+  c.model.text.update(pool="eos", padding_mask=True)
   c.optim.warmup_steps = 5
   for entry in c.evals.values():
     entry.update(source="shapes", every=0, size=64, batch_size=32)

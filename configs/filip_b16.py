@@ -38,6 +38,7 @@ def get_config(arg=None):
 
   c.model.name = "two_tower"
   c.model.image.pool = "cls"
+  common.clip_text_pool(c)
   c.model.token_embed_dim = 256
 
   c.objectives = {"filip": 1.0}

@@ -37,6 +37,7 @@ def get_config(arg=None):
   c.model.name = "two_tower"
   c.model.image.pool = "cls"
   c.model.text.prefix_conditioning = arg.prefix
+  common.clip_text_pool(c)  # The argmax moves past the prefix (models/text.py).
 
   c.objectives = {"unicl": 1.0}
   c.data.mixture = (("imagefolder:data/imagenet/{split}", 0.5),

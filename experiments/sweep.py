@@ -175,7 +175,9 @@ def _eval_members(sweep, workdir, extra):
         # An imported model's "workdir" is its results directory (no checkpoints there).
         run_dir = out_dir if "init_from" in ckpt else _resolve(ckpt["workdir"])
         flags = [f"--config={base}", f"--workdir={run_dir}", "--mode=eval",
-                 f"--eval_dir={out_dir}"] + ([f"--step={step}"] if step else [])
+                 f"--eval_dir={out_dir}"]
+        if step is not None and "init_from" not in ckpt:  # Step 0 too (an import's).
+          flags.append(f"--step={step}")
         flags += _flags({**common, **ckpt.get("overrides", {}), **init, **ev}) + list(extra)
         out.append(Member(name, "eval", _safe(f"{ckpt_name}.{eval_name}"), step, out_dir,
                           flags))
@@ -259,6 +261,9 @@ def last_error(log_path: str, since: int = 0) -> str:
 
 
 def record(member: Member, status: str, **fields) -> dict:
+  """The record of `member` with `status` ('running', 'done', 'failed') that
+  member.json and the sweep's status file hold: its name, kind, series, step, dir,
+  flags and log path, plus `fields` (returncode, seconds, error)."""
   rec = dict(name=member.name, kind=member.kind, series=member.series, step=member.step,
              dir=member.dir, flags=member.flags, status=status,
              log=os.path.join(member.dir, LOG_FILE), **fields)
@@ -295,6 +300,8 @@ def run_member(member: Member, python: str = sys.executable) -> dict:
 
 
 def write_status(workdir: str, sweep_file: str, recs: List[dict]):
+  """Writes WORKDIR/status.json (atomically): the sweep file and the records
+  (`record`) of its members so far, which tools/collect_sweep.py reads."""
   _write_json(os.path.join(workdir, collect_sweep.STATUS_FILE),
               {"sweep_file": sweep_file, "members": recs})
 

@@ -135,19 +135,20 @@ plt.show()"""),
 
 The trained model in this notebook's process (JAX on the CPU): its newest checkpoint,
 the first validation images, and the top-3 classes from prompt-ensembled class
-embeddings (`vlp_jax.train.evaluation.zeroshot_predictions`)."""),
+embeddings (`vlp_jax.evaluators.zeroshot.top_predictions`)."""),
     ("code", """import jax
 jax.config.update("jax_platforms", "cpu")  # The accelerator stays with main.py.
 import numpy as np
 from configs import demo
-from vlp_jax.train import evaluation, loop
+from vlp_jax.evaluators import zeroshot
+from vlp_jax.train import loop
 
 config = demo.get_config()
 config.update_from_flattened_dict(OVERRIDES)
 exp = loop.Experiment(config, DEMO_DIR)
 params, step, _ = loop.eval_params(exp, DEMO_DIR)
-pred = evaluation.zeroshot_predictions(exp.predict_fns, params, exp.eval_configs()["zeroshot"],
-                                       num=8, k=3, mesh=exp.mesh)
+pred = zeroshot.top_predictions(exp.predict_fns, params, exp.eval_configs()["zeroshot"],
+                                num=8, k=3, mesh=exp.mesh)
 
 
 def show(images, titles, colors):

@@ -93,9 +93,10 @@ def test_zeroshot_predictions_for_display(trained):
   exp = loop.Experiment(c, trained)
   params, step, _ = loop.eval_params(exp, trained)
   assert step == 8
-  pred = evaluation.zeroshot_predictions(exp.predict_fns, params,
-                                         exp.eval_configs()["zeroshot"], num=5, k=3,
-                                         mesh=exp.mesh)
+  from vlp_jax.evaluators import zeroshot  # pylint: disable=g-import-not-at-top
+  pred = zeroshot.top_predictions(exp.predict_fns, params,
+                                  exp.eval_configs()["zeroshot"], num=5, k=3,
+                                  mesh=exp.mesh)
   assert pred["images"].shape == (5, 32, 32, 3) and pred["top"].shape == (5, 3)
   assert len(pred["class_names"]) == 24 and (pred["labels"] >= 0).all()
   assert (pred["probs"][:, 0] >= pred["probs"][:, 1]).all() and (pred["probs"] <= 1).all()
@@ -106,20 +107,45 @@ def test_zeroshot_predictions_for_display(trained):
       (pred["top"][:, 0] == pred["labels"]).mean())
 
 
-def test_eval_of_imported_weights(tmp_path):
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "interop")
+# format -> (weights, options the arrays cannot tell, objectives, pixel normalization).
+IMPORTED = {
+    "openai": ("clip/openai.safetensors", dict(image_heads=2, text_heads=2),
+               {"clip": 1.0}, "clip"),
+    "open_clip": ("clip/open_clip.safetensors", dict(image_heads=2, text_heads=2),
+                  {"clip": 1.0}, "clip"),
+    "hf_clip": ("clip/hf_clip", {}, {"clip": 1.0}, "clip"),
+    "hf_siglip": ("siglip", {}, {"siglip": 1.0}, "inception"),
+    "big_vision": ("siglip/big_vision.npz", {}, {"siglip": 1.0}, "inception"),
+    "open_clip_coca": ("coca/coca.safetensors",
+                       dict(image_heads=3, text_heads=2, pool_heads=4),
+                       {"clip": 1.0, "caption": 2.0}, "clip"),
+}
+
+
+# One model compilation each (~6 s); big_vision and hf_siglip share one (the same
+# model), openai stands for the CLIP formats; the others are slow.
+FAST_IMPORTS = ("big_vision", "hf_siglip", "openai")
+
+
+@pytest.mark.parametrize("fmt", [
+    f if f in FAST_IMPORTS else pytest.param(f, marks=pytest.mark.slow)
+    for f in sorted(IMPORTED)])
+def test_eval_of_imported_weights(fmt, tmp_path):
   """--mode=eval of another library's checkpoint (config.init_from.format): the tiny
-  random OpenAI-format CLIP of tests/fixtures, on shapes."""
-  from vlp_jax import config as config_lib, interop  # pylint: disable=g-import-not-at-top
-  if "format" not in config_lib.INIT_FROM_KEYS:
-    pytest.skip("config.init_from.format is not available")
-  weights = os.path.join(os.path.dirname(__file__), "fixtures", "interop", "clip",
-                         "openai.safetensors")
-  model_cfg, _, size = interop.load("openai", weights, image_heads=2, text_heads=2)
-  c = eval_config(format="openai", checkpoint=weights)
+  random models of tests/fixtures/interop, on shapes."""
+  from vlp_jax import interop  # pylint: disable=g-import-not-at-top
+  path, options, objectives, normalization = IMPORTED[fmt]
+  weights = os.path.join(FIXTURES, path)
+  model_cfg, _, size = interop.load(fmt, weights, **options)
+  c = eval_config(format=fmt, checkpoint=weights)
   c.model = model_cfg
-  c.objectives = {"clip": 1.0}
-  c.data.update(image_size=size, normalization="clip")
+  c.objectives = objectives
+  c.data.update(image_size=size, normalization=normalization)
+  if c.model.text.pool == "argmax":  # The shapes tokenizer's EOS is not its highest id:
+    c.model.text.update(pool="eos", padding_mask=True)  # the same token, by position.
   results = loop.evaluate(c, str(tmp_path))
   saved = evaluation.read_results(str(tmp_path / "eval" / "init_from"))
-  assert saved["params_from"] == f"init_from openai {weights}" and saved["step"] == 0
+  assert saved["params_from"] == f"init_from {fmt} {weights}" and saved["step"] == 0
   assert saved["metrics"] == pytest.approx(results)
+  assert 0.0 <= results["eval/zeroshot/top1"] <= 1.0

@@ -12,12 +12,13 @@ from PIL import Image
 from configs import common
 from vlp_jax import config as config_lib, errors, models, validation
 from vlp_jax.data import classnames, pipeline, shapes, templates
-from vlp_jax.data.classnames import datasets, prompts
+from vlp_jax.data.classnames import datasets, imagenet, prompts
 from vlp_jax.train import evaluation, predict
 
 SIZES = {"imagenet": 1000, "cifar10": 10, "cifar100": 100, "stl10": 10, "food101": 101,
          "oxford_iiit_pet": 37, "oxford_flowers102": 102, "dtd": 47, "eurosat": 10,
-         "caltech101": 102, "cars196": 196, "sun397": 397}
+         "caltech101": 102, "cars196": 196, "sun397": 397, "mnist": 10,
+         "svhn_cropped": 10, "resisc45": 45, "patch_camelyon": 2}
 
 
 def test_builtin_class_name_sets_have_their_sizes_and_unique_names():
@@ -30,6 +31,10 @@ def test_builtin_class_name_sets_have_their_sizes_and_unique_names():
   for alias, target in classnames.ALIASES.items():
     assert classnames.builtin(alias) is classnames.SETS[target]
   assert classnames.SETS["imagenet"][:2] == ("tench", "goldfish")
+  for alias in ("imagenet_sketch", "imagenet_a", "imagenet_r", "imagenet_v2"):
+    assert classnames.builtin(alias) is classnames.SETS["imagenet"], alias
+  assert classnames.builtin("svhn") is classnames.SETS["svhn_cropped"]
+  assert classnames.builtin("pcam") is classnames.SETS["patch_camelyon"]
 
 
 def test_builtin_template_sets_are_valid():
@@ -42,6 +47,9 @@ def test_builtin_template_sets_are_valid():
     for t in items:
       assert templates.template_problem(t) is None, (name, t)
   assert templates.BUILTIN["pets"] == ("a photo of a {}, a type of pet.",)
+  assert len(templates.BUILTIN["resisc45"]) == 18 and len(templates.BUILTIN["svhn"]) == 6
+  assert templates.BUILTIN["mnist"] == ('a photo of the number: "{}".',)
+  assert templates.BUILTIN["pcam"] == ("this is a photo of {}",)
 
 
 def _norm(name):
@@ -69,11 +77,16 @@ RENAMED = {
                    "flamingo_head": "head of a flamingo", "leopards": "leopard",
                    "motorbikes": "motorbike", "snoopy": "snoopy (cartoon beagle)",
                    "yin_yang": "yin and yang symbol"},
+    "svhn_cropped": {str(i): n for i, n in enumerate(
+        "zero one two three four five six seven eight nine".split())},
+    "patch_camelyon": {"0": "lymph node",
+                       "1": "lymph node containing metastatic tumor tissue"},
 }
 
 
 @pytest.mark.parametrize("name", ["food101", "oxford_iiit_pet", "oxford_flowers102",
-                                  "dtd", "eurosat", "caltech101", "cars196", "sun397"])
+                                  "dtd", "eurosat", "caltech101", "cars196", "sun397",
+                                  "resisc45", "mnist", "svhn_cropped", "patch_camelyon"])
 def test_class_names_follow_the_tfds_label_order(name, tmp_path):
   # TFDS knows these label names without the data (cifar10/100 and stl10 read them
   # from the data's own meta files, in CLIP's order; see classnames/datasets.py).
@@ -98,6 +111,55 @@ def test_imagenet_names_follow_the_wordnet_id_order(tmp_path):
   for wnid, name in [("n01440764", "tench"), ("n01443537", "goldfish"),
                      ("n02123045", "tabby cat"), ("n15075141", "toilet paper")]:
     assert ours[wnids.index(wnid)] == name
+  assert tuple(wnids) == imagenet.IMAGENET_WNIDS
+
+
+@pytest.mark.parametrize("name", ["imagenet_v2", "imagenet_sketch", "imagenet_a",
+                                  "imagenet_r"])
+def test_imagenet_variants_use_the_imagenet_labels(name, tmp_path):
+  # TFDS labels ImageNet-A/-R with ImageNet's 1,000 labels, not 0..199: an alias.
+  tfds = pytest.importorskip("tensorflow_datasets")
+  labels = tfds.builder(name, data_dir=str(tmp_path)).info.features["label"].names
+  assert tuple(labels) == imagenet.IMAGENET_WNIDS
+  assert classnames.builtin(name) is classnames.SETS["imagenet"]
+
+
+def test_imagenet_a_and_r_subsets():
+  wnids = imagenet.IMAGENET_WNIDS
+  assert len(wnids) == len(set(wnids)) == 1000 and list(wnids) == sorted(wnids)
+  assert set(imagenet.SUBSETS) == {"imagenet_a", "imagenet_r"}
+  for name, labels in imagenet.SUBSETS.items():
+    assert len(labels) == len(set(labels)) == 200, name
+    assert list(labels) == sorted(labels) and 0 <= labels[0] and labels[-1] < 1000
+  a = [wnids[i] for i in imagenet.IMAGENET_A]
+  r = [wnids[i] for i in imagenet.IMAGENET_R]
+  # WordNet ids the TFDS builders' tests find in their fake data; first and last.
+  assert {"n01580077", "n01616318", "n07697313"} <= set(a)
+  assert {"n01443537", "n01484850", "n12267677"} <= set(r)
+  assert (a[0], a[-1], r[0], r[-1]) == ("n01498041", "n12267677", "n01443537",
+                                        "n12267677")
+  names = classnames.SETS["imagenet"]
+  assert [names[i] for i in imagenet.IMAGENET_A[:3]] == ["stingray", "goldfinch", "junco"]
+  assert [names[i] for i in imagenet.IMAGENET_R[:3]] == [
+      "goldfish", "great white shark", "hammerhead shark"]
+  assert len(set(imagenet.IMAGENET_A) & set(imagenet.IMAGENET_R)) == 86
+
+
+def test_class_subset_scores_the_200_classes_and_maps_the_labels():
+  from vlp_jax.evaluators import zeroshot  # pylint: disable=g-import-not-at-top
+  names = list(classnames.SETS["imagenet"])
+  subset = imagenet.SUBSETS["imagenet_r"]
+  labels = np.array([subset[0], subset[5], subset[199], -1])
+  outside = next(i for i in range(1000) if i not in set(subset))
+  kept, mapped = zeroshot.restrict_to_subset(names, np.append(labels, outside),
+                                             "imagenet_r", "config.evals.zs")
+  assert kept == [names[i] for i in subset] and len(kept) == 200
+  assert mapped.tolist() == [0, 5, 199, -1, -1]
+  with pytest.raises(errors.ConfigError, match="needs the 1,000 ImageNet classes"):
+    zeroshot.restrict_to_subset(names[:10], labels, "imagenet_r", "config.evals.zs")
+  entry = common.eval_entry(type="zeroshot", class_subset="imagenet_b")
+  with pytest.raises(errors.ConfigError, match="class_subset='imagenet_b'"):
+    zeroshot.check(entry, "config.evals.zs")
 
 
 # ------------------------------------------------------------- the classnames option
@@ -120,6 +182,17 @@ def test_resolve_classnames_values(tmp_path):
   assert folder.names == classnames.SETS["imagenet"]  # 1,000 WordNet ids.
   small = _Source(["a", "b"])
   assert classnames.resolve("auto", "shapes:classes", small, w).names == ("a", "b")
+  tfds_a = classnames.resolve("auto", "tfds:imagenet_a:test", src, w)
+  assert tfds_a.names == classnames.SETS["imagenet"]
+  # An ImageNet-R folder (200 WordNet ids): CLIP's names by WordNet id.
+  r_folder = _Source([imagenet.IMAGENET_WNIDS[i] for i in imagenet.IMAGENET_R])
+  by_wnid = classnames.resolve("auto", "imagefolder:/d/imagenet-r", r_folder, w)
+  assert by_wnid.names == tuple(classnames.SETS["imagenet"][i]
+                                for i in imagenet.IMAGENET_R)
+  assert "WordNet id" in by_wnid.origin and by_wnid.names[0] == "goldfish"
+  odd = _Source(["n01443537", "n99999999"])  # Not all ImageNet ids: its own names.
+  assert classnames.resolve("auto", "imagefolder:/d", odd, w).names == tuple(
+      odd.class_names)
   assert classnames.resolve(("cat", "dog"), "x", small, w).names == ("cat", "dog")
   (tmp_path / "n.txt").write_text("cat\n\ndog\n")
   (tmp_path / "n.json").write_text('["kitten", "puppy"]')
@@ -264,7 +337,7 @@ def test_class_name_sets_are_used_as_prompts():
   validation.validate(c)
   evaluation.run_evals(evaluation.eval_configs(c), fns, None, 0)
   assert seen == [f"a photo of a {n}, a type of pet." for n in names]
-  assert len(datasets.SETS) == 11
+  assert len(datasets.SETS) == 15
 
 
 def test_wordnet_id_class_names_get_a_warning(tmp_path, caplog):

@@ -79,7 +79,8 @@ def test_importing_evaluators_and_recipes_does_not_import_grain():
 
 def test_eval_entry_holds_each_evaluators_options():
   zs = common.eval_entry(type="zeroshot")
-  assert set(zs) == set(config_lib.EVAL_COMMON_KEYS) | {"templates", "classnames"}
+  assert set(zs) == set(config_lib.EVAL_COMMON_KEYS) | {"templates", "classnames",
+                                                        "class_subset"}
   assert zs.type == "zeroshot" and zs.templates == ()
   assert common.eval_entry(type="captioning").log_examples == 5
   assert set(common.eval_entry(type="retrieval")) == set(config_lib.EVAL_COMMON_KEYS) | {
@@ -118,7 +119,7 @@ def test_unknown_option_key_names_the_key_the_closest_and_the_valid_keys():
     validation.validate(c)
   msg = str(e.value)
   assert "'config.evals.zeroshot.templats'" in msg and "Did you mean 'templates'" in msg
-  assert "zeroshot's options ['classnames', 'templates']" in msg and "'batch_size'" in msg
+  assert "zeroshot's options ['class_subset', 'classnames', 'templates']" in msg and "'batch_size'" in msg
   # Another evaluator's option, and a removed key, say so.
   c = _config(zeroshot={"every": 0, "log_examples": 3})
   with pytest.raises(errors.ConfigKeyError, match=r"option of \['captioning'\]"):

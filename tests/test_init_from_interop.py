@@ -1,5 +1,6 @@
 """`config.init_from.format`: another library's weights as the start of a run or for
 evaluation (vlp_jax/train/init_from.py `load_params`, with vlp_jax/interop/)."""
+import json
 import os
 
 import jax
@@ -26,7 +27,7 @@ def _config(model_cfg, **init):
   c = config_lib.default_config()
   c.model = model_cfg
   c.data.image_size = 16
-  c.init_from.update(format="openai", checkpoint=WEIGHTS, **init)
+  c.init_from.update(dict(dict(format="openai", checkpoint=WEIGHTS), **init))
   config_lib.validate(c)
   return c
 
@@ -91,6 +92,26 @@ def test_architecture_mismatch_lists_the_overrides():
     init_from.load_params(_config(mine), _template(mine))
 
 
+def test_open_clip_activation_comes_from_the_run():
+  """open_clip files do not say GELU or QuickGELU: a '-quickgelu' model (here the
+  QuickGELU weights of the openai fixture read as format open_clip) loads into a run
+  with mlp_act=quick_gelu, as `--print_config --quick_gelu=true` prints it. Format
+  'openai' (always QuickGELU) still checks the run's activation."""
+  quick, want, _ = interop.load("open_clip", WEIGHTS, quick_gelu=True, image_heads=2,
+                                text_heads=2)
+  assert quick.mlp_act == "quick_gelu"
+  params, report = init_from.load_params(_config(quick, format="open_clip"),
+                                         _template(quick))
+  assert not report.missing and not report.unexpected
+  for k, v in _flat(want).items():
+    np.testing.assert_array_equal(np.asarray(_flat(params)[k]), v, err_msg=k)
+  tanh = quick.copy_and_resolve_references()
+  tanh.mlp_act = "gelu_tanh"  # open_clip's act_kwargs approximate='tanh'.
+  init_from.load_params(_config(tanh, format="open_clip"), _template(tanh))
+  with pytest.raises(errors.ConfigError, match="config.model.mlp_act='quick_gelu'"):
+    init_from.load_params(_config(tanh, format="openai"), _template(tanh))
+
+
 def test_missing_weights_file():
   cfg, _, _ = _imported()
   config = _config(cfg)
@@ -113,7 +134,17 @@ def test_convert_weights_cli_round_trip(tmp_path):
   assert not report.missing and not report.unexpected
   for k, v in _flat(want).items():
     np.testing.assert_array_equal(np.asarray(_flat(params)[k]), v, err_msg=k)
-  convert_weights.convert("vlp_jax", out, "hf_clip", str(tmp_path / "hf"))
+  # The default config's tokenizer ('bytes': EOS 2, not its highest id) cannot be
+  # HF CLIP's; one that cannot be built here falls back to CLIP's ids (a warning).
+  with pytest.raises(errors.ConfigError, match="not its highest id"):
+    convert_weights.convert("vlp_jax", out, "hf_clip", str(tmp_path / "hf"))
+  with open(os.path.join(out, "config.json")) as f:
+    run_cfg = json.load(f)
+  run_cfg["data"]["tokenizer"] = "words:/nonexistent/vocab.txt"
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(run_cfg, f)
+  with pytest.warns(UserWarning, match="cannot build the tokenizer"):
+    convert_weights.convert("vlp_jax", out, "hf_clip", str(tmp_path / "hf"))
   cfg2, back, size = interop.load("hf_clip", str(tmp_path / "hf"))
   assert size == 16 and cfg2.mlp_act == "quick_gelu"
   for k, v in _flat(want).items():

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
+from tests.interop_helpers import (assert_exported_array, flat, jitted_forward,
+                                   param_shapes)
 from vlp_jax import config as config_lib
 from vlp_jax import errors, interop
 from vlp_jax.interop import common
@@ -29,10 +30,6 @@ CASES = {
 TOL = 1e-5
 
 
-def _flat(tree):
-  return traverse_util.flatten_dict(tree, sep="/")
-
-
 def _load(case, **kw):
   fmt, path, _, opts = CASES[case]
   return interop.load(fmt, os.path.join(D, path), **dict(opts, **kw))
@@ -41,20 +38,14 @@ def _load(case, **kw):
 @pytest.fixture(scope="module")
 def forward():
   """One jitted forward per model config: (cfg, params, ref) -> outputs, logits."""
-  cache = {}
+  def make_fn(cfg):
+    model = two_tower.TwoTower(cfg, jnp.float32)
 
-  def run(cfg, params, ref):
-    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
-    if key not in cache:
-      model = two_tower.TwoTower(cfg, jnp.float32)
-
-      def fn(p, images, tokens):
-        out = model.apply({"params": p}, {"image": images, "text": tokens})
-        return out, out["logit_scale"] * out["image_emb"] @ out["text_emb"].T
-      cache[key] = jax.jit(fn)
-    images = jnp.asarray(ref["images"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
-    return cache[key](params, images, jnp.asarray(ref["tokens"], jnp.int32))
-  return run
+    def fn(p, images, tokens):
+      out = model.apply({"params": p}, {"image": images, "text": tokens})
+      return out, out["logit_scale"] * out["image_emb"] @ out["text_emb"].T
+    return fn
+  return jitted_forward(make_fn)
 
 
 def _max_diffs(out, logits, ref):
@@ -142,25 +133,16 @@ def test_export_round_trip_is_exact(case):
       "hf_clip": ("vision_model.embeddings.class_embedding",
                   "vision_model.embeddings.position_embedding.weight")}[case]
   for k in out:
-    if k in (cls_key, pos_key):
-      continue
-    if "k_proj.bias" in k:
-      np.testing.assert_array_equal(out[k], 0)
-    elif "in_proj_bias" in k:
-      w = out[k].shape[0] // 3
-      np.testing.assert_array_equal(out[k][:w], raw[k][:w])
-      np.testing.assert_array_equal(out[k][2 * w:], raw[k][2 * w:])
-      np.testing.assert_array_equal(out[k][w:2 * w], 0)
-    else:
-      np.testing.assert_array_equal(out[k], raw[k], err_msg=k)
+    if k not in (cls_key, pos_key):
+      assert_exported_array(k, out[k], raw[k])
   # Class position folded into the class embedding: the same sum, position 0 zero.
   np.testing.assert_array_equal(out[pos_key][1:], raw[pos_key][1:])
   np.testing.assert_array_equal(out[pos_key][0], 0)
   np.testing.assert_array_equal(out[cls_key], raw[cls_key] + raw[pos_key][0])
   # Export then import is exact.
   again = fmt.to_params(out, cfg, 16)
-  for k, v in _flat(params).items():
-    np.testing.assert_array_equal(_flat(again)[k], v, err_msg=k)
+  for k, v in flat(params).items():
+    np.testing.assert_array_equal(flat(again)[k], v, err_msg=k)
 
 
 def test_export_folds_the_embedding_bias_into_positions(forward):
@@ -184,8 +166,8 @@ def test_open_clip_to_hf_and_back_is_exact(tmp_path):
   assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "hf"))
   cfg2, params2, size = interop.load("hf_clip", str(tmp_path / "hf"))
   assert size == 16 and cfg2.image.num_heads == 2 and cfg2.mlp_act == "gelu"
-  for k, v in _flat(params).items():
-    np.testing.assert_array_equal(_flat(params2)[k], v, err_msg=k)
+  for k, v in flat(params).items():
+    np.testing.assert_array_equal(flat(params2)[k], v, err_msg=k)
   hf = json.load(open(tmp_path / "hf" / "config.json"))
   assert hf["vision_config"]["hidden_act"] == "gelu"
   assert hf["text_config"]["num_attention_heads"] == 2
@@ -211,13 +193,8 @@ def test_scan_and_fused_layouts(forward):
   cfg_s = cfg.copy_and_resolve_references()
   cfg_s.scan_layers, cfg_s.fused_qkv = True, True
   _, params_s, _ = _load("open_clip", model_cfg=cfg_s)
-  model = two_tower.TwoTower(cfg_s, jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          {"image": jnp.zeros((1, 16, 16, 3)),
-                           "text": jnp.zeros((1, 16), jnp.int32)})["params"]
-  shapes = {k: v.value.shape if hasattr(v, "value") else v.shape
-            for k, v in _flat(shapes).items()}
-  assert {k: v.shape for k, v in _flat(params_s).items()} == shapes
+  shapes = param_shapes(two_tower.TwoTower(cfg_s, jnp.float32), 16, 16)
+  assert {k: v.shape for k, v in flat(params_s).items()} == shapes
   assert "img/encoder/layers/block/attn/qkv_kernel" in shapes
   diffs = _max_diffs(*forward(cfg_s, params_s, ref), ref)
   assert max(diffs.values()) <= TOL, diffs

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
+from tests.interop_helpers import (assert_exported_array, flat, jitted_forward,
+                                   param_shapes)
 from vlp_jax import config as config_lib
 from vlp_jax import errors, interop
 from vlp_jax.interop import common
@@ -26,10 +27,6 @@ TOL = 1e-5
 SIZE = 16
 
 
-def _flat(tree):
-  return traverse_util.flatten_dict(tree, sep="/")
-
-
 def _load(path=WEIGHTS, **kw):
   return interop.load("open_clip_coca", path, **dict(HEADS, **kw))
 
@@ -42,23 +39,17 @@ def ref():
 @pytest.fixture(scope="module")
 def forward():
   """One jitted forward per model config: (cfg, params, ref) -> outputs."""
-  cache = {}
+  def make_fn(cfg):
+    model = coca.CoCa(cfg, jnp.float32)
 
-  def run(cfg, params, ref):
-    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
-    if key not in cache:
-      model = coca.CoCa(cfg, jnp.float32)
-
-      def fn(p, images, tokens):
-        out = model.apply({"params": p}, {"image": images, "text": tokens})
-        _, _, context = model.apply({"params": p}, images, method="encode_image")
-        out["logits"] = out["logit_scale"] * out["image_emb"] @ out["text_emb"].T
-        out["context"] = context
-        return out
-      cache[key] = jax.jit(fn)
-    images = jnp.asarray(ref["images"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
-    return cache[key](params, images, jnp.asarray(ref["tokens"], jnp.int32))
-  return run
+    def fn(p, images, tokens):
+      out = model.apply({"params": p}, {"image": images, "text": tokens})
+      _, _, context = model.apply({"params": p}, images, method="encode_image")
+      out["logits"] = out["logit_scale"] * out["image_emb"] @ out["text_emb"].T
+      out["context"] = context
+      return out
+    return fn
+  return jitted_forward(make_fn)
 
 
 def _max_diffs(out, ref):
@@ -95,8 +86,8 @@ def test_torch_bin_reads_without_torch_and_gives_the_same_params(imported):
   for k, v in raw_st.items():
     np.testing.assert_array_equal(raw_bin[k], v, err_msg=k)
   _, params, _ = _load(os.path.join(D, "coca.bin"))
-  for k, v in _flat(imported[1]).items():
-    np.testing.assert_array_equal(_flat(params)[k], v, err_msg=k)
+  for k, v in flat(imported[1]).items():
+    np.testing.assert_array_equal(flat(params)[k], v, err_msg=k)
 
 
 def test_parity_check_can_fail(imported, ref, forward):
@@ -153,21 +144,14 @@ def test_export_round_trip_is_exact(imported):
   cls_key, pos_key = "visual.class_embedding", "visual.positional_embedding"
   for k in out:
     assert out[k].shape == raw[k].shape and out[k].dtype == np.float32, k
-    if k in (cls_key, pos_key):
-      continue
-    if "in_proj_bias" in k:
-      w = out[k].shape[0] // 3
-      np.testing.assert_array_equal(out[k][:w], raw[k][:w])
-      np.testing.assert_array_equal(out[k][2 * w:], raw[k][2 * w:])
-      np.testing.assert_array_equal(out[k][w:2 * w], 0)
-    else:
-      np.testing.assert_array_equal(out[k], raw[k], err_msg=k)
+    if k not in (cls_key, pos_key):
+      assert_exported_array(k, out[k], raw[k])
   np.testing.assert_array_equal(out[pos_key][1:], raw[pos_key][1:])
   np.testing.assert_array_equal(out[cls_key], raw[cls_key] + raw[pos_key][0])
   again = fmt.to_params(out, cfg, SIZE)  # Export then import is exact.
-  assert _flat(again).keys() == _flat(params).keys()
-  for k, v in _flat(params).items():
-    np.testing.assert_array_equal(_flat(again)[k], v, err_msg=k)
+  assert flat(again).keys() == flat(params).keys()
+  for k, v in flat(params).items():
+    np.testing.assert_array_equal(flat(again)[k], v, err_msg=k)
 
 
 def test_save_writes_safetensors_and_the_open_clip_model_config(imported, tmp_path):
@@ -193,13 +177,8 @@ def test_scan_and_fused_layouts(imported, ref, forward):
   cfg_s = cfg.copy_and_resolve_references()
   cfg_s.scan_layers, cfg_s.fused_qkv = True, True
   _, params_s, _ = _load(model_cfg=cfg_s)
-  model = coca.CoCa(cfg_s, jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          {"image": jnp.zeros((1, SIZE, SIZE, 3)),
-                           "text": jnp.zeros((1, 16), jnp.int32)})["params"]
-  shapes = {k: v.value.shape if hasattr(v, "value") else v.shape
-            for k, v in _flat(shapes).items()}
-  assert {k: v.shape for k, v in _flat(params_s).items()} == shapes
+  shapes = param_shapes(coca.CoCa(cfg_s, jnp.float32), SIZE, 16)
+  assert {k: v.shape for k, v in flat(params_s).items()} == shapes
   assert "decoder/layers/block/attn/qkv_kernel" in shapes
   assert "decoder/layers/block/cross_attn/query/kernel" in shapes
   diffs = _max_diffs(forward(cfg_s, params_s, ref), ref)
@@ -214,13 +193,8 @@ def test_fresh_model_matches_the_imported_tree(imported):
   """A freshly initialised 'open_clip' CoCa has exactly the imported params' names and
   shapes (no parameter is left unset or extra)."""
   cfg, params, _ = imported
-  model = coca.CoCa(cfg, jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          {"image": jnp.zeros((1, SIZE, SIZE, 3)),
-                           "text": jnp.zeros((1, 16), jnp.int32)})["params"]
-  shapes = {k: v.value.shape if hasattr(v, "value") else v.shape
-            for k, v in _flat(shapes).items()}
-  assert {k: v.shape for k, v in _flat(params).items()} == shapes
+  shapes = param_shapes(coca.CoCa(cfg, jnp.float32), SIZE, 16)
+  assert {k: v.shape for k, v in flat(params).items()} == shapes
 
 
 def _template(cfg):
@@ -242,8 +216,8 @@ def test_init_from_format_open_clip_coca(imported):
   config_lib.validate(c)
   params, report = init_from.load_params(c, _template(cfg))
   assert not report.missing and not report.unexpected
-  for k, v in _flat(want).items():
-    np.testing.assert_array_equal(np.asarray(_flat(params)[k]), v, err_msg=k)
+  for k, v in flat(want).items():
+    np.testing.assert_array_equal(np.asarray(flat(params)[k]), v, err_msg=k)
   c.model = cfg.copy_and_resolve_references()
   c.model.text.context_length = 8
   params, _ = init_from.load_params(c, _template(c.model))

@@ -22,6 +22,7 @@ import pytest
 from flax import traverse_util
 from flax.core import meta
 
+from tests.interop_helpers import assert_exported_array, param_shapes
 from vlp_jax import config as config_lib
 from vlp_jax import errors, interop, models
 from vlp_jax.interop import big_vision, common, hf_siglip, siglip_tree
@@ -139,11 +140,7 @@ def test_import_into_scanned_fused_layout(hf_raw, hf_cfg, ref):
   m = copy.deepcopy(hf_cfg)
   m.scan_layers, m.fused_qkv = True, True
   params = hf_siglip.to_params(hf_raw, m, 32)
-  model = models.build_model(m)
-  shapes = jax.eval_shape(lambda: meta.unbox(model.init(
-      jax.random.PRNGKey(0), {"image": jnp.zeros((1, 32, 32, 3)),
-                              "text": jnp.zeros((1, 16), jnp.int32)}))["params"])
-  expected = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
+  expected = param_shapes(models.build_model(m), 32, 16)
   assert {k: v.shape for k, v in flat(params).items()} == expected
   assert_parity(run(m, params, ref), ref)
   # Export from that layout equals export from the canonical one.
@@ -217,15 +214,7 @@ def test_hf_export_equals_original(hf_raw, hf_cfg):
   assert sorted(arrays) == sorted(hf_raw)
   for k, v in hf_raw.items():
     assert arrays[k].dtype == np.float32 and arrays[k].shape == v.shape, k
-    if k.endswith("k_proj.bias"):
-      np.testing.assert_array_equal(arrays[k], 0)
-    elif k.endswith("in_proj_bias"):
-      w = v.shape[0] // 3
-      np.testing.assert_array_equal(arrays[k][w:2 * w], 0)
-      np.testing.assert_array_equal(arrays[k][:w], v[:w])
-      np.testing.assert_array_equal(arrays[k][2 * w:], v[2 * w:])
-    else:
-      np.testing.assert_array_equal(arrays[k], v, err_msg=k)
+    assert_exported_array(k, arrays[k], v)
   exported = hf_siglip.export_config(hf_cfg, 32)
   for tower, fields in hf_raw.meta.items():
     if tower.endswith("_config") and isinstance(fields, dict):

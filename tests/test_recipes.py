@@ -49,3 +49,23 @@ def test_method_recipes():
   validation.validate(local)
   assert local.model.text.prefix_conditioning
   assert [s for s, _ in local.data.mixture] == ["shapes:hard,classes", "shapes:hard"]
+
+
+@pytest.mark.parametrize("name", B16)
+def test_text_pool_fits_the_tokenizer(name):
+  """CLIP's BPE ('clip'): id 0 is both padding and '!', EOS the highest id, so causal
+  CLIP-family towers pool at argmax without a padding mask; SigLIP's bidirectional
+  tower and CoCa (whose default layout pools at EOS itself) keep 'eos' + the mask,
+  as do all `:runlocal` runs (word tokenizers: EOS 2 is not the highest id)."""
+  full = cli.load_config_file(f"configs/{name}.py")
+  local = cli.load_config_file(f"configs/{name}.py:runlocal")
+  assert full.data.tokenizer == "clip"
+  argmax = name in ("clip_b16", "filip_b16", "unicl_b16")
+  assert (full.model.text.pool, full.model.text.padding_mask) == (
+      ("argmax", False) if argmax else ("eos", True))
+  assert argmax == full.model.text.causal or name == "coca_b16"
+  assert local.data.tokenizer.startswith("words:")
+  assert (local.model.text.pool, local.model.text.padding_mask) == ("eos", True)
+  if name == "unicl_b16":
+    prefixed = cli.load_config_file("configs/unicl_b16.py:prefix")
+    assert prefixed.model.text.pool == "argmax" and not prefixed.model.text.padding_mask

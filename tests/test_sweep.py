@@ -253,3 +253,22 @@ def test_a_training_run_stopped_early_is_not_done(tmp_path, fake_main, monkeypat
   assert sweep.main([train_file, f"--workdir={out}"]) == 0  # The same command resumes.
   assert sweep.main([train_file, f"--workdir={out}"]) == 0
   assert len(fake_main()) == 2  # The finished run is not started again.
+
+
+def test_a_step_0_checkpoint_is_evaluated_at_step_0(tmp_path):
+  # tools/convert_weights.py --to=vlp_jax writes checkpoints/0: without --step=0 main.py
+  # would evaluate the newest checkpoint while the sweep records step 0.
+  trained = trained_workdir(tmp_path, steps=(0, 8))
+  spec = sweep.load(write_sweep(tmp_path, f"""
+      MODE = "eval"
+      BASE = "configs/demo.py"
+      CHECKPOINTS = [{{"workdir": {trained!r}, "steps": "all"}}]
+  """))
+  by = {m.name: m for m in sweep.members(spec, str(tmp_path / "out"))}
+  assert sorted(by) == ["trained.step0.recipe", "trained.step8.recipe"]
+  zero = by["trained.step0.recipe"]
+  assert zero.step == 0 and "--step=0" in zero.flags
+  assert "--step=8" in by["trained.step8.recipe"].flags
+  spec.CHECKPOINTS = [{"workdir": trained, "steps": [0]}]
+  [m] = sweep.members(spec, str(tmp_path / "out"))
+  assert [a for a in m.flags if a.startswith("--step")] == ["--step=0"]

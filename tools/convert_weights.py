@@ -15,10 +15,14 @@
     python tools/convert_weights.py --from=openai --in=ViT-B-16.pt --print_config
 
 Formats: see vlp_jax/interop/ (`--from` / `--to` take their names, or 'vlp_jax').
+--from=vlp_jax --to=hf_clip writes the run's tokenizer ids (config.data.tokenizer) in
+config.json and refuses a tokenizer whose end-of-text id is not its highest (HF CLIP
+would pool elsewhere); other sources are CLIP's tokenizer (end-of-text the highest id).
 Nothing is downloaded: --in is a local file or directory.
 """
 import json
 import os
+import warnings
 
 import ml_collections
 import numpy as np
@@ -136,15 +140,34 @@ def write_vlp_jax(out, params, model_cfg, image_size):
     json.dump(config_lib.to_dict(config), f, indent=2, sort_keys=True)
 
 
+def token_ids(spec: str, vocab_size: int):
+  """{bos, eos, pad, vocab_size} of tokenizer `spec` (config.data.tokenizer), or None
+  (with a warning) when it cannot be built here, e.g. its file is elsewhere."""
+  from vlp_jax.data import tokenizers  # pylint: disable=import-outside-toplevel
+  try:
+    tok = tokenizers.get_tokenizer(spec)
+  except (errors.UserError, OSError, ValueError, ImportError) as e:
+    warnings.warn(f"cannot build the tokenizer {spec!r} ({e}); the exported config "
+                  f"assumes CLIP's convention: end-of-text = the highest id "
+                  f"{vocab_size - 1}, begin = {vocab_size - 2}, padding 0.")
+    return None
+  return dict(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id, vocab_size=tok.vocab_size)
+
+
 def convert(src, path, dst, out, step=-1, image_size=0, print_only=False, options=None):
   """Reads `path` in format `src`, writes `out` in format `dst`; returns the model
-  config and image size (and prints the config.model overrides)."""
+  config and image size (and prints the config.model overrides). hf_clip from a
+  vlp_jax run: its config.json takes the run's tokenizer's ids (`token_ids`)."""
+  export_options = {}
   if src == "vlp_jax":
     config, params = read_vlp_jax(path, step)
     model_cfg, size = config.model, image_size or config.data.image_size
     if image_size and image_size != config.data.image_size:
       raise errors.ConfigError("--image_size: a vlp_jax model is exported at its own "
                                f"image size {config.data.image_size}.")
+    if dst == "hf_clip":
+      export_options["token_ids"] = token_ids(config.data.tokenizer,
+                                              model_cfg.text.vocab_size)
   else:
     model_cfg, params, size = interop.load(src, path, image_size=image_size,
                                            **(options or {}))
@@ -156,7 +179,7 @@ def convert(src, path, dst, out, step=-1, image_size=0, print_only=False, option
   if dst == "vlp_jax":
     write_vlp_jax(out, params, model_cfg, size)
   else:
-    interop.save(dst, params, model_cfg, out, size)
+    interop.save(dst, params, model_cfg, out, size, **export_options)
   print(f"wrote {dst} weights to {out}")
   return model_cfg, size
 

@@ -1,9 +1,10 @@
 """Makes the open_clip CoCa weight-interop parity fixtures (tests/test_interop_coca.py).
 
-Needs the reference libraries (torch, open_clip_torch, safetensors), not vlp_jax's
-own environment:
+Needs the reference libraries, not vlp_jax's own environment: REF_PY is a Python with
+`pip install torch==2.14.1 open_clip_torch==3.3.0 transformers==5.24.0 safetensors==0.8.0`
+(see tools/make_interop_fixtures.py):
 
-  /work/refenv/bin/python tools/make_coca_fixtures.py [--out=tests/fixtures/interop/coca]
+  REF_PY tools/make_coca_fixtures.py [--out=tests/fixtures/interop/coca]
 
 Builds a tiny randomly initialised open_clip `CoCa` (ViT image tower with an
 attentional pooler, `embed_cls` text tower, multimodal decoder), perturbs every
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_interop_fixtures import images, perturb, tokens  # pylint: disable=wrong-import-position
+from make_interop_fixtures import (  # pylint: disable=wrong-import-position
+    images, perturb, tokens, write_readme)
 
 VOCAB, CONTEXT = 64, 16
 IMAGE, PATCH = 16, 4
@@ -137,10 +139,7 @@ def main():
     return
   os.makedirs(args.out, exist_ok=True)
   make(args.out)
-  with open(os.path.join(args.out, "README.md"), "w") as f:
-    f.write("Made by `/work/refenv/bin/python tools/make_coca_fixtures.py` (a tiny random "
-            "open_clip CoCa; see that script).\n")
-  print(json.dumps(sorted(os.listdir(args.out))))
+  write_readme(args.out, "make_coca_fixtures.py", "a tiny random open_clip CoCa")
 
 
 if __name__ == "__main__":

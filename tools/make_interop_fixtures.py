@@ -1,9 +1,11 @@
 """Makes the CLIP-family weight-interop parity fixtures (tests/test_interop_clip.py).
 
-Needs the reference libraries (torch, open_clip_torch, transformers, safetensors), not
-vlp_jax's own environment:
+Needs the reference libraries, not vlp_jax's own environment: REF_PY is a Python with
+(CPU torch is enough)
 
-  /work/refenv/bin/python tools/make_interop_fixtures.py [--out=tests/fixtures/interop/clip]
+  pip install torch==2.14.1 open_clip_torch==3.3.0 transformers==5.24.0 safetensors==0.8.0
+
+  REF_PY tools/make_interop_fixtures.py [--out=tests/fixtures/interop/clip]
 
 For each format it builds a tiny randomly initialised model in the original library,
 perturbs every parameter (so biases, LayerNorm params and attention key biases are
@@ -12,8 +14,8 @@ reference inputs (NCHW images as the model sees them, token ids) and outputs
 (L2-normalised image/text embeddings, logits = scale * image_emb @ text_emb.T).
 
 With `--real=PATH --format=open_clip|openai|hf_clip [--model_name=ViT-B-32]` it instead
-writes the same reference file for a real downloaded checkpoint (see
-/work/runs/readme_weights.md), for tests/test_interop_clip.py-style comparison.
+writes the same reference file for a real checkpoint you downloaded (README "Pretrained
+weights in and out"), for tests/test_interop_clip.py-style comparison.
 """
 import argparse
 import json
@@ -22,6 +24,8 @@ import os
 import numpy as np
 import torch
 
+# The reference environment the fixtures were made with (REF_PY).
+REF_PIP = "pip install torch==2.14.1 open_clip_torch==3.3.0 transformers==5.24.0 safetensors==0.8.0"
 B = 3  # Examples in the reference batch.
 VOCAB, CONTEXT = 64, 16
 IMAGE, PATCH = 16, 4
@@ -58,6 +62,15 @@ def save_ref(path, imgs, toks, img_emb, txt_emb, scale, extra=None):
   logits = float(scale) * img_emb @ txt_emb.T
   np.savez(path, images=imgs, tokens=toks, image_emb=img_emb, text_emb=txt_emb,
            logits=logits.astype(np.float32), **(extra or {}))
+
+
+def write_readme(out, script, models):
+  """Says in `out`/README.md which script made the fixtures (of `models`); prints the
+  folder's files."""
+  with open(os.path.join(out, "README.md"), "w") as f:
+    f.write(f"Made by `REF_PY tools/{script}` ({models}; see that script). REF_PY: "
+            f"a Python with `{REF_PIP}` (CPU torch is enough).\n")
+  print(json.dumps(sorted(os.listdir(out))))
 
 
 def open_clip_model(quick_gelu, seed):
@@ -181,10 +194,8 @@ def main():
   make_open_clip(args.out)
   make_openai(args.out)
   make_hf_clip(args.out)
-  with open(os.path.join(args.out, "README.md"), "w") as f:
-    f.write("Made by `/work/refenv/bin/python tools/make_interop_fixtures.py` (tiny random "
-            "models of open_clip and transformers; see that script).\n")
-  print(json.dumps(sorted(os.listdir(args.out))))
+  write_readme(args.out, "make_interop_fixtures.py",
+               "tiny random models of open_clip and transformers")
 
 
 if __name__ == "__main__":

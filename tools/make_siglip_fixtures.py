@@ -10,9 +10,10 @@ independent of `vlp_jax.interop`. The image tower's blocks are written scanned
 (`img/Transformer/encoderblock/...` with a leading layer axis, as in the released
 So400m checkpoints), the text tower's unrolled (`encoderblock_{i}`).
 
-Needs the reference libraries (torch, transformers); run with the reference venv:
+Needs the reference libraries; REF_PY is a Python with
+`pip install torch==2.14.1 open_clip_torch==3.3.0 transformers==5.24.0 safetensors==0.8.0`:
 
-    /work/refenv/bin/python tools/make_siglip_fixtures.py [--out=DIR]
+    REF_PY tools/make_siglip_fixtures.py [--out=DIR]
 
 With `--from_pretrained=DIR` (a downloaded HF SigLIP folder) it instead writes only
 `reference.npz`: that model's outputs on random inputs of its own sizes, for the

@@ -1,8 +1,9 @@
 """Writes the reference ids that tests/test_tokenizers_*.py compare vlp_jax's
 tokenizers against, from the original libraries:
 
-    /work/refenv/bin/python tools/make_tokenizer_fixtures.py  # or any Python with
-    # open_clip_torch, transformers, tokenizers, sentencepiece, ftfy and regex
+    REF_PY tools/make_tokenizer_fixtures.py  # REF_PY: a Python with
+    # pip install open_clip_torch==3.3.0 transformers==5.24.0 tokenizers==0.23.3 \
+    #     sentencepiece==0.2.3 ftfy==6.3.1 regex
 
 into tests/fixtures/tokenizers/ (--out):
   clip.json              open_clip's SimpleTokenizer (the built-in CLIP vocabulary):

@@ -36,6 +36,17 @@ def labelled_features(predict_fns, params, cfg, split: str, size: int,
   return Features(np.asarray(x, np.float32), labels[keep], num_classes)
 
 
+def train_and_test(predict_fns, params, cfg, where: str):
+  """(train, test) features of `cfg.train_split` (first `cfg.train_size`) and
+  `cfg.split` (first `cfg.size`), both with the larger of their class counts."""
+  train = labelled_features(predict_fns, params, cfg, cfg.train_split,
+                            cfg.train_size, where)
+  test = labelled_features(predict_fns, params, cfg, cfg.split, cfg.size, where)
+  num_classes = max(train.num_classes, test.num_classes)
+  return (train._replace(num_classes=num_classes),
+          test._replace(num_classes=num_classes))
+
+
 def standardize(train: np.ndarray, *others: np.ndarray):
   """(train, *others) with each feature scaled by the train mean and std (+1e-5)."""
   mean = train.mean(axis=0, keepdims=True)

@@ -131,12 +131,8 @@ def check(cfg, where):
 def fewshot(predict_fns, params, cfg):
   """'{k}shot' accuracies of ridge regression on frozen image features."""
   where = f"config.evals.{cfg.get('name', cfg.type)}"
-  train = features.labelled_features(predict_fns, params, cfg, cfg.train_split,
-                                     cfg.train_size, where)
-  test = features.labelled_features(predict_fns, params, cfg, cfg.split, cfg.size,
-                                    where)
-  num_classes = max(train.num_classes, test.num_classes)
-  train = train._replace(num_classes=num_classes)
+  train, test = features.train_and_test(predict_fns, params, cfg, where)
+  num_classes = train.num_classes
   l2_regs = [float(v) for v in cfg.l2_reg]
   result = {}
   for k in cfg.shots:

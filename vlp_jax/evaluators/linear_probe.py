@@ -132,11 +132,8 @@ def _split_train(train: features.Features, fraction: float, seed: int, where: st
 def linear_probe(predict_fns, params, cfg):
   """top-1 / top-5 test accuracy of a logistic-regression probe on frozen features."""
   where = f"config.evals.{cfg.get('name', cfg.type)}"
-  train = features.labelled_features(predict_fns, params, cfg, cfg.train_split,
-                                     cfg.train_size, where)
-  test = features.labelled_features(predict_fns, params, cfg, cfg.split, cfg.size,
-                                    where)
-  num_classes = max(train.num_classes, test.num_classes)
+  train, test = features.train_and_test(predict_fns, params, cfg, where)
+  num_classes = train.num_classes
   wds = [float(v) for v in cfg.weight_decays]
   if len(wds) > 1:
     if cfg.val_split:

@@ -7,15 +7,23 @@ templates.txt, else the source kind's built-in set, else 'imagenet'.
 Option `classnames` (vlp_jax/data/classnames/): () / 'dataset' (default: the source's
 own names), 'auto' (the built-in set of a tfds: dataset, else the source's), a built-in
 set ('imagenet', 'cifar10', ...), a file, or the names themselves.
+Option `class_subset` ('' = all classes): 'imagenet_a' / 'imagenet_r' scores only
+those datasets' 200 ImageNet classes (CLIP's 200-way protocol; their TFDS labels are
+ImageNet's 1,000), `classnames.imagenet.SUBSETS`.
 
 Models with token embeddings (FILIP) are scored token-wise: `token_class_scores`.
 """
+import contextlib
 import re
 
+import jax
 import numpy as np
 from absl import logging
+from ml_collections import config_dict
 
+from vlp_jax import errors
 from vlp_jax.data import classnames as classnames_lib
+from vlp_jax.data.classnames import imagenet as imagenet_names
 from vlp_jax.evaluators import common, metrics
 from vlp_jax.evaluators import templates as templates_lib
 from vlp_jax.registry import EVALUATORS
@@ -49,12 +57,73 @@ def token_class_scores(predict_fns, params, images, class_names, prompts_fn,
                                    reduce=per_class)
 
 
+def class_scores(predict_fns, params, ds, class_names, prompts_fn, batch_size):
+  """(scores [N, C], examples) of the images of `ds` against the classes: cosine with
+  the prompt-ensembled class embeddings, or FILIP's token-wise scores."""
+  if common.scores_tokens(predict_fns):
+    images, examples = common.load_images(ds)
+    return token_class_scores(predict_fns, params, images, class_names, prompts_fn,
+                              batch_size), examples
+  classes = class_embeddings(predict_fns, params, class_names, prompts_fn, batch_size)
+  image_emb, examples = common.embed_images(predict_fns, params, ds, batch_size)
+  return image_emb @ classes.T, examples
+
+
+def top_predictions(predict_fns, params, cfg, num: int = 8, k: int = 3,
+                    mesh=None) -> dict:
+  """The top-`k` classes of the first `num` images of zero-shot evaluator `cfg` (an
+  `evaluation.eval_config`) under `mesh`, for showing predictions beside their images
+  (the demo notebook): {'images' [n, H, W, 3] (model input), 'labels' [n], 'top'
+  [n, k] class ids, 'probs' [n, k] (softmax over 100 x the scores), 'class_names'}."""
+  cfg = config_dict.ConfigDict(cfg.to_dict())
+  cfg.size = num
+  ds, source = common.load_eval_set(cfg)
+  where = f"config.evals.{cfg.name}"
+  # The evaluator's own resolution of class names and templates.
+  names = list(classnames_lib.resolve(cfg.classnames, cfg.source, source,
+                                      f"{where}.classnames").names)
+  templates = templates_lib.resolve(cfg.templates, cfg.source, source,
+                                    f"{where}.templates")
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    scores, examples = class_scores(predict_fns, params, ds, names, templates.prompts,
+                                    cfg.batch_size)
+  logits = 100.0 * scores
+  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+  probs /= probs.sum(axis=1, keepdims=True)
+  top = np.argsort(-probs, axis=1)[:, :k]
+  return {"images": np.stack([e["image"] for e in examples]),
+          "labels": np.array([e.get("label", -1) for e in examples]), "top": top,
+          "probs": np.take_along_axis(probs, top, axis=1), "class_names": names}
+
+
 def check(cfg, where):
   templates_lib.check(cfg.templates, f"{where}.templates")
   classnames_lib.check(cfg.classnames, f"{where}.classnames")
+  subset = cfg.get("class_subset", "")
+  if subset and subset not in imagenet_names.SUBSETS:
+    raise errors.ConfigError(
+        f"{where}.class_subset={subset!r} is not one of "
+        f"{sorted(imagenet_names.SUBSETS)} ('' scores every class).")
 
 
-@EVALUATORS.register("zeroshot", options={"templates": (), "classnames": ()},
+def restrict_to_subset(class_names, labels, subset: str, where: str):
+  """(class names, labels) of the 200-way protocol of `subset`: the subset's
+  ImageNet classes in its order, each label mapped to its position there (-1 for
+  labels outside the subset)."""
+  index = imagenet_names.SUBSETS[subset]
+  if len(class_names) != len(imagenet_names.IMAGENET):
+    raise errors.ConfigError(
+        f"{where}.class_subset={subset!r} needs the 1,000 ImageNet classes, got "
+        f"{len(class_names)} class names; use a tfds:{subset} source (its labels are "
+        "ImageNet's) or unset class_subset.")
+  position = np.full(len(class_names), -1, np.int64)
+  position[list(index)] = np.arange(len(index))
+  mapped = np.where(labels >= 0, position[np.maximum(labels, 0)], -1)
+  return [class_names[i] for i in index], mapped
+
+
+@EVALUATORS.register("zeroshot",
+                     options={"templates": (), "classnames": (), "class_subset": ""},
                      check=check)
 def zeroshot(predict_fns, params, cfg):
   """top-1 / top-5 accuracy of labelled eval images against prompt-ensembled classes."""
@@ -72,16 +141,15 @@ def zeroshot(predict_fns, params, cfg):
     logging.warning("%s: the class names are WordNet ids (e.g. '%s'); prompts need "
                     "words: set %s.classnames=imagenet (or 'auto').", where,
                     class_names[0], where)
-  if common.scores_tokens(predict_fns):
-    images, examples = common.load_images(ds)
-    scores = token_class_scores(predict_fns, params, images, class_names,
-                                templates.prompts, cfg.batch_size)
-  else:
-    classes = class_embeddings(predict_fns, params, class_names,
-                               templates.prompts, cfg.batch_size)
-    image_emb, examples = common.embed_images(predict_fns, params, ds, cfg.batch_size)
-    scores = image_emb @ classes.T
+  subset = cfg.get("class_subset", "")
+  if subset:
+    class_names, _ = restrict_to_subset(class_names, np.zeros(0, np.int64), subset,
+                                        where)
+  scores, examples = class_scores(predict_fns, params, ds, class_names,
+                                  templates.prompts, cfg.batch_size)
   labels = np.array([e.get("label", -1) for e in examples])
+  if subset:
+    _, labels = restrict_to_subset(list(names.names), labels, subset, where)
   keep = labels >= 0
   if not keep.any():
     raise ValueError(f"Zero-shot source '{cfg.source}' split '{cfg.split}' has no "

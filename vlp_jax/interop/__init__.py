@@ -9,6 +9,9 @@ name that provides:
       `.meta`). Never downloads; a missing path raises `errors.DataPathError`; a
       file only torch can read, without torch, raises `errors.DataError` naming the
       `vlp_jax[torch]` extra.
+  options_from_model(model_cfg) -> dict   (optional)
+      `model_config` options that take what the arrays cannot tell (activation,
+      head counts) from a run's config.model (config.init_from uses them).
   model_config(raw, base_model_cfg=None, **options) -> ml_collections.ConfigDict
       `config.model` for this checkpoint: sizes and architecture options inferred
       from the arrays (what arrays cannot tell, e.g. head counts, from `options` or
@@ -22,7 +25,7 @@ name that provides:
       resized to `image_size` if needed (`common.resize_grid`).
   from_params(params, model_cfg) -> dict[str, np.ndarray]
       The inverse (export), from any param layout.
-  export_config(model_cfg, image_size) -> dict   (optional)
+  export_config(model_cfg, image_size, **export_options) -> dict   (optional)
       The original library's model config for the exported arrays.
   write(raw, path, export_config=None)
       Writes the arrays in the format's file type (safetensors), with the config.
@@ -49,8 +52,12 @@ def register(name):
   return add
 
 
-# Format name -> the module of this package that registers it (others: any module).
-MODULES = {"open_clip": "open_clip", "openai": "open_clip", "hf_clip": "hf_clip"}
+# Format name -> the module of this package that registers it (a shortcut that
+# avoids importing every module; tests/test_interop_export.py checks it lists every
+# registered format, and that config.INIT_FROM_FORMATS equals `names()`).
+MODULES = {"open_clip": "open_clip", "openai": "open_clip", "hf_clip": "hf_clip",
+           "hf_siglip": "hf_siglip", "big_vision": "big_vision",
+           "open_clip_coca": "open_clip_coca"}
 
 
 def _import_all():
@@ -71,6 +78,7 @@ def get(name: str):
 
 
 def names():
+  """The names of all weight formats (every module of this package imported)."""
   _import_all()
   return sorted(FORMATS)
 
@@ -90,10 +98,12 @@ def load(fmt: str, path: str, base_model_cfg=None, image_size: int = 0,
   return model_cfg, f.to_params(raw, model_cfg, size), size
 
 
-def save(fmt: str, params, model_cfg, path: str, image_size: int) -> dict:
-  """Writes `params` of a vlp_jax model as format `fmt` at `path`; returns the arrays."""
+def save(fmt: str, params, model_cfg, path: str, image_size: int,
+         **export_options) -> dict:
+  """Writes `params` of a vlp_jax model as format `fmt` at `path`; returns the arrays.
+  `export_options` go to the format's `export_config` (hf_clip: `token_ids`)."""
   f = get(fmt)
   raw = f.from_params(params, model_cfg)
   export = getattr(f, "export_config", None)
-  f.write(raw, path, export(model_cfg, image_size) if export else None)
+  f.write(raw, path, export(model_cfg, image_size, **export_options) if export else None)
   return raw

@@ -44,14 +44,17 @@ def check_file(path: str, what: str) -> str:
 
 
 def read_safetensors(path: str) -> dict:
+  """The arrays of a .safetensors file (a DataPathError if there is none)."""
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   return dict(load_file(check_file(path, "safetensors weights")))
 
 
 def write_safetensors(raw: dict, path: str, metadata=None) -> None:
+  """Writes flat arrays as safetensors, shapes kept (a 0-d array stays 0-d:
+  `np.ascontiguousarray` would make it (1,))."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  save_file({k: np.ascontiguousarray(v) for k, v in raw.items()}, path,
+  save_file({k: np.require(v, requirements="C") for k, v in raw.items()}, path,
             metadata=metadata)
 
 
@@ -195,12 +198,44 @@ def _aa_weights(in_size, out_size, kind):
   return m
 
 
+def _torch_bicubic_weights(in_size, out_size, a=-0.75):
+  """[out, in] interpolation matrix of torch's F.interpolate(mode='bicubic',
+  align_corners=False) without antialias: source x = (i + 0.5) * in / out - 0.5
+  (in float32, as torch);
+  Keys' cubic with a = -0.75 on the 4 neighbours, indices clamped to the border."""
+  def cubic(x):
+    x = abs(x)
+    if x <= 1:
+      return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+      return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+  f = np.float32  # torch computes the source index in float32.
+  scale = f(in_size) / f(out_size)
+  m = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    src = f(scale * f(i + 0.5) - f(0.5))
+    x0 = int(np.floor(src))
+    t = float(f(src - x0))
+    for k, w in zip(range(x0 - 1, x0 + 3), (cubic(t + 1), cubic(t), cubic(1 - t),
+                                            cubic(2 - t))):
+      m[i, min(max(k, 0), in_size - 1)] += w
+  return m
+
+
+# resize_grid kinds: 'bicubic' / 'bilinear' are open_clip's (antialiased, as PIL);
+# 'torch_bicubic' is HF's interpolate_pos_encoding (plain F.interpolate bicubic).
+RESIZE_KINDS = ("bicubic", "bilinear", "torch_bicubic")
+
+
 def resize_grid(pos, new_grid, kind: str = "bicubic"):
   """[gh*gw, W] (square gh = gw) position embeddings -> [new_h*new_w, W].
 
-  Matches open_clip's `resize_pos_embed` (bicubic, antialias=True,
-  align_corners=False; `kind='bilinear'` likewise) on the patch positions; a class
-  token's position is not part of `pos`."""
+  kind 'bicubic' / 'bilinear': open_clip's `resize_pos_embed` (antialias=True,
+  align_corners=False; PIL's filters, bicubic a = -0.5); 'torch_bicubic': torch's
+  F.interpolate(mode='bicubic', align_corners=False) without antialias (a = -0.75),
+  as HF SigLIP's `interpolate_pos_encoding`. A class token's position is not part
+  of `pos`."""
   pos = np.asarray(pos, np.float32)
   n, width = pos.shape
   g = int(round(n ** 0.5))
@@ -210,10 +245,13 @@ def resize_grid(pos, new_grid, kind: str = "bicubic"):
   new_h, new_w = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
   if (new_h, new_w) == (g, g):
     return pos
-  if kind not in ("bicubic", "bilinear"):
-    raise ValueError(f"resize kind {kind!r} is not 'bicubic' or 'bilinear'.")
+  if kind not in RESIZE_KINDS:
+    raise ValueError(f"resize kind {kind!r} is not one of {RESIZE_KINDS}.")
+  if kind == "torch_bicubic":
+    mh, mw = _torch_bicubic_weights(g, new_h), _torch_bicubic_weights(g, new_w)
+  else:
+    mh, mw = _aa_weights(g, new_h, kind), _aa_weights(g, new_w, kind)
   grid = pos.reshape(g, g, width).astype(np.float64)
-  mh, mw = _aa_weights(g, new_h, kind), _aa_weights(g, new_w, kind)
   out = np.einsum("ih,hwc,jw->ijc", mh, grid, mw)
   return out.reshape(new_h * new_w, width).astype(np.float32)
 
@@ -221,6 +259,7 @@ def resize_grid(pos, new_grid, kind: str = "bicubic"):
 # ------------------------------------------------------------ block mappings
 
 def f32(x):
+  """`x` as a float32 NumPy array."""
   return np.asarray(x, np.float32)
 
 
@@ -252,6 +291,38 @@ def block_from_params(p: dict) -> dict:
               ln2_w=f32(p["ln_mlp"]["scale"]), ln2_b=f32(p["ln_mlp"]["bias"]),
               w1=t(p["mlp"]["fc1"]["kernel"]), b1=f32(p["mlp"]["fc1"]["bias"]),
               w2=t(p["mlp"]["fc2"]["kernel"]), b2=f32(p["mlp"]["fc2"]["bias"]))
+
+
+def ln_params(raw: dict, prefix: str, fmt: str) -> dict:
+  """{scale, bias} of the LayerNorm arrays `prefix`.weight / `prefix`.bias."""
+  return {"scale": f32(take(raw, prefix + ".weight", fmt)),
+          "bias": f32(take(raw, prefix + ".bias", fmt))}
+
+
+def ln_arrays(ln: dict, prefix: str) -> dict:
+  """The inverse of `ln_params`: {prefix.weight, prefix.bias}."""
+  return {prefix + ".weight": f32(ln["scale"]), prefix + ".bias": f32(ln["bias"])}
+
+
+def encoder_to_params(raw: dict, prefix: str, final_ln: str, fmt: str,
+                      read_block) -> dict:
+  """A canonical vlp_jax encoder {block_i, ln_final} from the blocks `prefix{i}.`
+  of a torch-layout checkpoint; `read_block(raw, block_prefix)` gives one block's
+  arrays as `block_to_params` takes them."""
+  enc = {f"block_{i}": block_to_params(read_block(raw, f"{prefix}{i}."))
+         for i in range(count_blocks(raw, prefix))}
+  enc["ln_final"] = ln_params(raw, final_ln, fmt)
+  return enc
+
+
+def encoder_from_params(enc: dict, prefix: str, final_ln: str, write_block) -> dict:
+  """The inverse of `encoder_to_params`: `write_block(arrays, block_prefix)` names
+  one block's `block_from_params` arrays."""
+  raw = {}
+  for i in range(sum(1 for k in enc if k.startswith("block_"))):
+    raw.update(write_block(block_from_params(enc[f"block_{i}"]), f"{prefix}{i}."))
+  raw.update(ln_arrays(enc["ln_final"], final_ln))
+  return raw
 
 
 def patch_embed_to_params(conv_w, class_emb, pos, grid, kind="bicubic") -> dict:
@@ -383,7 +454,40 @@ def clip_heads(m) -> None:
       m[tower].proj = True
 
 
+def default_model():
+  """The default `config.model` (what `model_config` builds on without a base)."""
+  from vlp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  return config_lib.default_config().model
+
+
+def check_clip_exportable(model_cfg, fmt: str) -> None:
+  """A ConfigError listing what `config.model` has that a CLIP of format `fmt`
+  (open_clip, OpenAI, HF CLIP: ViT with class token, causal text tower pooled at the
+  end token, bias-free projections) cannot represent."""
+  problems = []
+  if model_cfg.image.pool != "cls":
+    problems.append(f"model.image.pool={model_cfg.image.pool!r} (needs 'cls')")
+  if not model_cfg.text.causal or model_cfg.text.pool not in ("argmax", "eos"):
+    problems.append("a causal text tower pooled at the end token (text.causal=True, "
+                    "text.pool='argmax' or 'eos')")
+  if model_cfg.get("token_embed_dim", 0):
+    problems.append(f"model.token_embed_dim={model_cfg.token_embed_dim} (FILIP token "
+                    "projections)")
+  if model_cfg.text.get("prefix_conditioning", False):
+    problems.append("model.text.prefix_conditioning")
+  if model_cfg.get("proj_bias", False):
+    problems.append("model.proj_bias=True (CLIP projections have no bias)")
+  for tower in ("image", "text"):
+    if not model_cfg[tower].get("proj", True):
+      problems.append(f"model.{tower}.proj=False (CLIP towers have a projection)")
+  if model_cfg.name != "two_tower":
+    problems.append(f"model.name={model_cfg.name!r} (needs 'two_tower')")
+  if problems:
+    raise errors.ConfigError(f"cannot export to {fmt}: " + "; ".join(problems) + ".")
+
+
 def grid_of(image_size: int, patch: int) -> int:
+  """Patches per side at `image_size` (a ConfigError if `patch` does not divide it)."""
   if image_size % patch:
     raise errors.ConfigError(f"image size {image_size} is not divisible by the "
                              f"checkpoint's patch size {patch}.")

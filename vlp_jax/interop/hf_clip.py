@@ -4,8 +4,10 @@ The path is a model directory (model.safetensors, or pytorch_model.bin, and
 config.json) or a weights file; a config.json beside it gives the head counts,
 activation and LayerNorm eps (without one: heads = width // 64, QuickGELU, 1e-5, as
 OpenAI's models). Text pooling: HF pools at the first end-of-text id (or the highest
-id with the legacy eos_token_id=2), which equals vlp_jax's 'argmax' pool for CLIP's
-tokenizer (its end-of-text token has the highest id).
+id with the legacy eos_token_id=2), which equals vlp_jax's 'argmax' pool when the
+tokenizer's end-of-text token has the highest id (CLIP's); export writes the run's
+tokenizer ids (tools/convert_weights.py) and refuses other tokenizers
+(`check_token_ids`).
 """
 import json
 import os
@@ -53,6 +55,7 @@ def read(path: str) -> dict:
 
 
 def hf_config(raw: dict) -> dict:
+  """The config.json that came with the arrays (`raw.meta`; {} without one)."""
   return getattr(raw, "meta", {}) or {}
 
 
@@ -72,6 +75,7 @@ def write(raw: dict, path: str, export_config: dict = None) -> None:
 
 
 def native_image_size(raw: dict) -> int:
+  """The image side of the checkpoint's position grid."""
   patch = common.take(raw, V + "embeddings.patch_embedding.weight", NAME).shape[-1]
   n = raw[V + "embeddings.position_embedding.weight"].shape[0] - 1
   return int(round(n ** 0.5)) * patch
@@ -86,7 +90,7 @@ def model_config(raw: dict, base_model_cfg=None, head_dim: int = 64,
   hf = hf_config(raw)
   vc, tc = hf.get("vision_config", {}), hf.get("text_config", {})
   m = ml_collections.ConfigDict(base_model_cfg.to_dict()) if base_model_cfg else \
-      _default_model()
+      common.default_model()
   conv = t(V + "embeddings.patch_embedding.weight")
   iw = int(conv.shape[0])
   tw = int(t(T + "embeddings.token_embedding.weight").shape[1])
@@ -130,7 +134,7 @@ def to_params(raw: dict, model_cfg, image_size: int) -> dict:
       conv, t(V + "embeddings.class_embedding"),
       t(V + "embeddings.position_embedding.weight"),
       common.grid_of(image_size, conv.shape[-1]))
-  img["ln_pre"] = _ln(raw, V + "pre_layrnorm")
+  img["ln_pre"] = common.ln_params(raw, V + "pre_layrnorm", NAME)
   img["encoder"] = _encoder(raw, V + "encoder.layers.", V + "post_layernorm")
   ctx = model_cfg.text.context_length
   pos = t(T + "embeddings.position_embedding.weight")
@@ -150,8 +154,7 @@ def to_params(raw: dict, model_cfg, image_size: int) -> dict:
 
 def from_params(params: dict, model_cfg) -> dict:
   """HF CLIPModel arrays of a two_tower model (any param layout)."""
-  from vlp_jax.interop import open_clip  # pylint: disable=import-outside-toplevel
-  open_clip._check_exportable(model_cfg, NAME)  # pylint: disable=protected-access
+  common.check_clip_exportable(model_cfg, NAME)
   p = common.from_layout(params)
   img, txt = p["img"], p["txt"]
   if "ln_pre" not in img:
@@ -178,11 +181,46 @@ def from_params(params: dict, model_cfg) -> dict:
   return raw
 
 
-def export_config(model_cfg, image_size: int) -> dict:
-  """The CLIPConfig (config.json) of the exported arrays."""
+def check_token_ids(model_cfg, token_ids: dict) -> None:
+  """A ConfigError unless HF's CLIPTextTransformer pools where our text tower does
+  with these ids ({bos, eos, pad, vocab_size} of the run's tokenizer).
+
+  HF pools at the argmax token id when eos_token_id == 2 (legacy configs), else at
+  the first eos_token_id. Ours: 'argmax' (highest id) or 'eos' (last non-pad token).
+  Both agree when the tokenizer's EOS is its highest id (and, for 'eos', is not
+  also its padding)."""
+  eos, vocab = token_ids["eos"], token_ids["vocab_size"]
+  if eos is not None and eos >= model_cfg.text.vocab_size:
+    raise errors.ConfigError(
+        f"cannot export to {NAME}: the tokenizer's end-of-text id {eos} is outside the "
+        f"model's vocabulary ({model_cfg.text.vocab_size}); is config.data.tokenizer "
+        "the one the model was trained with?")
+  if eos is None or eos != vocab - 1:
+    raise errors.ConfigError(
+        f"cannot export to {NAME}: the tokenizer's end-of-text id {eos} is not its "
+        f"highest id ({vocab - 1}); HF CLIP pools at the first eos_token_id (or the "
+        "highest id when it is 2), which would not be where this model pools "
+        f"(text.pool={model_cfg.text.pool!r})." + (
+            " Export to open_clip instead (it pools at the highest id, as 'argmax')."
+            if model_cfg.text.pool == "argmax" else ""))
+  if model_cfg.text.pool == "eos" and token_ids.get("pad") == eos:
+    raise errors.ConfigError(
+        f"cannot export to {NAME}: the tokenizer pads with its end-of-text id {eos}, "
+        "so text.pool='eos' (last non-pad token) is not HF's first end-of-text token.")
+
+
+def export_config(model_cfg, image_size: int, token_ids: dict = None) -> dict:
+  """The CLIPConfig (config.json) of the exported arrays. `token_ids`: {bos, eos,
+  pad, vocab_size} of the run's tokenizer (`check_token_ids`); None = CLIP's
+  convention (eos = vocab_size - 1, bos = vocab_size - 2, pad 0)."""
   from vlp_jax.models import builders  # pylint: disable=import-outside-toplevel
   kw = builders.tower_kwargs(model_cfg.image, None)
   tx = model_cfg.text
+  if token_ids is None:
+    token_ids = dict(bos=tx.vocab_size - 2, eos=tx.vocab_size - 1, pad=0,
+                     vocab_size=tx.vocab_size)
+  check_token_ids(model_cfg, token_ids)
+  bos = token_ids["bos"] if token_ids.get("bos") is not None else token_ids["eos"]
   act, eps = _ACT_NAMES[model_cfg.mlp_act], model_cfg.layer_norm_eps
   return {
       "architectures": ["CLIPModel"], "model_type": "clip",
@@ -192,8 +230,8 @@ def export_config(model_cfg, image_size: int) -> dict:
                           num_hidden_layers=tx.depth, num_attention_heads=tx.num_heads,
                           max_position_embeddings=tx.context_length, hidden_act=act,
                           layer_norm_eps=eps, projection_dim=model_cfg.embed_dim,
-                          bos_token_id=tx.vocab_size - 2, eos_token_id=tx.vocab_size - 1,
-                          pad_token_id=0),
+                          bos_token_id=int(bos), eos_token_id=int(token_ids["eos"]),
+                          pad_token_id=int(token_ids.get("pad") or 0)),
       "vision_config": dict(model_type="clip_vision_model", hidden_size=kw["width"],
                             intermediate_size=kw["mlp_dim"],
                             num_hidden_layers=kw["depth"],
@@ -203,34 +241,23 @@ def export_config(model_cfg, image_size: int) -> dict:
   }
 
 
-def _default_model():
-  from vlp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  return config_lib.default_config().model
+def _read_block(raw, b):
+  return {k: common.take(raw, b + v, NAME) for k, v in _BLOCK_NAMES.items()}
 
 
-def _ln(raw, prefix):
-  return {"scale": common.f32(common.take(raw, prefix + ".weight", NAME)),
-          "bias": common.f32(common.take(raw, prefix + ".bias", NAME))}
+def _write_block(a, b):
+  raw = {b + v: a[k] for k, v in _BLOCK_NAMES.items()}
+  raw[b + "self_attn.k_proj.bias"] = a["bk"]
+  return raw
 
 
 def _encoder(raw, prefix, final_ln):
-  enc = {}
-  for i in range(common.count_blocks(raw, prefix)):
-    a = {k: common.take(raw, f"{prefix}{i}.{v}", NAME) for k, v in _BLOCK_NAMES.items()}
-    enc[f"block_{i}"] = common.block_to_params(a)  # k_proj.bias dropped (exact).
-  enc["ln_final"] = _ln(raw, final_ln)
-  return enc
+  # k_proj.bias is dropped (exact; common.py).
+  return common.encoder_to_params(raw, prefix, final_ln, NAME, _read_block)
 
 
 def _encoder_arrays(enc, prefix, final_ln):
-  raw = {}
-  for i in range(sum(1 for k in enc if k.startswith("block_"))):
-    a = common.block_from_params(enc[f"block_{i}"])
-    raw.update({f"{prefix}{i}.{v}": a[k] for k, v in _BLOCK_NAMES.items()})
-    raw[f"{prefix}{i}.self_attn.k_proj.bias"] = a["bk"]
-  raw[final_ln + ".weight"] = common.f32(enc["ln_final"]["scale"])
-  raw[final_ln + ".bias"] = common.f32(enc["ln_final"]["bias"])
-  return raw
+  return common.encoder_from_params(enc, prefix, final_ln, _write_block)
 
 
 def _check_supported(raw):

@@ -229,11 +229,12 @@ def _merge_in_proj(flat):
 
 def to_params(raw, model_cfg, image_size=None):
   """The two_tower params of `model_cfg` (from `model_config`); image positions are
-  resized (bicubic, as HF's `interpolate_pos_encoding`) when `image_size` gives
-  another patch grid than the checkpoint's."""
+  resized as HF's `interpolate_pos_encoding` does (torch bicubic without antialias:
+  `common.resize_grid` kind 'torch_bicubic') when `image_size` gives another patch
+  grid than the checkpoint's."""
   entries, dropped = plan(model_cfg)
   params = siglip_tree.import_tree(_split_in_proj(raw), entries, dropped, NAME)
-  return siglip_tree.finish_import(params, model_cfg, image_size, "bicubic")
+  return siglip_tree.finish_import(params, model_cfg, image_size, "torch_bicubic")
 
 
 def from_params(params, model_cfg):

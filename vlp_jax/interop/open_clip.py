@@ -30,8 +30,10 @@ _BLOCK_NAMES = dict(ln1_w="ln_1.weight", ln1_b="ln_1.bias", wo="attn.out_proj.we
 class Format:
   """One of the two formats ('open_clip' or 'openai'): the same arrays, other defaults."""
 
-  def __init__(self, name: str, quick_gelu: bool):
-    self.name, self.quick_gelu = name, quick_gelu
+  def __init__(self, name: str, quick_gelu: bool, act_known: bool = False):
+    # act_known: every checkpoint of the format has its default activation (OpenAI:
+    # QuickGELU), so config.init_from checks the run's against it.
+    self.name, self.quick_gelu, self.act_known = name, quick_gelu, act_known
 
   def read(self, path: str) -> dict:
     """Flat arrays of a .safetensors / .bin / .pt checkpoint."""
@@ -54,14 +56,16 @@ class Format:
     return int(round(n ** 0.5)) * patch
 
   def model_config(self, raw: dict, base_model_cfg=None, quick_gelu=None,
-                   head_dim: int = 64, image_heads: int = 0, text_heads: int = 0):
+                   head_dim: int = 64, image_heads: int = 0, text_heads: int = 0,
+                   mlp_act: str = None):
     """`config.model` for these arrays on top of `base_model_cfg`: sizes from the
     arrays; heads = width // head_dim (open_clip's and OpenAI's rule; or give
-    image_heads / text_heads); QuickGELU per the format (or `quick_gelu`)."""
+    image_heads / text_heads); QuickGELU per the format (or `quick_gelu`; or any
+    `mlp_act`: the activation is not in the weights)."""
     t = lambda n: common.take(raw, n, self.name)
     _check_supported(raw, self.name)
     m = ml_collections.ConfigDict(base_model_cfg.to_dict()) if base_model_cfg else \
-        _default_model()
+        common.default_model()
     conv = t("visual.conv1.weight")
     iw, tw = conv.shape[0], t("token_embedding.weight").shape[1]
     vis = "visual.transformer.resblocks."
@@ -81,11 +85,26 @@ class Format:
                                                      m.text.get("num_heads", 0))),
                   causal=True, pool="argmax", padding_mask=False)
     quick = self.quick_gelu if quick_gelu is None else quick_gelu
-    m.mlp_act = "quick_gelu" if quick else "gelu"
+    m.mlp_act = mlp_act or ("quick_gelu" if quick else "gelu")
     m.layer_norm_eps = 1e-5
     m.use_logit_bias = "logit_bias" in raw
     common.clip_heads(m)
     return m
+
+  def options_from_model(self, model_cfg) -> dict:
+    """`model_config` options that take from a run's `config.model` what the
+    arrays cannot tell, for config.init_from: the head counts and (open_clip, whose
+    files do not say GELU or QuickGELU; not 'openai', always QuickGELU) `mlp_act`."""
+    from vlp_jax.models import builders  # pylint: disable=import-outside-toplevel
+    try:
+      image_heads = builders.tower_kwargs(model_cfg.image, None)["num_heads"]
+    except (ValueError, KeyError):
+      image_heads = 0
+    opts = dict(image_heads=int(image_heads),
+                text_heads=int(model_cfg.text.get("num_heads", 0)))
+    if not self.act_known:
+      opts["mlp_act"] = model_cfg.mlp_act
+    return opts
 
   def to_params(self, raw: dict, model_cfg, image_size: int) -> dict:
     """The two_tower param tree for `model_cfg` (positions resized to `image_size`)."""
@@ -96,12 +115,12 @@ class Format:
     img = common.patch_embed_to_params(conv, t("visual.class_embedding"),
                                        t("visual.positional_embedding"), grid)
     if model_cfg.image.get("ln_pre", False):
-      img["ln_pre"] = _ln(raw, "visual.ln_pre", self.name)
+      img["ln_pre"] = common.ln_params(raw, "visual.ln_pre", self.name)
     elif "visual.ln_pre.weight" in raw:
       raise errors.ConfigError("the checkpoint has visual.ln_pre: set "
                                "config.model.image.ln_pre=True.")
-    img["encoder"] = _encoder(raw, "visual.transformer.resblocks.", "visual.ln_post",
-                              self.name)
+    img["encoder"] = encoder_to_params(raw, "visual.transformer.resblocks.",
+                                      "visual.ln_post", self.name)
     ctx = model_cfg.text.context_length
     pos = t("positional_embedding")
     if ctx > pos.shape[0]:
@@ -109,7 +128,8 @@ class Format:
                                f"checkpoint's {pos.shape[0]} positions.")
     txt = {"token_embedding": {"embedding": common.f32(t("token_embedding.weight"))},
            "pos_embedding": common.f32(pos[:ctx])[None],
-           "encoder": _encoder(raw, "transformer.resblocks.", "ln_final", self.name)}
+           "encoder": encoder_to_params(raw, "transformer.resblocks.", "ln_final",
+                                      self.name)}
     scale = {"logit_scale": common.f32(t("logit_scale")).reshape(())}
     if model_cfg.get("use_logit_bias", False):
       scale["logit_bias"] = common.f32(t("logit_bias")).reshape(())
@@ -120,7 +140,7 @@ class Format:
 
   def from_params(self, params: dict, model_cfg) -> dict:
     """open_clip / OpenAI arrays of a two_tower model (any param layout)."""
-    _check_exportable(model_cfg, self.name)
+    common.check_clip_exportable(model_cfg, self.name)
     p = common.from_layout(params)
     img, txt = p["img"], p["txt"]
     patch = int(round((img["embedding"]["kernel"].shape[0] / 3) ** 0.5))
@@ -137,9 +157,9 @@ class Format:
     if "ln_pre" in img:
       raw["visual.ln_pre.weight"] = common.f32(img["ln_pre"]["scale"])
       raw["visual.ln_pre.bias"] = common.f32(img["ln_pre"]["bias"])
-    raw.update(_encoder_arrays(img["encoder"], "visual.transformer.resblocks.",
-                               "visual.ln_post"))
-    raw.update(_encoder_arrays(txt["encoder"], "transformer.resblocks.", "ln_final"))
+    raw.update(encoder_arrays(img["encoder"], "visual.transformer.resblocks.",
+                              "visual.ln_post"))
+    raw.update(encoder_arrays(txt["encoder"], "transformer.resblocks.", "ln_final"))
     return raw
 
   def export_config(self, model_cfg, image_size: int) -> dict:
@@ -160,11 +180,6 @@ class Format:
       vision["act_kwargs"] = text["act_kwargs"] = act
     return dict(embed_dim=model_cfg.embed_dim, quick_gelu=model_cfg.mlp_act == "quick_gelu",
                 vision_cfg=vision, text_cfg=text)
-
-
-def _default_model():
-  from vlp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  return config_lib.default_config().model
 
 
 def _heads(width, head_dim, tower, fallback=0):
@@ -190,36 +205,32 @@ def _tower_width(image_cfg):
   return builders.tower_kwargs(image_cfg, None)["width"]
 
 
-def _ln(raw, prefix, fmt):
-  return {"scale": common.f32(common.take(raw, prefix + ".weight", fmt)),
-          "bias": common.f32(common.take(raw, prefix + ".bias", fmt))}
+def _read_block(raw, b, fmt):
+  """One block's arrays for `common.block_to_params` (in_proj split into q, k, v)."""
+  wq, wk, wv = np.split(np.asarray(common.take(raw, b + "attn.in_proj_weight", fmt)), 3)
+  bq, _, bv = np.split(np.asarray(common.take(raw, b + "attn.in_proj_bias", fmt)), 3)
+  a = {k: common.take(raw, b + v, fmt) for k, v in _BLOCK_NAMES.items()}
+  return dict(a, wq=wq, wk=wk, wv=wv, bq=bq, bv=bv)  # The key bias is dropped (exact).
 
 
-def _encoder(raw, prefix, final_ln, fmt):
-  enc = {}
-  for i in range(common.count_blocks(raw, prefix)):
-    b = f"{prefix}{i}."
-    w = common.take(raw, b + "attn.in_proj_weight", fmt)
-    bias = common.take(raw, b + "attn.in_proj_bias", fmt)
-    wq, wk, wv = np.split(np.asarray(w), 3)
-    bq, _, bv = np.split(np.asarray(bias), 3)  # The key bias is dropped (exact).
-    a = {k: common.take(raw, b + v, fmt) for k, v in _BLOCK_NAMES.items()}
-    enc[f"block_{i}"] = common.block_to_params(dict(a, wq=wq, wk=wk, wv=wv, bq=bq, bv=bv))
-  enc["ln_final"] = _ln(raw, final_ln, fmt)
-  return enc
-
-
-def _encoder_arrays(enc, prefix, final_ln):
-  raw = {}
-  for i in range(sum(1 for k in enc if k.startswith("block_"))):
-    a = common.block_from_params(enc[f"block_{i}"])
-    b = f"{prefix}{i}."
-    raw[b + "attn.in_proj_weight"] = np.concatenate([a["wq"], a["wk"], a["wv"]])
-    raw[b + "attn.in_proj_bias"] = np.concatenate([a["bq"], a["bk"], a["bv"]])
-    raw.update({b + v: a[k] for k, v in _BLOCK_NAMES.items()})
-  raw[final_ln + ".weight"] = common.f32(enc["ln_final"]["scale"])
-  raw[final_ln + ".bias"] = common.f32(enc["ln_final"]["bias"])
+def _write_block(a, b):
+  raw = {b + v: a[k] for k, v in _BLOCK_NAMES.items()}
+  raw[b + "attn.in_proj_weight"] = np.concatenate([a["wq"], a["wk"], a["wv"]])
+  raw[b + "attn.in_proj_bias"] = np.concatenate([a["bq"], a["bk"], a["bv"]])
   return raw
+
+
+def encoder_to_params(raw, prefix, final_ln, fmt):
+  """A canonical vlp_jax encoder from open_clip's `prefix{i}.` resblocks and the
+  LayerNorm `final_ln`."""
+  return common.encoder_to_params(raw, prefix, final_ln, fmt,
+                                  lambda r, b: _read_block(r, b, fmt))
+
+
+def encoder_arrays(enc, prefix, final_ln):
+  """open_clip's arrays of a canonical vlp_jax encoder (inverse of
+  `encoder_to_params`)."""
+  return common.encoder_from_params(enc, prefix, final_ln, _write_block)
 
 
 def _check_supported(raw, fmt):
@@ -240,28 +251,5 @@ def _check_supported(raw, fmt):
         "an open_clip CoCa use format 'open_clip_coca').")
 
 
-def _check_exportable(model_cfg, fmt):
-  problems = []
-  if model_cfg.image.pool != "cls":
-    problems.append(f"model.image.pool={model_cfg.image.pool!r} (needs 'cls')")
-  if not model_cfg.text.causal or model_cfg.text.pool not in ("argmax", "eos"):
-    problems.append("a causal text tower pooled at the end token (text.causal=True, "
-                    "text.pool='argmax' or 'eos')")
-  for key in ("token_embed_dim",):
-    if model_cfg.get(key, 0):
-      problems.append(f"model.{key}={model_cfg[key]} (FILIP token projections)")
-  if model_cfg.text.get("prefix_conditioning", False):
-    problems.append("model.text.prefix_conditioning")
-  if model_cfg.get("proj_bias", False):
-    problems.append("model.proj_bias=True (CLIP projections have no bias)")
-  for tower in ("image", "text"):
-    if not model_cfg[tower].get("proj", True):
-      problems.append(f"model.{tower}.proj=False (CLIP towers have a projection)")
-  if model_cfg.name != "two_tower":
-    problems.append(f"model.name={model_cfg.name!r} (needs 'two_tower')")
-  if problems:
-    raise errors.ConfigError(f"cannot export to {fmt}: " + "; ".join(problems) + ".")
-
-
 OPEN_CLIP = register("open_clip")(Format("open_clip", quick_gelu=False))
-OPENAI = register("openai")(Format("openai", quick_gelu=True))
+OPENAI = register("openai")(Format("openai", quick_gelu=True, act_known=True))

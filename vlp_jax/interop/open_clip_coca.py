@@ -32,9 +32,8 @@ _CROSS = {"ln_attn": "ln_cross", "attn": "cross_attn", "ln_mlp": "ln_cross_mlp",
           "mlp": "cross_mlp"}  # A cross-attention block's parts -> decoder names.
 _POOL_HEADS = 8  # open_clip's attn_pooler_heads default (coca_ViT-B-32 and L-14).
 # The CLIP format's mappings of LayerNorms and transformer blocks, shared.
-# pylint: disable=protected-access
-_LN, _ENCODER, _ENCODER_ARRAYS = open_clip._ln, open_clip._encoder, open_clip._encoder_arrays
-# pylint: enable=protected-access
+_LN, _ENCODER, _ENCODER_ARRAYS = (common.ln_params, open_clip.encoder_to_params,
+                                  open_clip.encoder_arrays)
 
 
 class CocaFormat(open_clip.Format):
@@ -47,7 +46,7 @@ class CocaFormat(open_clip.Format):
 
   def model_config(self, raw: dict, base_model_cfg=None, quick_gelu=None,
                    head_dim: int = 64, image_heads: int = 0, text_heads: int = 0,
-                   pool_heads: int = 0):
+                   pool_heads: int = 0, mlp_act: str = None):
     """`config.model` (name 'coca', coca_layout 'open_clip') for these arrays on top
     of `base_model_cfg`: sizes from the arrays, heads = width // head_dim (or the
     given counts), the pooler's heads `pool_heads` (else the base's
@@ -55,7 +54,7 @@ class CocaFormat(open_clip.Format):
     t = lambda n: common.take(raw, n, self.name)
     _check_supported(raw, self.name)
     m = open_clip.Format.model_config(self, _as_clip(raw), base_model_cfg, quick_gelu,
-                                      head_dim, image_heads, text_heads)
+                                      head_dim, image_heads, text_heads, mlp_act)
     m.name = "coca"
     m.coca_layout = "open_clip"
     m.text.context_length = int(t(_T + "positional_embedding").shape[0]) - 1
@@ -200,9 +199,7 @@ def _as_clip(raw):
           if not k.startswith(_V + "attn_pool.") and k != "cls_emb"}
 
 
-def _ln_arrays(ln, prefix):
-  return {prefix + ".weight": common.f32(ln["scale"]),
-          prefix + ".bias": common.f32(ln["bias"])}
+_ln_arrays = common.ln_arrays
 
 
 def _pool_to_params(raw, fmt):

@@ -115,7 +115,7 @@ def export_flat(params, plan, dropped):
             f"Parameter {'/'.join(e.path)} is missing: the params do not belong to a "
             "model of the given config.model.")
       node = node[key]
-    out[e.src] = np.ascontiguousarray(np.asarray(e.save(np.asarray(node)), np.float32))
+    out[e.src] = np.require(e.save(np.asarray(node)), np.float32, "C")
   for name, shape in dropped.items():
     out[name] = np.zeros(shape, np.float32)
   return out

@@ -97,13 +97,8 @@ class OpenClipText(nn.Module):
   @nn.compact
   def __call__(self, tokens, train: bool = False):
     b, length = tokens.shape
-    if length > self.context_length:
-      raise ValueError(f"Text length {length} exceeds context_length "
-                       f"{self.context_length}.")
-    embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
-                     param_dtype=jnp.float32, name="token_embedding",
-                     embedding_init=nn.with_logical_partitioning(
-                         nn.initializers.normal(stddev=0.02), ("vocab", "embed")))
+    text.check_length(length, self.context_length)
+    embed = text.token_embedding(self.vocab_size, self.width, self.dtype)
     cls = self.param("cls", nn.with_logical_partitioning(
         nn.initializers.normal(stddev=0.01), (None, None, "embed")),
                      (1, 1, self.width), jnp.float32)

@@ -18,6 +18,14 @@ def padding_mask(tokens):
   return (tokens != PAD_ID)[:, None, None, :]
 
 
+def real_length(tokens):
+  """[B, L] tokens -> [B]: positions up to and including the last non-pad token, so a
+  pad id inside the text (CLIP's '!' is id 0) counts; 0 for an all-padding row."""
+  valid = tokens != PAD_ID
+  last = tokens.shape[1] - jnp.argmax(valid[:, ::-1], axis=1)
+  return jnp.where(valid.any(axis=1), last, 0)
+
+
 def sequence_length(length: int, prefix_length: int, context_length: int) -> int:
   """Positions the encoder sees for [B, length] tokens: the prefix is inserted and
   the whole is cut back to `context_length` (`insert_prefix`)."""
@@ -33,7 +41,7 @@ def sequence_mask(tokens, prefix_length: int = 0, context_length: int = None):
     return valid
   length = tokens.shape[1]
   t = sequence_length(length, prefix_length, context_length)
-  n = jnp.sum(valid, axis=1)
+  n = real_length(tokens)
   m = jnp.where(n > 0, jnp.minimum(n + prefix_length, t), 0)
   return jnp.arange(t)[None, :] < m[:, None]
 
@@ -54,7 +62,7 @@ def insert_prefix(x, prefix, tokens, context_length: int):
   t = sequence_length(length, p, context_length)
   if t == length + p:  # Nothing can overflow: the layout is the concatenation.
     return combined
-  n = jnp.sum(tokens != PAD_ID, axis=1)
+  n = real_length(tokens)
   m = jnp.where(n > 0, jnp.minimum(n + p, t), 0)[:, None]
   j = jnp.arange(t)[None, :]
   # Position m-1 reads the input's last real token (combined index n-1+p); the rest
@@ -99,6 +107,21 @@ def pool_features(x, valid, pool: str, tokens=None, prefix_length: int = 0):
   raise ValueError(f"Unknown text pool '{pool}'; use one of {TEXT_POOLS}.")
 
 
+def check_length(length: int, context_length: int) -> None:
+  """Raises ValueError when `length` tokens exceed `context_length`."""
+  if length > context_length:
+    raise ValueError(f"Text length {length} exceeds context_length {context_length}.")
+
+
+def token_embedding(vocab_size: int, width: int, dtype) -> nn.Embed:
+  """The 'token_embedding' table (N(0, 0.02), float32 params); create it inside the
+  text tower's compact `__call__`."""
+  return nn.Embed(vocab_size, width, dtype=dtype, param_dtype=jnp.float32,
+                  name="token_embedding",
+                  embedding_init=nn.with_logical_partitioning(
+                      nn.initializers.normal(stddev=0.02), ("vocab", "embed")))
+
+
 class TextTransformer(nn.Module):
   """Token + position embeddings and a pre-LN transformer.
 
@@ -132,13 +155,8 @@ class TextTransformer(nn.Module):
   @nn.compact
   def __call__(self, tokens, train: bool = False, data_type=None):
     b, length = tokens.shape
-    if length > self.context_length:
-      raise ValueError(f"Text length {length} exceeds context_length "
-                       f"{self.context_length}.")
-    embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
-                     param_dtype=jnp.float32, name="token_embedding",
-                     embedding_init=nn.with_logical_partitioning(
-                         nn.initializers.normal(stddev=0.02), ("vocab", "embed")))
+    check_length(length, self.context_length)
+    embed = token_embedding(self.vocab_size, self.width, self.dtype)
     pos = self.param("pos_embedding", nn.with_logical_partitioning(
         nn.initializers.normal(stddev=0.01), (None, "length", "embed")),
                      (1, self.context_length, self.width), jnp.float32)

@@ -104,31 +104,3 @@ def read_results(directory: str) -> dict:
   """The results.json `write_results` wrote in `directory`."""
   return json.loads((epath.Path(directory) / RESULTS_FILE).read_text())
 
-
-def zeroshot_predictions(predict_fns, params, cfg, num: int = 8, k: int = 3,
-                         mesh=None) -> dict:
-  """The top-`k` classes of the first `num` images of zero-shot evaluator `cfg` (an
-  `eval_config`) under `mesh`, for showing predictions beside their images:
-  {'images' [n, H, W, 3] (model input), 'labels' [n], 'top' [n, k] class ids,
-  'probs' [n, k] (softmax over 100 x cosine), 'class_names'}."""
-  from vlp_jax.evaluators import common, zeroshot  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.ConfigDict(cfg.to_dict())
-  cfg.size = num
-  ds, source = common.load_eval_set(cfg)
-  where = f"config.evals.{cfg.name}"
-  # The evaluator's own resolution of class names and templates.
-  names = list(zeroshot.classnames_lib.resolve(cfg.classnames, cfg.source, source,
-                                               f"{where}.classnames").names)
-  templates = zeroshot.templates_lib.resolve(cfg.templates, cfg.source, source,
-                                             f"{where}.templates")
-  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    classes = zeroshot.class_embeddings(predict_fns, params, names, templates.prompts,
-                                        cfg.batch_size)
-    image_emb, examples = common.embed_images(predict_fns, params, ds, cfg.batch_size)
-  logits = 100.0 * image_emb @ classes.T
-  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-  probs /= probs.sum(axis=1, keepdims=True)
-  top = np.argsort(-probs, axis=1)[:, :k]
-  return {"images": np.stack([e["image"] for e in examples]),
-          "labels": np.array([e.get("label", -1) for e in examples]), "top": top,
-          "probs": np.take_along_axis(probs, top, axis=1), "class_names": names}

@@ -29,7 +29,7 @@ from absl import logging
 from etils import epath
 
 from vlp_jax import errors
-from vlp_jax.train import freeze
+from vlp_jax.train import freeze, teacher as teacher_lib
 
 
 @dataclasses.dataclass
@@ -226,7 +226,10 @@ def _load_converted(init_cfg, params, model_cfg):
   where = f"({init_cfg.format} {init_cfg.checkpoint})"
   fmt = interop.get(init_cfg.format)
   raw = fmt.read(init_cfg.checkpoint)
-  ckpt_cfg = fmt.model_config(raw, model_cfg)
+  # What the arrays cannot tell (open_clip's activation, head counts) is the run's.
+  options = getattr(fmt, "options_from_model", None)
+  ckpt_cfg = fmt.model_config(raw, model_cfg, **(
+      options(model_cfg) if options and model_cfg is not None else {}))
   target = freeze.named_leaves(params)
   ckpt_cfg.update(_layout_of(params))
   size = fmt.native_image_size(raw)
@@ -272,5 +275,6 @@ def apply(init_cfg, state, tx, state_shardings, model_cfg=None):
     return state
   params, opt_state, _ = load(init_cfg, state.params, tx, state_shardings.opt_state,
                               model_cfg)
-  return state.replace(params=params, opt_state=opt_state)
+  # A momentum teacher starts from the loaded parameters (train/teacher.py).
+  return teacher_lib.reset(state.replace(params=params, opt_state=opt_state))
 

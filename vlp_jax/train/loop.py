@@ -42,16 +42,8 @@ class Experiment(setup_lib.TrainSetup):
       evaluators.check_config(config)
     self.workdir = workdir
     self.tokenizer = pipeline.make_tokenizer(config.data)
-    if self.tokenizer.vocab_size > config.model.text.vocab_size:
-      raise ValueError(
-          f"Tokenizer '{config.data.tokenizer}' has {self.tokenizer.vocab_size} ids but "
-          f"model.text.vocab_size is {config.model.text.vocab_size}; raise the latter.")
-    caption_pad = config.objective_cfg.get("caption", {}).get("pad_id", 0)
-    if "caption" in config.objectives and caption_pad != self.tokenizer.pad_id:
-      raise errors.ConfigError(
-          f"Tokenizer '{config.data.tokenizer}' pads with id {self.tokenizer.pad_id} but "
-          f"the caption objective masks id {caption_pad}; set "
-          f"--config.objective_cfg.caption.pad_id={self.tokenizer.pad_id}.")
+    # Vocabulary size, pad ids, text pooling against the tokenizer.
+    startup_checks.check_tokenizer(config, self.tokenizer)
     self.predict_fns = predict.make_predict_fns(
         self.model, self.tokenizer, config.model.text.context_length)
     self.is_chief = jax.process_index() == 0

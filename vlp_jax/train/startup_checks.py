@@ -1,4 +1,5 @@
-"""Checks run before anything compiles: writable workdir, free space, config changes."""
+"""Checks run before anything compiles: writable workdir, free space, config changes,
+and the tokenizer against the text tower (`check_tokenizer`)."""
 import json
 import os
 import shutil
@@ -107,3 +108,74 @@ def check_config_change(workdir: str, new: dict, allow: bool):
   if model or other:
     logging.warning("Resuming %s with a changed config: %s", workdir,
                     "; ".join(model + other))
+
+
+# Text pools that find the tokens by pad id 0 (models/text.py `pool_features`).
+PAD0_POOLS = ("eos", "mean")
+
+
+def _flag(key, value):
+  return f"--config.{key}={value}"
+
+
+def _pad0_readers(m) -> list:
+  """What of `config.model` `m` locates text padding by id 0 (models/text.py PAD_ID):
+  [(what, fixable by model.text.pool / padding_mask overrides)]."""
+  t = m.text
+  if m.name == "coca" and m.get("coca_layout", "vlp_jax") == "vlp_jax":
+    return [("CoCa's 'vlp_jax' layout, which pools at 'eos' and masks padding "
+             "whatever model.text.pool / padding_mask say", False)]
+  out = []
+  if t.get("padding_mask", True):
+    out.append(("model.text.padding_mask=True", True))
+  if m.name != "coca" and t.pool in PAD0_POOLS:
+    out.append((f"model.text.pool={t.pool!r}", True))
+  if t.get("prefix_conditioning"):
+    out.append(("model.text.prefix_conditioning", False))
+  if m.get("token_embed_dim", 0) > 0:
+    out.append(("FILIP's token-wise similarity, model.token_embed_dim > 0", False))
+  return out
+
+
+def check_tokenizer(config, tokenizer):
+  """Raises `errors.ConfigError` naming the fix when `tokenizer` (of
+  config.data.tokenizer) does not fit the model's text tower: more ids than
+  model.text.vocab_size; a caption objective masking another pad id; pool 'argmax'
+  (CLIP's: the highest id is EOS) with a tokenizer whose EOS is not its highest id; a
+  tokenizer padding with a non-zero id (siglip:, some hf:) while the tower masks or
+  pools by id 0, which would treat its padding as real tokens."""
+  spec, m = config.data.tokenizer, config.model
+  t, pad = m.text, tokenizer.pad_id
+  if tokenizer.vocab_size > t.vocab_size:
+    raise errors.ConfigError(
+        f"Tokenizer '{spec}' has {tokenizer.vocab_size} ids but model.text.vocab_size "
+        f"is {t.vocab_size}; raise the latter "
+        f"({_flag('model.text.vocab_size', tokenizer.vocab_size)}).")
+  caption_pad = config.objective_cfg.get("caption", {}).get("pad_id", 0)
+  if "caption" in config.objectives and caption_pad != pad:
+    raise errors.ConfigError(
+        f"Tokenizer '{spec}' pads with id {pad} but the caption objective masks id "
+        f"{caption_pad}; set {_flag('objective_cfg.caption.pad_id', pad)}.")
+  pool, mask = ("eos", True) if pad == 0 else ("last", False)
+  fix = f"{_flag('model.text.pool', pool)} {_flag('model.text.padding_mask', mask)}"
+  eos, top = tokenizer.eos_id, tokenizer.vocab_size - 1
+  if m.name != "coca" and t.pool == "argmax" and eos != top:
+    has = "no EOS" if eos is None else f"EOS id {eos}"
+    raise errors.ConfigError(
+        "model.text.pool='argmax' pools at the highest token id, which must be the "
+        f"tokenizer's EOS (as CLIP's 49407), but {_flag('data.tokenizer', spec)} has "
+        f"{has} and its highest id is {top}. Pool at the last real token instead: "
+        f"{fix}.")
+  readers = _pad0_readers(m)
+  if pad == 0 or not readers:
+    return
+  fixable = all(ok for _, ok in readers)
+  raise errors.ConfigError(
+      f"{_flag('data.tokenizer', spec)} pads with id {pad}, but the model finds text "
+      f"padding by id 0 ({'; '.join(what for what, _ in readers)}), so this "
+      "tokenizer's padding would count as real tokens. " +
+      (f"Set {fix} (pool at the last position, as SigLIP; no key mask)." if fixable else
+       "Use a tokenizer that pads with id 0 ('clip', 'bytes', 'sentencepiece:', or "
+       "hf:...,pad=0)" + (f", or {_flag('model.coca_layout', 'open_clip')} "
+                          f"{_flag('model.text.padding_mask', False)}"
+                          if m.name == "coca" else "") + "."))

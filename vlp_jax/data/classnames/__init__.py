@@ -2,9 +2,11 @@
 
 A set is keyed by its TFDS dataset name (index i = TFDS label i; `datasets.py` says
 where each list comes from): imagenet (= imagenet2012, imagenet_v2,
-imagenet2012_real), cifar10, cifar100, stl10, food101, oxford_iiit_pet,
-oxford_flowers102, dtd, eurosat, caltech101, cars196, sun397; short aliases: pets,
-flowers102, cars, stanford_cars.
+imagenet2012_real, imagenet_sketch, imagenet_a, imagenet_r: TFDS labels all of them
+with ImageNet's 1,000 labels), cifar10, cifar100, stl10, food101, oxford_iiit_pet,
+oxford_flowers102, dtd, eurosat, caltech101, cars196, sun397, mnist, svhn_cropped,
+resisc45, patch_camelyon; short aliases: pets, flowers102, cars, stanford_cars, svhn,
+pcam.
 
 The option (config.evals.NAME.classnames) is one of
 
@@ -13,8 +15,10 @@ The option (config.evals.NAME.classnames) is one of
   'auto'                   the built-in set of a `tfds:` source's dataset when there is
                            one (e.g. CLIP's names for tfds:imagenet2012 instead of its
                            WordNet ids), 'imagenet' for a source whose 1,000 names are
-                           WordNet ids (an ImageNet image folder), else the source's own
-                           names
+                           WordNet ids (an ImageNet image folder), CLIP's ImageNet
+                           names by WordNet id for a source whose names are other
+                           ImageNet WordNet ids (e.g. an ImageNet-A or -R folder: 200),
+                           else the source's own names
   'imagenet', 'cifar10'... a built-in set (`SETS`, `ALIASES`)
   '/path/names.txt'        a file: one name per line (blank lines skipped), or a
                            '.json' list
@@ -37,8 +41,10 @@ SETS = dict(imagenet=imagenet.IMAGENET, **datasets.SETS)
 ALIASES = {
     "imagenet2012": "imagenet", "imagenet_v2": "imagenet",
     "imagenet2012_real": "imagenet", "imagenet1k": "imagenet",
+    "imagenet_sketch": "imagenet", "imagenet_a": "imagenet", "imagenet_r": "imagenet",
     "pets": "oxford_iiit_pet", "flowers102": "oxford_flowers102",
     "cars": "cars196", "stanford_cars": "cars196",
+    "svhn": "svhn_cropped", "pcam": "patch_camelyon",
 }
 DATASET = "dataset"
 AUTO = "auto"
@@ -58,6 +64,16 @@ def set_names() -> Tuple[str, ...]:
 def builtin(name: str):
   """The built-in set called `name` (or an alias of it), or None."""
   return SETS.get(ALIASES.get(name, name))
+
+
+def by_wordnet_id(wnids):
+  """CLIP's ImageNet names of `wnids` (e.g. an ImageNet-A folder's 200 class folders),
+  or None unless every one is an ImageNet WordNet id."""
+  index = {w: i for i, w in enumerate(imagenet.IMAGENET_WNIDS)}
+  if not wnids or not all(w in index for w in wnids):
+    return None
+  return ClassNames(tuple(imagenet.IMAGENET[index[w]] for w in wnids),
+                    "built-in 'imagenet' by WordNet id (auto)")
 
 
 def _is_path(value: str) -> bool:
@@ -136,7 +152,7 @@ def resolve(value, source_spec: str, source, where: str) -> ClassNames:
           len(own) == 1000 and all(re.fullmatch(r"n\d{8}", n) for n in own)):
         name = "imagenet"  # An ImageNet folder: train/n01440764/...
       out = (ClassNames(builtin(name), f"built-in '{name}' (auto)")
-             if name and builtin(name) is not None else None)
+             if name and builtin(name) is not None else by_wordnet_id(own))
     elif builtin(value) is not None:
       out = ClassNames(builtin(value), f"built-in '{value}'")
     else:

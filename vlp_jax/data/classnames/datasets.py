@@ -28,6 +28,18 @@ label names where TFDS knows them without the data. Per set, where it comes from
   cars196: CLIP's list; the devkit's class order, which TFDS uses.
   sun397: CLIP's names, matched to TFDS's labels ('/a/abbey', ...) by name; CLIP swaps
     'jail cell' and 'jail indoor'.
+  mnist: CLIP's list ('0'..'9'); TFDS label i is digit i.
+  svhn_cropped: not in CLIP's prompts.md; CLIP_benchmark's 'svhn' names ('zero'..
+    'nine'; its en_classnames.json); TFDS label i is digit i (the data's 10 for '0' is
+    mapped to 0).
+  resisc45: CLIP's list; TFDS's label order (alphabetical, '_' for ' ').
+  patch_camelyon: CLIP's two names (also CLIP_benchmark's 'pcam'); TFDS label 1 is
+    'metastatic tissue present'.
+
+TFDS's imagenet_v2, imagenet2012_real, imagenet_sketch, imagenet_a and imagenet_r use
+ImageNet's 1,000 labels (an ImageNet-A/-R label is an ImageNet label, not an index
+into the 200 classes), so they are aliases of `imagenet` (classnames/__init__.py);
+the 200-class subsets are `imagenet.SUBSETS`.
 """
 from typing import Dict, Tuple
 
@@ -1177,6 +1189,85 @@ SUN397 = (
     "youth hostel",
 )
 
+MNIST = (
+    "0",
+    "1",
+    "2",
+    "3",
+    "4",
+    "5",
+    "6",
+    "7",
+    "8",
+    "9",
+)
+
+SVHN_CROPPED = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+)
+
+RESISC45 = (
+    "airplane",
+    "airport",
+    "baseball diamond",
+    "basketball court",
+    "beach",
+    "bridge",
+    "chaparral",
+    "church",
+    "circular farmland",
+    "cloud",
+    "commercial area",
+    "dense residential",
+    "desert",
+    "forest",
+    "freeway",
+    "golf course",
+    "ground track field",
+    "harbor",
+    "industrial area",
+    "intersection",
+    "island",
+    "lake",
+    "meadow",
+    "medium residential",
+    "mobile home park",
+    "mountain",
+    "overpass",
+    "palace",
+    "parking lot",
+    "railway",
+    "railway station",
+    "rectangular farmland",
+    "river",
+    "roundabout",
+    "runway",
+    "sea ice",
+    "ship",
+    "snowberg",
+    "sparse residential",
+    "stadium",
+    "storage tank",
+    "tennis court",
+    "terrace",
+    "thermal power station",
+    "wetland",
+)
+
+PATCH_CAMELYON = (
+    "lymph node",
+    "lymph node containing metastatic tumor tissue",
+)
+
 SETS: Dict[str, Tuple[str, ...]] = {
     "cifar10": CIFAR10,
     "cifar100": CIFAR100,
@@ -1189,4 +1280,8 @@ SETS: Dict[str, Tuple[str, ...]] = {
     "caltech101": CALTECH101,
     "cars196": CARS196,
     "sun397": SUN397,
+    "mnist": MNIST,
+    "svhn_cropped": SVHN_CROPPED,
+    "resisc45": RESISC45,
+    "patch_camelyon": PATCH_CAMELYON,
 }

@@ -3,7 +3,9 @@
 CLIP80: the 80 ImageNet templates of OpenAI's `Prompt_Engineering_for_ImageNet.ipynb`
 (open_clip's `OPENAI_IMAGENET_TEMPLATES`, in its order). SIMPLE: open_clip's 7
 `SIMPLE_IMAGENET_TEMPLATES`. DATASETS: per dataset, the templates CLIP's
-`data/prompts.md` gives it, keyed like the class-name sets (TFDS dataset names).
+`data/prompts.md` gives it, keyed like the class-name sets (TFDS dataset names);
+svhn_cropped, which prompts.md lacks, has CLIP_benchmark's 'svhn' templates, verbatim
+(its 'writte' typo included).
 """
 from typing import Dict, Tuple
 
@@ -122,26 +124,7 @@ CIFAR10 = (
     "a photo of the big {}.",
 )
 
-CIFAR100 = (
-    "a photo of a {}.",
-    "a blurry photo of a {}.",
-    "a black and white photo of a {}.",
-    "a low contrast photo of a {}.",
-    "a high contrast photo of a {}.",
-    "a bad photo of a {}.",
-    "a good photo of a {}.",
-    "a photo of a small {}.",
-    "a photo of a big {}.",
-    "a photo of the {}.",
-    "a blurry photo of the {}.",
-    "a black and white photo of the {}.",
-    "a low contrast photo of the {}.",
-    "a high contrast photo of the {}.",
-    "a bad photo of the {}.",
-    "a good photo of the {}.",
-    "a photo of the small {}.",
-    "a photo of the big {}.",
-)
+CIFAR100 = CIFAR10  # CLIP gives CIFAR-100 the same 18 templates.
 
 STL10 = (
     "a photo of a {}.",
@@ -230,6 +213,44 @@ SUN397 = (
     "a photo of the {}.",
 )
 
+MNIST = (
+    'a photo of the number: "{}".',
+)
+
+SVHN_CROPPED = (
+    "a photo of the number {} written on a sign",
+    "an outdoor house number {}",
+    "the number {} in the center of the image",
+    "an outdoor number {} writte on a sign",
+    "an outdoor number {}",
+    "a centered image of the number {}",
+)
+
+RESISC45 = (
+    "satellite imagery of {}.",
+    "aerial imagery of {}.",
+    "satellite photo of {}.",
+    "aerial photo of {}.",
+    "satellite view of {}.",
+    "aerial view of {}.",
+    "satellite imagery of a {}.",
+    "aerial imagery of a {}.",
+    "satellite photo of a {}.",
+    "aerial photo of a {}.",
+    "satellite view of a {}.",
+    "aerial view of a {}.",
+    "satellite imagery of the {}.",
+    "aerial imagery of the {}.",
+    "satellite photo of the {}.",
+    "aerial photo of the {}.",
+    "satellite view of the {}.",
+    "aerial view of the {}.",
+)
+
+PATCH_CAMELYON = (
+    "this is a photo of {}",
+)
+
 DATASETS: Dict[str, Tuple[str, ...]] = {
     "cifar10": CIFAR10,
     "cifar100": CIFAR100,
@@ -242,4 +263,8 @@ DATASETS: Dict[str, Tuple[str, ...]] = {
     "caltech101": CALTECH101,
     "cars196": CARS196,
     "sun397": SUN397,
+    "mnist": MNIST,
+    "svhn_cropped": SVHN_CROPPED,
+    "resisc45": RESISC45,
+    "patch_camelyon": PATCH_CAMELYON,
 }
