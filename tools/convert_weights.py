@@ -64,7 +64,7 @@ def overrides(model_cfg, image_size):
       else:
         flat[prefix + k] = v
   walk(model_cfg, "")
-  keys = ["embed_dim", "mlp_act", "layer_norm_eps", "use_logit_bias", "logit_scale_max",
+  keys = ["name", "embed_dim", "mlp_act", "layer_norm_eps", "use_logit_bias", "logit_scale_max",
           "proj_bias"] + [
       f"{t}.{k}" for t, ks in (
           ("image", ("variant", "width", "depth", "mlp_dim", "num_heads", "patch_size",
@@ -73,8 +73,8 @@ def overrides(model_cfg, image_size):
                     "context_length", "causal", "pool", "padding_mask", "proj")))
       for k in ks]
   if model_cfg.name == "coca":  # open_clip's CoCa (vlp_jax/interop/open_clip_coca.py).
-    keys = ["name", "coca_layout", "decoder.depth", "decoder.num_queries",
-            "decoder.pool_heads"] + keys
+    keys = keys[:1] + ["coca_layout", "decoder.depth", "decoder.num_queries",
+                       "decoder.pool_heads"] + keys[1:]
   for k in keys:
     if k in flat:
       v = flat[k]

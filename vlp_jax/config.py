@@ -15,6 +15,8 @@ ConfigDict = ml_collections.ConfigDict
 
 # Sub-trees whose keys are chosen by the user (names of objectives, evals, mesh axes).
 OPEN_KEYS = ("objectives", "objective_cfg", "evals", "mesh", "sharding_rules")
+# ... and of `config.data` (named views; `vlp_jax/data/views.py` checks their entries).
+OPEN_DATA_KEYS = ("views", "text_views")
 
 # Keys every entry of `config.evals` has, read by `train/evaluation.py`: the evaluator
 # ('' = the entry's name), its period in steps (0 = only at the end, < 0 = off), the
@@ -27,7 +29,9 @@ EVAL_COMMON_KEYS = {
 }
 
 
-# Weight formats `config.init_from.format` accepts (vlp_jax/interop/ implements them).
+# Weight formats `config.init_from.format` accepts: `vlp_jax.interop.names()`, listed
+# here so that validating a config imports no format module (the registry is the
+# source of truth; tests/test_interop_export.py checks the two are equal).
 INIT_FROM_FORMATS = ("open_clip", "openai", "hf_clip", "hf_siglip", "big_vision",
                      "open_clip_coca")
 
@@ -45,6 +49,13 @@ INIT_FROM_KEYS = {
     # (vlp_jax/interop/).
     "format": "",
 }
+
+
+# Keys of `config.teacher` (see default_config) and its momentum schedules
+# (train/teacher.SCHEDULES, not imported here: it needs jax).
+TEACHER_KEYS = {"params": [], "momentum": 0.996, "schedule": "constant",
+                "final_momentum": 1.0}
+TEACHER_SCHEDULES = ("constant", "cosine")
 
 
 def default_config() -> ConfigDict:
@@ -139,6 +150,15 @@ def default_config() -> ConfigDict:
   # 'auto' (an imagefolder's templates.txt, else the source kind's built-in set),
   # 'imagenet', 'shapes' or a .txt file of templates with '{}', one per line.
   c.data.class_templates = "auto"
+  # Extra views per example (vlp_jax/data/views.py), none by default. Image view groups
+  # NAME -> {count, size (0 = image_size), crop_scale, crop_ratio, flip, boxes,
+  # color_jitter, jitter_p, grayscale, blur} give
+  # batch['views/NAME'] [B, count, size, size, 3] (+ 'view_boxes/NAME' [B, count, 4]),
+  # e.g. {'global': {'count': 2, 'size': 224, 'crop_scale': [0.4, 1.0]}, 'local':
+  # {'count': 8, 'size': 96, 'crop_scale': [0.05, 0.4]}}; text views NAME -> {kind:
+  # first_sentence | first_words | word_deletion, words, p} give 'text_views/NAME' [B, L].
+  c.data.views = ConfigDict()
+  c.data.text_views = ConfigDict()
   c.device_prefetch = 2  # Batches put on device ahead of the running step (0 = off).
   c.profile_steps = [0, 0]  # [a, b]: jax.profiler trace of steps a..b-1 to workdir/profile.
 
@@ -158,6 +178,14 @@ def default_config() -> ConfigDict:
   # A workdir lock whose holder is on another host and whose heartbeat is older than
   # this is taken over (on the same host: as soon as the holder's pid is gone).
   c.lock_stale_after_s = 600.0
+
+  # Momentum (EMA) teacher (vlp_jax/train/teacher.py): an EMA copy of the parameters
+  # whose '/'-joined paths fully match a regex of `params` ([] = no teacher; ['.*'] =
+  # all; ['img/.*', 'img_proj/.*'] = the image tower). Objectives read its outputs as
+  # 'teacher_NAME'. After each step t <- m t + (1 - m) theta, with m = `momentum`
+  # ('constant') or cosine from `momentum` at step 0 to `final_momentum` at
+  # total_steps ('cosine', as BYOL / DINO).
+  c.teacher = ConfigDict(dict(TEACHER_KEYS, params=[]))
   return c
 
 
@@ -175,7 +203,8 @@ def check_keys(config, schema, prefix="config"):
           f"Unknown config key '{path}'.{_closest(key, schema.keys())} "
           f"Valid keys here: {sorted(schema.keys())}.")
     value, ref = config[key], schema[key]
-    if key in OPEN_KEYS and prefix == "config":
+    if (key in OPEN_KEYS and prefix == "config") or (
+        key in OPEN_DATA_KEYS and prefix == "config.data"):
       continue
     if isinstance(ref, ConfigDict):
       if not isinstance(value, (ConfigDict, dict)):
@@ -277,6 +306,23 @@ def validate_fault_tolerance(config) -> None:
   for key in ("include", "exclude", "allow_missing", "allow_shape_mismatch"):
     _check_regexes(init[key], f"config.init_from.{key}", re)
   _check_regexes(config.frozen, "config.frozen", re)
+  validate_teacher(config.teacher)
+
+
+def validate_teacher(t) -> None:
+  """Checks `config.teacher` (its regexes, momenta and schedule)."""
+  import re  # pylint: disable=g-import-not-at-top
+  _check_regexes(t.params, "config.teacher.params", re)
+  for key in ("momentum", "final_momentum"):
+    if not (_is_number(t[key]) and 0.0 <= t[key] <= 1.0):
+      raise errors.ConfigError(
+          f"config.teacher.{key}={t[key]!r} must be a number in [0, 1] (the teacher "
+          "keeps this fraction of itself each step, e.g. 0.996; 1 = never moves).")
+  if t.schedule not in TEACHER_SCHEDULES:
+    raise errors.ConfigError(
+        f"config.teacher.schedule={t.schedule!r} is not one of "
+        f"{list(TEACHER_SCHEDULES)} ('constant': momentum throughout; 'cosine': from "
+        "momentum to final_momentum over total_steps).")
 
 
 def _check_regexes(value, where, re):
@@ -406,6 +452,8 @@ def _validate_data(d):
     raise errors.ConfigError(
         f"config.data.normalization={d.normalization!r} is not one of "
         f"{list(NORMALIZATIONS)}.")
+  from vlp_jax.data import views  # pylint: disable=g-import-not-at-top
+  views.check_config(d)
 
 
 def _lists(value):

@@ -3,6 +3,7 @@ then each selected implementation's own checks, where its registry lives (the mo
 family, the objectives against the model's outputs, the evaluators' options) and the
 data checks. Batch arithmetic, which needs the mesh, is `batch_plan.py`."""
 from vlp_jax import config as config_lib
+from vlp_jax import errors
 
 
 def validate(config, evals: bool = True) -> None:
@@ -16,7 +17,23 @@ def validate(config, evals: bool = True) -> None:
   tokenizers.parse_spec(config.data.tokenizer)  # Its form; paths are read at start.
   models.check_config(config.model)
   objectives.check_config(config)
+  check_teacher_reads(config)
   mixture.check_config(config)  # Mixture entries, captions_per_image, class_templates.
   if evals and config.evals:
     from vlp_jax import evaluators  # pylint: disable=g-import-not-at-top
     evaluators.check_config(config)
+
+
+def check_teacher_reads(config) -> None:
+  """Objectives that read teacher outputs ('teacher_*') need `config.teacher.params`."""
+  from vlp_jax.registry import OBJECTIVES  # pylint: disable=g-import-not-at-top
+  from vlp_jax.train import teacher  # pylint: disable=g-import-not-at-top
+  if teacher.enabled(config):
+    return
+  for name in config.objectives.keys():
+    reads = [r for r in OBJECTIVES.info(name)["reads"] if teacher.is_teacher_output(r)]
+    if reads:
+      raise errors.ConfigError(
+          f"Objective '{name}' reads the momentum teacher's output '{reads[0]}', but "
+          "config.teacher.params is empty (no teacher): set it to the parameters the "
+          "teacher copies, e.g. ['.*'] (all) or ['img/.*', 'img_proj/.*'].")

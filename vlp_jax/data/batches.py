@@ -15,7 +15,7 @@ any `worker_count`.
 import grain
 import numpy as np
 
-from vlp_jax.data import mixture, robust
+from vlp_jax.data import mixture, robust, views
 
 # Spares tried for one bad element before giving up (then most records are bad).
 MAX_SPARES = 16
@@ -24,6 +24,8 @@ MAX_SPARES = 16
 # 0 caption / 1 classification; 'image_id' the hash of the source example's key
 # (`transforms.example_id`), shared by the k rows of one example.
 BATCH_KEYS = ("image", "text", "label", "data_type", "image_id")
+# Plus, when config.data.views / .text_views are set, the views' keys ('views/NAME',
+# 'view_boxes/NAME', 'text_views/NAME'; `views.py`), also with the batch axis first.
 
 
 def spare_index(seed: int, index: int, attempt: int, window: int) -> int:
@@ -67,10 +69,11 @@ class ReplaceBad(grain.MapDataset):
 
 
 def collate(elements, rows_per_element: int = 1):
-  """Stacks the `BATCH_KEYS` of one-row elements (concatenates those of k-row elements,
-  `rows_per_element` = k > 1); concatenates `_skipped`, sums `_read`."""
+  """Stacks the `BATCH_KEYS` and view keys of one-row elements (concatenates those of
+  k-row elements, `rows_per_element` = k > 1); concatenates `_skipped`, sums `_read`."""
   join = np.stack if rows_per_element == 1 else np.concatenate
-  batch = {k: join([e[k] for e in elements]) for k in BATCH_KEYS}
+  keys = BATCH_KEYS + tuple(sorted(k for k in elements[0] if views.is_view_key(k)))
+  batch = {k: join([e[k] for e in elements]) for k in keys}
   batch["_skipped"] = [s for e in elements for s in e["_skipped"]]
   batch["_read"] = sum(e["_read"] for e in elements)
   return batch

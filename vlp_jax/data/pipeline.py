@@ -7,7 +7,7 @@ from absl import logging
 
 from vlp_jax import batch_plan, errors
 from vlp_jax.data import (batches, mixture, robust, sources, sources_wds, templates,
-                          tokenizers, transforms)
+                          tokenizers, transforms, views)
 
 
 def _train_transform(config, tokenizer, **labels):
@@ -17,7 +17,8 @@ def _train_transform(config, tokenizer, **labels):
   return robust.safe_transform(transforms.TrainTransform(
       tokenizer, d.image_size, config.model.text.context_length, d.normalization,
       crop_scale=tuple(d.crop_scale), flip=d.flip, clean_captions=True,
-      captions_per_image=d.captions_per_image, **labels))
+      captions_per_image=d.captions_per_image, image_views=views.image_views(d),
+      text_views=views.text_views(d), **labels))
 
 
 def _component_transforms(config, tokenizer, specs, component_sources):
@@ -54,7 +55,9 @@ def train_dataset(config, tokenizer, plan=None) -> grain.IterDataset:
   caption data, 1 + class + offset for classification data), 'data_type' (0 / 1) and
   'image_id' (hash of the source example's key). With config.data.captions_per_image
   k > 1 every source example gives k consecutive rows (k captions, k crops, one
-  image_id); k must divide B/P.
+  image_id); k must divide B/P. config.data.views / .text_views add each row's extra
+  views ('views/NAME' [B, count, S, S, 3], 'view_boxes/NAME' [B, count, 4],
+  'text_views/NAME' [B, L]; `views.py`), with the same guarantees as below.
 
   Random-access sources (and mixtures of them): global batch b holds elements
   b*B/k .. (b+1)*B/k-1 of the shuffled, repeated, transformed stream, process p builds

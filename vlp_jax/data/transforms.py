@@ -6,7 +6,6 @@ transform workers rather than in the source.
 """
 import dataclasses
 import hashlib
-import math
 from typing import Any, Tuple
 
 import grain
@@ -14,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from vlp_jax import errors
-from vlp_jax.data import decode
+from vlp_jax.data import decode, views
 
 # name -> (mean, std) in [0, 1] pixel units.
 NORMALIZATIONS = {
@@ -54,29 +53,7 @@ def random_resized_crop(image_u8: np.ndarray, size: int, rng: np.random.Generato
   resized to size x size (bicubic); `flip` mirrors it horizontally with p = 0.5.
   """
   h, w = image_u8.shape[:2]
-  area = h * w
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  box = None
-  for _ in range(10):
-    target_area = area * rng.uniform(scale[0], scale[1])
-    aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-    cw = int(round(math.sqrt(target_area * aspect)))
-    ch = int(round(math.sqrt(target_area / aspect)))
-    if 0 < cw <= w and 0 < ch <= h:
-      top = int(rng.integers(0, h - ch + 1))
-      left = int(rng.integers(0, w - cw + 1))
-      box = (left, top, left + cw, top + ch)
-      break
-  if box is None:  # Fallback: center crop, aspect ratio clamped to `ratio`.
-    in_ratio = w / h
-    if in_ratio < min(ratio):
-      cw, ch = w, int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-      cw, ch = int(round(h * max(ratio))), h
-    else:
-      cw, ch = w, h
-    top, left = (h - ch) // 2, (w - cw) // 2
-    box = (left, top, left + cw, top + ch)
+  box = views.random_crop_box(h, w, rng, scale, ratio)
   out = np.asarray(Image.fromarray(image_u8).resize((size, size), Image.BICUBIC, box=box))
   if flip and rng.random() < 0.5:
     out = out[:, ::-1]
@@ -130,6 +107,12 @@ class TrainTransform(grain.transforms.RandomMap):
   `captions_per_image` k > 1: every value gains a leading axis of k rows (image
   [k, S, S, 3], text [k, L], ...): k captions (distinct when the example has >= k,
   else drawn with replacement), each row with its own random crop / flip.
+
+  `image_views` / `text_views` (`views.ImageView` / `views.TextView`, from
+  `views.image_views(config.data)` / `views.text_views(...)`) add 'views/NAME'
+  float32 [count, S, S, 3] (with `boxes`, 'view_boxes/NAME' float32 [count, 4]) and
+  'text_views/NAME' int32 [L] per row (see `views.py`); drawn after everything else,
+  so the other values are the same with or without them.
   """
   tokenizer: Any
   image_size: int
@@ -143,6 +126,8 @@ class TrainTransform(grain.transforms.RandomMap):
   class_names: Tuple[str, ...] = ()
   class_templates: Any = None
   label_offset: int = 0
+  image_views: Tuple[Any, ...] = ()
+  text_views: Tuple[Any, ...] = ()
 
   def _texts_and_label(self, element):
     """(captions or prompts, batch label, data type) of one example."""
@@ -180,16 +165,39 @@ class TrainTransform(grain.transforms.RandomMap):
       picks = rng.choice(len(captions), size=k, replace=False)
     else:
       picks = rng.integers(len(captions), size=k)
-    images = self._crops(as_image_u8(element["image"]), rng, k)
-    tokens = self.tokenizer.tokenize([captions[i] for i in picks], self.context_length)
+    image = as_image_u8(element["image"])
+    images = self._crops(image, rng, k)
+    picked = [captions[i] for i in picks]
+    tokens = self.tokenizer.tokenize(picked, self.context_length)
     ids = np.array([label, data_type, example_id(key)], np.int32)
     if k == 1:
-      return {"image": normalize(images[0], self.normalization), "text": tokens[0],
-              "label": ids[0], "data_type": ids[1], "image_id": ids[2]}
-    return {"image": normalize(np.stack(images), self.normalization),
-            "text": np.asarray(tokens),
-            "label": np.full(k, ids[0]), "data_type": np.full(k, ids[1]),
-            "image_id": np.full(k, ids[2])}
+      out = {"image": normalize(images[0], self.normalization), "text": tokens[0],
+             "label": ids[0], "data_type": ids[1], "image_id": ids[2]}
+    else:
+      out = {"image": normalize(np.stack(images), self.normalization),
+             "text": np.asarray(tokens),
+             "label": np.full(k, ids[0]), "data_type": np.full(k, ids[1]),
+             "image_id": np.full(k, ids[2])}
+    if self.image_views or self.text_views:
+      out.update(self._views(image, picked, int(rng.integers(2**63))))
+    return out
+
+  def _views(self, image, captions, view_seed):
+    """The 'views/*', 'view_boxes/*' and 'text_views/*' values of one example's rows
+    (without the row axis when there is one row)."""
+    k, out = len(captions), {}
+    for name, (crops, boxes) in views.image_view_rows(image, self.image_views,
+                                                      view_seed, k).items():
+      out[views.IMAGE_PREFIX + name] = normalize(crops, self.normalization)
+      if boxes is not None:
+        out[views.BOX_PREFIX + name] = boxes
+    for name, texts in views.text_view_rows(captions, self.text_views,
+                                            view_seed).items():
+      out[views.TEXT_PREFIX + name] = np.asarray(
+          self.tokenizer.tokenize(texts, self.context_length))
+    if k == 1:
+      out = {key: value[0] for key, value in out.items()}
+    return out
 
 
 @dataclasses.dataclass

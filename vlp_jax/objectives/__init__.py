@@ -21,7 +21,9 @@ def check_config(config) -> None:
         check(options.to_dict() if hasattr(options, "to_dict") else dict(options))
       except (ValueError, TypeError) as e:
         raise errors.ConfigError(str(e)) from None
-    missing = [r for r in OBJECTIVES.info(name)["reads"] if r not in produced]
+    # A teacher output 'teacher_NAME' is the model's NAME (vlp_jax/train/teacher.py).
+    reads = [r.removeprefix("teacher_") for r in OBJECTIVES.info(name)["reads"]]
+    missing = [r for r in reads if r not in produced]
     for output in missing:
       switch = models.output_switch(config.model.name, output)
       makers = models.producers(output, config.model)

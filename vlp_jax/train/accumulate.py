@@ -42,20 +42,27 @@ Dropout: micro-batch k uses `fold_in(rng, k)` in both passes, so pass 2 reproduc
 pass 1's outputs. With dropout 0 (the default) the step equals the full-batch step;
 with dropout > 0 it equals a full-batch step whose dropout masks are drawn per
 micro-batch.
+
+Outputs computed without gradient for the whole batch beforehand (`extra_outputs`:
+the momentum teacher's, see `teacher.py`) are given to batch-global objectives whole
+and to per-example ones as micro-batch k's rows.
 """
 import jax
 import jax.numpy as jnp
 
 from vlp_jax.objectives import combine
+from vlp_jax.train import teacher as teacher_lib
 
 
 def cached_output_names(objectives):
   """The outputs pass 1 caches for the whole batch (the scalar ones then dropped):
-  the union of the batch-global objectives' `reads`, in declaration order."""
+  the union of the batch-global objectives' `reads`, in declaration order, less the
+  teacher's (computed beforehand, without gradient)."""
   names = []
   for obj in objectives:
     if obj.batch_global:
-      names.extend(r for r in obj.reads if r not in names)
+      names.extend(r for r in obj.reads
+                   if r not in names and not teacher_lib.is_teacher_output(r))
   return tuple(names)
 
 
@@ -89,7 +96,7 @@ def _scale_grad(x, factor):
 
 
 def accumulated_grads(params, model, objectives, batch, rng, accum_steps: int,
-                      train: bool = True):
+                      train: bool = True, extra_outputs=None):
   """Gradient of the weighted objectives over `accum_steps` micro-batches.
 
   Args:
@@ -101,6 +108,8 @@ def accumulated_grads(params, model, objectives, batch, rng, accum_steps: int,
     rng: dropout key; micro-batch k uses `fold_in(rng, k)`.
     accum_steps: the number K of micro-batches.
     train: passed to the model.
+    extra_outputs: outputs without gradient for the whole batch ([B, ...] or
+      scalars), added to the model's (e.g. the teacher's 'teacher_*').
 
   Returns:
     (grads, metrics): grads in the parameters' dtypes; metrics with the keys of
@@ -113,6 +122,8 @@ def accumulated_grads(params, model, objectives, batch, rng, accum_steps: int,
   local_objs = [o for o in objectives if not o.batch_global]
   to_cache = cached_output_names(objectives)
   micro = split_microbatches(batch, k_steps)
+  extra = jax.lax.stop_gradient(dict(extra_outputs or {}))
+  extra_micro = split_microbatches(extra, k_steps)  # [K, b, ...]; scalars [K].
   keys = jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(k_steps))
 
   def forward(p, mb, key):
@@ -140,12 +151,13 @@ def accumulated_grads(params, model, objectives, batch, rng, accum_steps: int,
   # Pass 2: micro-batch k with gradient, its outputs substituted into the cache.
   local_weights = {o.name: o.weight / k_steps for o in local_objs}
 
-  def loss_k(p, k, mb, key):
-    out = forward(p, mb, key)
+  def loss_k(p, k, mb, key, extra_k):
+    out = dict(forward(p, mb, key), **extra_k)
     results = {}
     if global_objs:
       full = {name: merge_microbatches(cache[name].at[k].set(out[name]))
               for name in cache}
+      full.update(extra)
       # Scalar outputs (logit_scale/bias) enter each of the K steps' global loss.
       full.update({name: _scale_grad(v, 1.0 / k_steps) for name, v in out.items()
                    if name not in full and jnp.ndim(v) == 0})
@@ -160,14 +172,14 @@ def accumulated_grads(params, model, objectives, batch, rng, accum_steps: int,
   grad_fn = jax.grad(loss_k, has_aux=True)
 
   def body(acc, xs):
-    k, mb, key = xs
-    grads, aux = grad_fn(params, k, mb, key)
+    k, mb, key, extra_k = xs
+    grads, aux = grad_fn(params, k, mb, key, extra_k)
     acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
     return acc, aux
 
   acc0 = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
   acc, (results, scalars) = jax.lax.scan(
-      body, acc0, (jnp.arange(k_steps), micro, keys))
+      body, acc0, (jnp.arange(k_steps), micro, keys, extra_micro))
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), acc, params)
 
   # Batch-global objectives' values (and the scalar outputs) are the same in every

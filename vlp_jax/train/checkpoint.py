@@ -1,6 +1,7 @@
 """Orbax (async) checkpoints of the train state together with the data-iterator state.
 
-`workdir/checkpoints/STEP/` holds `state` (params, optimizer state, step, RNG), `data`
+`workdir/checkpoints/STEP/` holds `state` (params, optimizer state, step, RNG and the
+momentum teacher, if any), `data`
 (the Grain iterator's position) and `meta` (JSON: resolved config, skipped-step count,
 best-metric history). The newest `keep_checkpoints` are kept, plus every step that is
 a multiple of `keep_every`. With `best_metric` set, the parameters of the best
@@ -104,10 +105,14 @@ def _param_shapes(params):
           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
-def check_compatible(manager, step: int, abstract_state, saved_params=None):
-  """Raises CheckpointError listing missing / unexpected / reshaped parameters, if any."""
+def check_compatible(manager, step: int, abstract_state, saved_params=None,
+                     saved_teacher=None):
+  """Raises CheckpointError listing missing / unexpected / reshaped parameters, or
+  naming a momentum teacher that differs from `config.teacher`'s, if any."""
   if saved_params is None:
-    saved_params = manager.item_metadata(step)["state"]["params"]
+    saved_state = manager.item_metadata(step)["state"]
+    saved_params, saved_teacher = saved_state["params"], saved_state.get("teacher")
+  _check_teacher(manager, step, getattr(abstract_state, "teacher", None), saved_teacher)
   saved = _param_shapes(saved_params)
   wanted = _param_shapes(abstract_state.params)
   missing = sorted(set(wanted) - set(saved))
@@ -124,6 +129,21 @@ def check_compatible(manager, step: int, abstract_state, saved_params=None):
         f"Checkpoint at step {step} in {manager.directory} does not match the model of "
         f"this config. Parameters {' | '.join(parts)}. Use a fresh --workdir, or the "
         f"config the checkpoint was written with.{layout_hint(missing, unexpected)}")
+
+
+def _check_teacher(manager, step, wanted, saved):
+  """CheckpointError unless the checkpoint's teacher (metadata) has the names and
+  shapes of this config's (`wanted`, abstract; None = no teacher)."""
+  if (wanted is None) == (saved is None) and (
+      wanted is None or _param_shapes(wanted) == _param_shapes(saved)):
+    return
+  count = lambda t: "no momentum teacher" if t is None else (
+      f"a momentum teacher of {len(_param_shapes(t))} parameters")
+  raise errors.CheckpointError(
+      f"Checkpoint at step {step} in {manager.directory} has {count(saved)}, but this "
+      f"config's config.teacher.params selects {count(wanted)}. Set config.teacher as "
+      "when the checkpoint was written, or use a fresh --workdir (config.init_from "
+      "can start it from this run's parameters).")
 
 
 def layout_hint(missing, unexpected) -> str:
@@ -329,11 +349,12 @@ def restore(manager, abstract_state, data_iter=None, step=None, fallback: bool =
     restored = None
     if not what:
       try:
-        saved = manager.item_metadata(s)["state"]["params"]
+        saved_state = manager.item_metadata(s)["state"]
+        saved, saved_teacher = saved_state["params"], saved_state.get("teacher")
       except Exception as e:  # pylint: disable=broad-except
         what = [checkpoint_health.summarize(e)]
     if not what:
-      check_compatible(manager, s, abstract_state, saved)
+      check_compatible(manager, s, abstract_state, saved, saved_teacher)
       items = {"state": ocp.args.StandardRestore(abstract_state)}
       if data_iter is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)

@@ -111,11 +111,13 @@ def check(init_cfg, report: Report, where: str):
     problems.append(f"in the checkpoint but not the model {len(report.unexpected)}: "
                     f"{report.unexpected[:8]} (add them to init_from.exclude)")
   if problems:
-    raise ValueError(f"config.init_from {where}: parameters " + " | ".join(problems) + ".")
+    raise errors.CheckpointError(
+        f"config.init_from {where}: parameters " + " | ".join(problems) + ".")
   if not report.loaded:
-    raise ValueError(f"config.init_from {where}: no parameter selected by include="
-                     f"{list(init_cfg.include)} / exclude={list(init_cfg.exclude)} was "
-                     "found in the checkpoint.")
+    raise errors.CheckpointError(
+        f"config.init_from {where}: no parameter selected by include="
+        f"{list(init_cfg.include)} / exclude={list(init_cfg.exclude)} was found in the "
+        "checkpoint.")
 
 
 def load(init_cfg, params, tx, opt_shardings, model_cfg=None):

@@ -8,6 +8,7 @@ from vlp_jax import batch_plan, validation
 from vlp_jax import sharding
 from vlp_jax.models import build_model
 from vlp_jax.train import freeze, optim, state as state_lib, step as step_lib
+from vlp_jax.train import teacher as teacher_lib
 
 
 class TrainSetup:
@@ -26,9 +27,12 @@ class TrainSetup:
     self.state_shardings = jax.tree.map(lambda a: a.sharding, self.abstract)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     self.objectives = step_lib.objectives_from_config(config)
+    # step -> momentum of the EMA teacher (None without one; train/teacher.py).
+    self.teacher_momentum = teacher_lib.momentum_schedule(config)
     self.step_fn = step_lib.make_train_step(
         self.model, self.objectives, self.tx, self.schedule, self.state_shardings,
-        self.batch_sharding, accum_steps=config.accum_steps)
+        self.batch_sharding, accum_steps=config.accum_steps,
+        teacher_momentum=self.teacher_momentum)
 
   def create_state(self):
     return state_lib.create_state(self.model, self.tx, self.config, self.mesh)

@@ -1,21 +1,49 @@
 """Train state, created directly in its final sharding."""
+import dataclasses
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vlp_jax import sharding
+from vlp_jax.train import teacher as teacher_lib
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainState:
+  """step, params, optimizer state, base RNG key (per-step keys are fold_in(rng,
+  step)) and the momentum teacher (`teacher.py`; None without one).
+
+  A pytree whose children are named by attribute; without a teacher it has exactly
+  the four children it had before teachers existed, so older checkpoints restore.
+  """
   step: jax.Array
   params: Any
   opt_state: Any
-  rng: jax.Array  # base key; per-step keys are fold_in(rng, step)
+  rng: jax.Array
+  teacher: Any = None
+
+  def replace(self, **updates) -> "TrainState":
+    return dataclasses.replace(self, **updates)
+
+
+_FIELDS = ("step", "params", "opt_state", "rng")
+
+
+def _flatten_with_keys(state):
+  names = _FIELDS if state.teacher is None else _FIELDS + ("teacher",)
+  return ([(jax.tree_util.GetAttrKey(n), getattr(state, n)) for n in names],
+          state.teacher is not None)
+
+
+def _unflatten(has_teacher, children):
+  del has_teacher  # The fifth child, when present, is the teacher.
+  return TrainState(*children)
+
+
+jax.tree_util.register_pytree_with_keys(TrainState, _flatten_with_keys, _unflatten)
 
 
 def dummy_batch(config, batch_size: int = 1):
@@ -33,8 +61,9 @@ def _init_fn(model, tx, config):
     variables = model.init({"params": params_rng, "dropout": dropout_rng},
                            dummy_batch(config), train=False)
     params = variables["params"]
+    teacher = teacher_lib.init(params, teacher_lib.patterns(config))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=state_rng)
+                      opt_state=tx.init(params), rng=state_rng, teacher=teacher)
   return init
 
 

@@ -5,7 +5,7 @@ import jax
 import optax
 
 from vlp_jax.objectives import combine
-from vlp_jax.train import accumulate, nonfinite
+from vlp_jax.train import accumulate, nonfinite, teacher as teacher_lib
 
 # A selected objective with its weight, options and declarations (reads, batch_keys,
 # batch_global); see `vlp_jax/objectives/combine.py`.
@@ -17,52 +17,79 @@ def objectives_from_config(config):
   return combine.from_config(config)
 
 
-def compute_loss(params, model, objectives, batch, rng, train=True):
-  """Sum of weighted objectives on one forward pass -> (total, metrics)."""
+def compute_loss(params, model, objectives, batch, rng, train=True, extra_outputs=None):
+  """Sum of weighted objectives on one forward pass -> (total, metrics).
+
+  `extra_outputs` (e.g. the teacher's, `teacher.outputs`) join the model's outputs."""
   combine.check_batch(objectives, batch)
   outputs = model.apply({"params": params}, batch, train=train, rngs={"dropout": rng})
+  if extra_outputs:
+    outputs = dict(outputs, **extra_outputs)
   return combine.weighted_loss(objectives, outputs, batch)
 
 
-def gradients(params, model, objectives, batch, rng, accum_steps=1):
+def gradients(params, model, objectives, batch, rng, accum_steps=1, extra_outputs=None):
   """(grads, metrics) of the weighted objectives on `batch`: one forward pass, or
-  `accum_steps` micro-batches keeping every negative (see `accumulate.py`)."""
+  `accum_steps` micro-batches keeping every negative (see `accumulate.py`).
+  `extra_outputs`: full-batch outputs computed without gradient (the teacher's)."""
   if accum_steps > 1:
     return accumulate.accumulated_grads(params, model, objectives, batch, rng,
-                                        accum_steps)
-  return jax.grad(compute_loss, has_aux=True)(params, model, objectives, batch, rng)
+                                        accum_steps, extra_outputs=extra_outputs)
+  return jax.grad(compute_loss, has_aux=True)(params, model, objectives, batch, rng,
+                                              extra_outputs=extra_outputs)
 
 
-def train_step(state, batch, *, model, objectives, tx, schedule, accum_steps=1):
+def train_step(state, batch, *, model, objectives, tx, schedule, accum_steps=1,
+               teacher_momentum=None):
   """One optimisation step; returns (new_state, metrics).
 
   With `accum_steps` > 1 the gradient is accumulated over that many micro-batches,
   keeping all negatives of the batch (see `accumulate.py`). A step with a non-finite
-  loss or gradient leaves params and optimizer state unchanged (see `nonfinite.py`);
-  `metrics['nonfinite']` holds its flags. The batch gains 'step' (the step being
-  computed) for objectives whose targets follow a schedule over training.
+  loss or gradient leaves params, optimizer state and teacher unchanged (see
+  `nonfinite.py`); `metrics['nonfinite']` holds its flags. The batch gains 'step' (the
+  step being computed) for objectives whose targets follow a schedule over training.
+
+  With a momentum teacher (`state.teacher`, see `teacher.py`) the objectives' declared
+  'teacher_*' outputs come from a forward pass with the teacher's parameters, and the
+  teacher moves towards the updated parameters with momentum
+  `teacher_momentum(step)` (also in `metrics['teacher_momentum']`).
   """
   rng = jax.random.fold_in(state.rng, state.step)
   # Objectives that follow a schedule over training declare batch_keys=('step',).
   batch = dict(batch, step=state.step)
-  grads, metrics = gradients(state.params, model, objectives, batch, rng, accum_steps)
+  extra = teacher_lib.outputs(model, state.params, state.teacher, batch,
+                              teacher_lib.needed_outputs(objectives), accum_steps)
+  grads, metrics = gradients(state.params, model, objectives, batch, rng, accum_steps,
+                             extra_outputs=extra)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  teacher = state.teacher
+  if teacher is not None:
+    if teacher_momentum is None:
+      raise ValueError("The state has a momentum teacher: pass teacher_momentum "
+                       "(teacher.momentum_schedule(config)) to the train step.")
+    momentum = teacher_momentum(state.step)
+    teacher = teacher_lib.ema_update(teacher, params, momentum)
+    metrics["teacher_momentum"] = momentum
   grad_norm = optax.tree.norm(grads)
   flags = nonfinite.flags(metrics, grads, [o.name for o in objectives], grad_norm)
-  params, opt_state = nonfinite.guard(flags[0], (params, opt_state),
-                                      (state.params, state.opt_state))
+  params, opt_state, teacher = nonfinite.guard(
+      flags[0], (params, opt_state, teacher), (state.params, state.opt_state,
+                                               state.teacher))
   metrics["grad_norm"] = grad_norm
   metrics["lr"] = schedule(state.step)
   metrics["nonfinite"] = flags
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            teacher=teacher)
   return new_state, metrics
 
 
 def make_train_step(model, objectives, tx, schedule, state_shardings, batch_sharding,
-                    accum_steps=1):
-  """jit-compiles `train_step` with explicit shardings and a donated state."""
+                    accum_steps=1, teacher_momentum=None):
+  """jit-compiles `train_step` with explicit shardings and a donated state.
+  `teacher_momentum`: the momentum schedule when the state has a teacher."""
   fn = functools.partial(train_step, model=model, objectives=objectives, tx=tx,
-                         schedule=schedule, accum_steps=accum_steps)
+                         schedule=schedule, accum_steps=accum_steps,
+                         teacher_momentum=teacher_momentum)
   return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
