@@ -10,7 +10,7 @@ import pytest
 from tests import test_train
 from vlp_jax import config as config_lib, sharding
 from vlp_jax.data import pipeline
-from vlp_jax.train import loop, state as state_lib, step as step_lib
+from vlp_jax.train import loop, state as state_lib, step as step_lib, teacher as teacher_lib
 
 MESHES = {
     "data8": {"data": 8, "fsdp": 1, "tensor": 1},
@@ -33,6 +33,10 @@ def siglip_config():
   c.model.use_logit_bias = True
   c.model.logit_bias_init = -10.0
   c.objectives = {"siglip": 1.0}
+  # A momentum teacher of the image tower rides along: sharded like its params, its
+  # EMA update is part of the step that must equal one device's.
+  c.teacher.params = ["img/.*"]
+  c.teacher.momentum = 0.5
   return c
 
 
@@ -40,19 +44,25 @@ CONFIGS = {"coca": coca_config, "siglip": siglip_config}
 
 
 def train(config, devices, batches):
-  """Three train steps from the same init; returns (losses, params) on the host."""
+  """Three train steps from the same init; returns (losses, {'params', 'teacher'}) on
+  the host."""
   exp = loop.Experiment(config, "/unused", devices)
   state = state_lib.create_state(exp.model, exp.tx, config, exp.mesh)
   fn = step_lib.make_train_step(exp.model, step_lib.objectives_from_config(config),
                                 exp.tx, exp.schedule, exp.state_shardings,
                                 sharding.batch_sharding(exp.mesh, exp.rules),
-                                accum_steps=config.accum_steps)
+                                accum_steps=config.accum_steps,
+                                teacher_momentum=exp.teacher_momentum)
   losses = []
   with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
     for b in batches:
       state, m = fn(state, sharding.make_global_batch(b, exp.mesh, exp.rules))
       losses.append(float(m["loss"]))
-  return np.array(losses), jax.device_get(state.params)
+  if state.teacher is not None:  # Sharded exactly like the parameters it copies.
+    want = teacher_lib.like(exp.state_shardings.params, exp.state_shardings.teacher)
+    assert [x.sharding for x in jax.tree.leaves(state.teacher)] == jax.tree.leaves(want)
+  return np.array(losses), jax.device_get({"params": state.params,
+                                           "teacher": state.teacher})
 
 
 @functools.cache
@@ -176,4 +186,5 @@ def test_scan_fused_remat_on_a_mesh_matches_single_device(mesh):
   losses, params = train(config, jax.devices(), batches)
   assert_close(losses, ref_losses)
   jax.tree.map(assert_close, params, ref_params)
-  assert ref_params["img"]["encoder"]["layers"]["block"]["attn"]["qkv_kernel"].shape[0] == 2
+  assert ref_params["params"]["img"]["encoder"]["layers"]["block"]["attn"][
+      "qkv_kernel"].shape[0] == 2

@@ -3,6 +3,7 @@ and a sharded run equals the single-device one (losses, parameters, teacher)."""
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from tests import test_teacher
 from vlp_jax.data import pipeline
@@ -24,6 +25,9 @@ def train(mesh, devices, batches):
   return exp, state, np.array(losses), init
 
 
+# `make test` checks the teacher on a mesh in test_sharded_train.py (siglip's fast case
+# and its accumulation test carry an image-tower teacher); this fuller one is slow.
+@pytest.mark.slow
 def test_teacher_is_sharded_like_its_params_and_matches_one_device():
   assert jax.device_count() == 8
   config = test_teacher.teacher_config()
