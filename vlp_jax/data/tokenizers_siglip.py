@@ -80,9 +80,6 @@ class SiglipTokenizer(tokenizers.Tokenizer):
   def _mark_id(self) -> int:
     return self._sp.piece_to_id(_UNDERLINE)
 
-  def encode_batch(self, texts):
-    return [self.encode(t) for t in texts]
-
   def tokenize(self, texts, length: int):
     """int32 [N, length]: [tokens..., EOS, EOS, ...]; EOS is not doubled when the text
     itself ends with a literal '</s>' (transformers' `_add_eos_if_not_present`)."""

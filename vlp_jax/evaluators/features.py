@@ -47,8 +47,12 @@ def train_and_test(predict_fns, params, cfg, where: str):
           test._replace(num_classes=num_classes))
 
 
+def moments(train: np.ndarray):
+  """(mean, std + 1e-5) of each feature of `train`, as [1, D] rows."""
+  return train.mean(axis=0, keepdims=True), train.std(axis=0, keepdims=True) + 1e-5
+
+
 def standardize(train: np.ndarray, *others: np.ndarray):
   """(train, *others) with each feature scaled by the train mean and std (+1e-5)."""
-  mean = train.mean(axis=0, keepdims=True)
-  std = train.std(axis=0, keepdims=True) + 1e-5
+  mean, std = moments(train)
   return tuple((a - mean) / std for a in (train,) + others)

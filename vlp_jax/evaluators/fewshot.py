@@ -47,8 +47,7 @@ def ridge_cache(x, y, num_classes: int) -> RidgeCache:
   (X^T X + l2 I)^-1 X^T T when N >= D+1, else X^T (X X^T + l2 I)^-1 T, with X the
   standardised features plus the bias column and T = 2 one_hot(y) - 1."""
   x = np.asarray(x, np.float64)
-  mean = x.mean(axis=0, keepdims=True)
-  std = x.std(axis=0, keepdims=True) + 1e-5
+  mean, std = features.moments(x)
   xd = _design(x, mean, std)
   t = 2.0 * np.eye(num_classes)[np.asarray(y)] - 1.0
   if xd.shape[0] >= xd.shape[1]:
