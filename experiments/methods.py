@@ -38,6 +38,7 @@ class Method(NamedTuple):
   paper: str
   overrides: Dict[str, object]
   note: str = ""
+  config_arg: str = ""  # `configs/bench.py:ARG` (settings overrides cannot express).
 
 
 # The classification view and the caption view of the benchmark data, for methods
@@ -62,6 +63,13 @@ METHODS: Dict[str, Method] = {
     "unicl_prefix": Method("Saito et al. 2022 (prefix conditioning) on UniCL",
                            {"objectives": "{'unicl': 1.0}", "data.mixture": MIXTURE,
                             "model.text.prefix_conditioning": True}),
+    # Issue 15: views, momentum teachers, queues, masked modelling.
+    "tcl": Method("Yang et al. 2022 (contrastive part)", {}, config_arg="tcl"),
+    "pyramidclip": Method("Gao et al. 2022 (two-level pyramid)", {},
+                          config_arg="pyramidclip"),
+    "siglip2": Method("Tschannen et al. 2025 (SigLIP 2-style)", {},
+                      config_arg="siglip2"),
+    "m3ae": Method("Geng et al. 2022 (+ contrastive head)", {}, config_arg="m3ae"),
 }
 
 
@@ -72,7 +80,9 @@ def run_dir(workdir: str, method: str, seed: int) -> str:
 def command(workdir: str, method: str, seed: int, extra=()) -> list:
   """The main.py argv of one run."""
   overrides = dict(METHODS[method].overrides, seed=seed)
-  argv = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={BASE}",
+  arg = METHODS[method].config_arg
+  argv = [sys.executable, os.path.join(ROOT, "main.py"),
+          f"--config={BASE}" + (f":{arg}" if arg else ""),
           f"--workdir={run_dir(workdir, method, seed)}"]
   argv += [f"--config.{k}={v}" for k, v in overrides.items()]
   return argv + list(extra)

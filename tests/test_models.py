@@ -31,6 +31,7 @@ D = 16  # Embedding dimension.
 Q = 4  # CoCa decoder queries.
 
 EXPECTED_OUT_KEYS = {"image_emb", "image_tokens", "text_emb", "text_tokens",
+                     "image_local_emb", "text_local_emb", "text_local_mask",
                      "logit_scale"}
 
 
@@ -194,8 +195,9 @@ def test_single_modality_batches(which, tt, coca, tt_out, coca_out, batch):
   full = tt_out if which == "two_tower" else coca_out
   img = model.apply(variables, {"image": batch["image"]})
   txt = model.apply(variables, {"text": batch["text"]})
-  assert set(img) == {"image_emb", "image_tokens", "logit_scale"}
-  assert set(txt) == {"text_emb", "text_tokens", "logit_scale"}
+  assert set(img) == {"image_emb", "image_tokens", "image_local_emb", "logit_scale"}
+  assert set(txt) == {"text_emb", "text_tokens", "text_local_emb", "text_local_mask",
+                      "logit_scale"}
   for out in (img, txt):
     for key, value in out.items():
       np.testing.assert_allclose(value, full[key], atol=1e-6)

@@ -4,7 +4,8 @@ import pytest
 from vlp_jax import cli, errors, validation
 from vlp_jax.perf import flops
 
-B16 = ("clip_b16", "siglip_b16", "coca_b16", "filip_b16", "unicl_b16")
+B16 = ("clip_b16", "siglip_b16", "coca_b16", "filip_b16", "unicl_b16",
+       "pyramidclip_b16", "tcl_b16", "m3ae_b16", "siglip2_b16")
 
 
 @pytest.mark.parametrize("name", B16)
@@ -60,10 +61,14 @@ def test_text_pool_fits_the_tokenizer(name):
   full = cli.load_config_file(f"configs/{name}.py")
   local = cli.load_config_file(f"configs/{name}.py:runlocal")
   assert full.data.tokenizer == "clip"
-  argmax = name in ("clip_b16", "filip_b16", "unicl_b16")
+  if name == "tcl_b16":  # TCL's BERT-like tower: bidirectional, pooled at BOS ([CLS]).
+    assert all((x.model.text.pool, x.model.text.padding_mask, x.model.text.causal) ==
+               ("first", True, False) for x in (full, local))
+    return
+  argmax = name in ("clip_b16", "filip_b16", "unicl_b16", "pyramidclip_b16")
   assert (full.model.text.pool, full.model.text.padding_mask) == (
       ("argmax", False) if argmax else ("eos", True))
-  assert argmax == full.model.text.causal or name == "coca_b16"
+  assert argmax == full.model.text.causal or name in ("coca_b16", "siglip2_b16")
   assert local.data.tokenizer.startswith("words:")
   assert (local.model.text.pool, local.model.text.padding_mask) == ("eos", True)
   if name == "unicl_b16":

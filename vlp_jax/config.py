@@ -56,6 +56,8 @@ INIT_FROM_KEYS = {
 TEACHER_KEYS = {"params": [], "momentum": 0.996, "schedule": "constant",
                 "final_momentum": 1.0}
 TEACHER_SCHEDULES = ("constant", "cosine")
+# Keys of `config.queue` (see default_config; vlp_jax/train/queue.py).
+QUEUE_KEYS = {"size": 0, "dim": 0, "entries": {}}
 
 
 def default_config() -> ConfigDict:
@@ -120,6 +122,10 @@ def default_config() -> ConfigDict:
   # image_token_emb / text_token_emb / text_token_mask, and evaluators score with the
   # token-wise (late-interaction) similarity.
   c.model.token_embed_dim = 0
+  # Masked image modelling (TIPS / SigLIP 2; vlp_jax/models/masked_outputs.py): in
+  # training the image tower also runs with this fraction of patches replaced by a
+  # learned mask token -> outputs masked_image_tokens, image_patch_mask (0 = off).
+  c.model.masked_image_ratio = 0.0
   # Prefix conditioning (Saito et al.): learned prefix tokens per data type
   # (0 = caption, 1 = classification prompt), taken from batch['data_type'].
   c.model.text.prefix_conditioning = False
@@ -143,6 +149,12 @@ def default_config() -> ConfigDict:
   # appended to the text, self- and cross-attention blocks; vlp_jax/models/coca.py).
   c.model.coca_layout = "vlp_jax"
   c.model.decoder.pool_heads = 0  # 'open_clip' layout: the pooler's heads (0 = image's).
+  # M3AE (name='m3ae', vlp_jax/models/m3ae.py): one encoder (sizes of model.image) over
+  # [CLS] + kept patches + kept text tokens, a light decoder; mask ratios per modality;
+  # pool of embed_image: 'cls' | 'gap'; contrastive: an optional CLIP-style head.
+  c.model.m3ae = ConfigDict(dict(
+      image_mask_ratio=0.75, text_mask_ratio=0.75, decoder_width=512, decoder_depth=8,
+      decoder_heads=16, decoder_mlp_dim=2048, pool="cls", contrastive=False))
   # Rows per source example: k > 1 puts k captions of one image (each with its own
   # crop) in the batch as consecutive rows with the same batch['image_id'].
   c.data.captions_per_image = 1
@@ -186,6 +198,10 @@ def default_config() -> ConfigDict:
   # ('constant') or cosine from `momentum` at step 0 to `final_momentum` at
   # total_steps ('cosine', as BYOL / DINO).
   c.teacher = ConfigDict(dict(TEACHER_KEYS, params=[]))
+  # Memory queue (vlp_jax/train/queue.py): FIFOs of `size` rows (0 = no queue) of
+  # momentum-teacher outputs, `entries` = {queue name: 'teacher_OUTPUT'}, rows of
+  # dimension `dim` (0 = model.embed_dim); objectives read them as 'queue/NAME'.
+  c.queue = ConfigDict(dict(QUEUE_KEYS, entries=ConfigDict({})))
   return c
 
 
@@ -204,7 +220,8 @@ def check_keys(config, schema, prefix="config"):
           f"Valid keys here: {sorted(schema.keys())}.")
     value, ref = config[key], schema[key]
     if (key in OPEN_KEYS and prefix == "config") or (
-        key in OPEN_DATA_KEYS and prefix == "config.data"):
+        key in OPEN_DATA_KEYS and prefix == "config.data") or (
+            path == "config.queue.entries"):  # Names chosen by the user.
       continue
     if isinstance(ref, ConfigDict):
       if not isinstance(value, (ConfigDict, dict)):
@@ -245,7 +262,7 @@ def validate(config) -> None:
     raise errors.ConfigError(
         f"config.optim.name={config.optim.name!r} is not an optimizer; use one of "
         f"{list(OPTIMIZER_NAMES)}.")
-  for group in ("", ".image", ".text", ".decoder"):
+  for group in ("", ".image", ".text", ".decoder", ".m3ae"):
     node = config.model
     for key in group.split(".")[1:]:
       node = node[key]
@@ -307,6 +324,16 @@ def validate_fault_tolerance(config) -> None:
     _check_regexes(init[key], f"config.init_from.{key}", re)
   _check_regexes(config.frozen, "config.frozen", re)
   validate_teacher(config.teacher)
+  validate_queue(config.queue)
+
+
+def validate_queue(q) -> None:
+  """Checks `config.queue`'s size and dimension."""
+  for key in ("size", "dim"):
+    if not (isinstance(q[key], int) and q[key] >= 0):
+      raise errors.ConfigError(
+          f"config.queue.{key}={q[key]!r} must be an integer >= 0 (size: rows per "
+          "queue, e.g. 65536, 0 = no queue; dim: 0 = config.model.embed_dim).")
 
 
 def validate_teacher(t) -> None:
@@ -388,7 +415,10 @@ MODEL_RANGES = {
                              "the FILIP per-token embedding width; 0 = no token "
                              "embeddings"),
          "logit_scale_max": (False, lambda v: v > 0, "> 0",
-                             "the largest value the learned logit scale may reach")},
+                             "the largest value the learned logit scale may reach"),
+         "masked_image_ratio": (False, _UNIT_OPEN, "in [0, 1)",
+                                "the fraction of patches masked in the masked image "
+                                "pass; 0 = off")},
     ".image": {"width": _FROM_VARIANT, "depth": _FROM_VARIANT, "mlp_dim": _FROM_VARIANT,
                "num_heads": _FROM_VARIANT, "patch_size": _FROM_VARIANT,
                "dropout": _DROPOUT},
@@ -404,6 +434,13 @@ MODEL_RANGES = {
                                  "image tokens the decoder cross-attends to"),
                  "pool_heads": (True, _GE0, ">= 0", "the open_clip CoCa pooler's "
                                 "attention heads; 0 = the image tower's")},
+}
+MODEL_RANGES[".m3ae"] = {
+    "image_mask_ratio": (False, _UNIT_OPEN, "in [0, 1)", "the fraction of patches masked"),
+    "text_mask_ratio": (False, _UNIT_OPEN, "in [0, 1)",
+                        "the fraction of text positions masked"),
+    "decoder_width": _DIM, "decoder_depth": (True, _GE0, ">= 0", "decoder layers"),
+    "decoder_heads": _DIM, "decoder_mlp_dim": _DIM,
 }
 EVAL_RANGES = {  # Of EVAL_COMMON_KEYS; an evaluator checks its own options.
     "batch_size": (True, _GE1, ">= 1", "examples per evaluation batch"),
@@ -481,6 +518,9 @@ def _validate_model_options(m):
   if m.text.pool not in TEXT_POOLS:
     raise errors.ConfigError(f"config.model.text.pool={m.text.pool!r} is not one of "
                              f"{list(TEXT_POOLS)}.")
+  if m.m3ae.pool not in ("cls", "gap"):
+    raise errors.ConfigError(f"config.model.m3ae.pool={m.m3ae.pool!r} is not one of "
+                             "['cls', 'gap'].")
   layout = m.get("coca_layout", "vlp_jax")
   if layout not in COCA_LAYOUTS:
     raise errors.ConfigError(f"config.model.coca_layout={layout!r} is not one "

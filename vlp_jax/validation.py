@@ -18,10 +18,28 @@ def validate(config, evals: bool = True) -> None:
   models.check_config(config.model)
   objectives.check_config(config)
   check_teacher_reads(config)
+  check_queue(config)
   mixture.check_config(config)  # Mixture entries, captions_per_image, class_templates.
   if evals and config.evals:
     from vlp_jax import evaluators  # pylint: disable=g-import-not-at-top
     evaluators.check_config(config)
+
+
+def check_queue(config) -> None:
+  """`config.queue`'s entries name teacher outputs the model produces, and the
+  objectives read only queues that exist (vlp_jax/train/queue.py)."""
+  from vlp_jax import models  # pylint: disable=g-import-not-at-top
+  from vlp_jax.models import view_outputs  # pylint: disable=g-import-not-at-top
+  from vlp_jax.train import queue, teacher  # pylint: disable=g-import-not-at-top
+  queue.check_config(config)
+  produced = models.output_names(config.model) | view_outputs.view_output_names(
+      config.data)
+  for name, output in queue.entries(config).items():
+    if teacher.student_name(output) not in produced:
+      raise errors.ConfigError(
+          f"config.queue.entries['{name}'] = '{output}', but the model does not produce "
+          f"'{teacher.student_name(output)}' for this config (it produces "
+          f"{sorted(produced)}).")
 
 
 def check_teacher_reads(config) -> None:

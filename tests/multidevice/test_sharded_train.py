@@ -10,7 +10,8 @@ import pytest
 from tests import test_train
 from vlp_jax import config as config_lib, sharding
 from vlp_jax.data import pipeline
-from vlp_jax.train import loop, state as state_lib, step as step_lib, teacher as teacher_lib
+from vlp_jax.train import loop, queue as queue_lib, state as state_lib
+from vlp_jax.train import step as step_lib, teacher as teacher_lib
 
 MESHES = {
     "data8": {"data": 8, "fsdp": 1, "tensor": 1},
@@ -37,6 +38,10 @@ def siglip_config():
   # EMA update is part of the step that must equal one device's.
   c.teacher.params = ["img/.*"]
   c.teacher.momentum = 0.5
+  # And a memory queue of its embeddings (sharded rows, enqueued in the step; wraps
+  # after two steps).
+  c.queue.update(size=64, entries={"image": "teacher_image_emb",
+                                   "text": "teacher_text_emb"})
   return c
 
 
@@ -44,15 +49,16 @@ CONFIGS = {"coca": coca_config, "siglip": siglip_config}
 
 
 def train(config, devices, batches):
-  """Three train steps from the same init; returns (losses, {'params', 'teacher'}) on
-  the host."""
+  """Three train steps from the same init; returns (losses, {'params', 'teacher',
+  'queue'}) on the host."""
   exp = loop.Experiment(config, "/unused", devices)
   state = state_lib.create_state(exp.model, exp.tx, config, exp.mesh)
   fn = step_lib.make_train_step(exp.model, step_lib.objectives_from_config(config),
                                 exp.tx, exp.schedule, exp.state_shardings,
                                 sharding.batch_sharding(exp.mesh, exp.rules),
                                 accum_steps=config.accum_steps,
-                                teacher_momentum=exp.teacher_momentum)
+                                teacher_momentum=exp.teacher_momentum,
+                                queue_entries=queue_lib.entries(config) or None)
   losses = []
   with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
     for b in batches:
@@ -61,8 +67,13 @@ def train(config, devices, batches):
   if state.teacher is not None:  # Sharded exactly like the parameters it copies.
     want = teacher_lib.like(exp.state_shardings.params, exp.state_shardings.teacher)
     assert [x.sharding for x in jax.tree.leaves(state.teacher)] == jax.tree.leaves(want)
+  if state.queue is not None:  # Rows over the data-parallel axes.
+    for name, rows in state.queue.items():
+      want = exp.state_shardings.queue[name]
+      assert rows.sharding == want, name
   return np.array(losses), jax.device_get({"params": state.params,
-                                           "teacher": state.teacher})
+                                           "teacher": state.teacher,
+                                           "queue": state.queue})
 
 
 @functools.cache

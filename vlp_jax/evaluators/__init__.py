@@ -85,7 +85,22 @@ def check_entry(name: str, entry) -> None:
     info["check"](cfg, where)
 
 
+# Evaluators that compare image and text embeddings: the model must produce both.
+EMBEDDING_EVALUATORS = ("zeroshot", "retrieval")
+
+
 def check_config(config) -> None:
-  """Each entry of `config.evals` names a registered evaluator with valid options."""
+  """Each entry of `config.evals` names a registered evaluator with valid options, and
+  image-text evaluators run only on models with a contrastive head."""
+  from vlp_jax import models  # pylint: disable=g-import-not-at-top
+  produced = models.output_names(config.model)
   for name, entry in config.evals.items():
     check_entry(name, entry)
+    kind = entry.get("type", name)
+    if kind in EMBEDDING_EVALUATORS and not {"image_emb", "text_emb"} <= produced:
+      switch = models.output_switch(config.model.name, "image_emb")
+      raise errors.ConfigError(
+          f"config.evals.{name} ({kind}) compares image and text embeddings, but model "
+          f"'{config.model.name}' has no contrastive head under this config"
+          + (f" (set {switch})" if switch else "") + ": turn it on, or evaluate with "
+          "'linear_probe' / 'fewshot' (frozen image features) instead.")

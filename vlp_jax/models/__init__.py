@@ -9,6 +9,7 @@ from vlp_jax import errors
 from vlp_jax.models import coca  # pylint: disable=unused-import  (registers 'coca')
 from vlp_jax.models import interface
 from vlp_jax.models import layers
+from vlp_jax.models import m3ae  # pylint: disable=unused-import  (registers 'm3ae')
 from vlp_jax.models import two_tower  # pylint: disable=unused-import  (registers)
 from vlp_jax.registry import MODELS
 

@@ -31,7 +31,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from vlp_jax.models import builders, heads, layers, macs, text, vit
+from vlp_jax.models import (builders, heads, layers, macs, masked_outputs, text,
+                             view_outputs, vit)
 from vlp_jax.registry import MODELS
 
 COCA_LAYOUTS = ("vlp_jax", "open_clip")
@@ -202,14 +203,18 @@ class CoCa(nn.Module):
   dtype: object
 
   # Outputs produced only under a setting: output -> the setting.
-  OUTPUT_SWITCHES = {"logit_bias": "config.model.use_logit_bias=True"}
+  OUTPUT_SWITCHES = dict({"logit_bias": "config.model.use_logit_bias=True"},
+                         **{k: masked_outputs.SWITCH for k in masked_outputs.OUTPUTS})
+  # Settings of config.model this family implements (models.check_config).
+  SUPPORTS = frozenset({"masked_image_ratio"})
 
   @classmethod
   def outputs(cls, cfg):
     """Names of the outputs `__call__` returns for model config `cfg` (both inputs)."""
     out = {"image_emb", "text_emb", "image_tokens", "text_tokens", "caption_logits",
-           "logit_scale"}
-    return frozenset(out | ({"logit_bias"} if cfg.use_logit_bias else set()))
+           "logit_scale", *view_outputs.LOCAL_OUTPUTS}
+    return frozenset(out | ({"logit_bias"} if cfg.use_logit_bias else set())
+                     | masked_outputs.output_names(cfg))
 
   @classmethod
   def _image_macs(cls, config, train):
@@ -362,4 +367,13 @@ class CoCa(nn.Module):
       out["text_emb"], out["text_tokens"] = self.txt_proj(pooled), feats
       if context is not None:
         out["caption_logits"] = self.multimodal(feats, batch["text"], context, train)
-    return out
+    out.update(view_outputs.local_embeddings(
+        lambda t: self.img_proj(t, normalize=False),
+        lambda t: self.txt_proj(t, normalize=False), out.get("image_tokens"),
+        out.get("text_tokens"), text.sequence_mask(batch["text"]) if "text" in batch
+        else None))
+    masked_outputs.add_masked_outputs(
+        out, self, batch.get("image"), lambda x, m: self.img(x, train, m)[1], train)
+    return view_outputs.add_view_outputs(
+        out, batch, self.embed_image, self.embed_text,
+        lambda t: self.img_proj(t, normalize=False), train)

@@ -20,7 +20,8 @@ class Projection(nn.Module):
   linear: bool = True
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, normalize: bool = True):
+    """`normalize=False`: the linear map alone (applied per token to [..., W])."""
     if self.linear:
       x = layers.dense(self.embed_dim, ("embed", "proj"), self.dtype, "proj",
                        use_bias=self.use_bias)(x)
@@ -28,7 +29,7 @@ class Projection(nn.Module):
       raise ValueError(f"A tower without projection gives width {x.shape[-1]} "
                        f"embeddings, but model.embed_dim is {self.embed_dim}: set "
                        "embed_dim to the tower's width or turn its projection on.")
-    return layers.l2_normalize(x)
+    return layers.l2_normalize(x) if normalize else x
 
 
 def projection_kwargs(model_cfg, tower: str) -> dict:

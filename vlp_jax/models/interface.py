@@ -109,6 +109,8 @@ OPTIONAL_SETTINGS = {
     "image.proj": (lambda m: not m.image.get("proj", True),
                    "config.model.image.proj=True"),
     "text.proj": (lambda m: not m.text.get("proj", True), "config.model.text.proj=True"),
+    "masked_image_ratio": (lambda m: m.get("masked_image_ratio", 0.0) > 0,
+                           "config.model.masked_image_ratio=0.0"),
 }
 
 # Attribute -> (what it is, whether it must be a classmethod / staticmethod).

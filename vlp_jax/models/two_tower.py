@@ -1,5 +1,8 @@
 """Two-tower image-text model (CLIP, SigLIP, LiT, FILIP): ViT + text transformer.
 
+Batches with extra views ('views/NAME', 'text_views/NAME') also get their
+embeddings, and every batch the projected local tokens (`view_outputs.py`).
+
 Options of `config.model`: `token_embed_dim` > 0 adds FILIP's per-token projections
 (outputs `image_token_emb`, `text_token_emb`, `text_token_mask`);
 `text.prefix_conditioning` gives the text tower one learned prefix per data type,
@@ -8,7 +11,8 @@ chosen by `batch['data_type']` (0 caption, the default; 1 classification prompt)
 import flax.linen as nn
 import ml_collections
 
-from vlp_jax.models import builders, heads, layers, macs, text, vit
+from vlp_jax.models import (builders, heads, layers, macs, masked_outputs, text,
+                             view_outputs, vit)
 from vlp_jax.registry import MODELS
 
 TOKEN_OUTPUTS = ("image_token_emb", "text_token_emb", "text_token_mask")
@@ -26,20 +30,23 @@ class TwoTower(nn.Module):
 
   # Outputs produced only under a setting: output -> the setting.
   OUTPUT_SWITCHES = dict({"logit_bias": "config.model.use_logit_bias=True"},
-                         **{k: "config.model.token_embed_dim=256" for k in TOKEN_OUTPUTS})
+                         **{k: "config.model.token_embed_dim=256" for k in TOKEN_OUTPUTS},
+                         **{k: masked_outputs.SWITCH for k in masked_outputs.OUTPUTS})
   # Settings of config.model this family implements (models.check_config).
   SUPPORTS = frozenset({"token_embed_dim", "text.prefix_conditioning", "proj_bias",
+                        "masked_image_ratio",
                         "image.proj", "text.proj"})
 
   @classmethod
   def outputs(cls, cfg):
     """Names of the outputs `__call__` returns for model config `cfg` (both inputs)."""
-    out = {"image_emb", "text_emb", "image_tokens", "text_tokens", "logit_scale"}
+    out = {"image_emb", "text_emb", "image_tokens", "text_tokens", "logit_scale",
+           *view_outputs.LOCAL_OUTPUTS}
     if cfg.use_logit_bias:
       out.add("logit_bias")
     if cfg.get("token_embed_dim", 0) > 0:
       out.update(TOKEN_OUTPUTS)
-    return frozenset(out)
+    return frozenset(out) | masked_outputs.output_names(cfg)
 
   @classmethod
   def forward_macs(cls, config, train=True):
@@ -124,4 +131,14 @@ class TwoTower(nn.Module):
       if tokens_on:
         out["text_token_emb"] = self.txt_token_proj(out["text_tokens"])
         out["text_token_mask"] = self._text_mask(batch["text"])
-    return out
+    out.update(view_outputs.local_embeddings(
+        lambda t: self.img_proj(t, normalize=False),
+        lambda t: self.txt_proj(t, normalize=False), out.get("image_tokens"),
+        out.get("text_tokens"), self._text_mask(batch["text"]) if "text" in batch
+        else None))
+    masked_outputs.add_masked_outputs(
+        out, self, batch.get("image"), lambda x, m: self.img(x, train, m)[1], train)
+    return view_outputs.add_view_outputs(
+        out, batch, self.embed_image,
+        lambda t, train: self.embed_text(t, train, None),
+        lambda t: self.img_proj(t, normalize=False), train)

@@ -51,6 +51,19 @@ def patch_keep_indices(rng, batch: int, n: int, patch_dropout: float):
   return jnp.sort(keep, axis=1)
 
 
+def resize_positions(pos, grid):
+  """[1, g*g, W] position table of a square g x g patch grid -> [1, gh*gw, W] for
+  `grid` = (gh, gw), bicubic (jax.image.resize, antialiased when shrinking), as DINO
+  and SILC feed their smaller local crops."""
+  n, width = pos.shape[1], pos.shape[2]
+  g = int(round(n ** 0.5))
+  if g * g != n:
+    raise ValueError(f"Cannot resize a position table of {n} patches: it is not a "
+                     "square grid.")
+  out = jax.image.resize(pos.reshape(g, g, width), (grid[0], grid[1], width), "bicubic")
+  return out.reshape(1, grid[0] * grid[1], width)
+
+
 class ViT(nn.Module):
   """ViT: patchify (reshape + matmul), learned positions, pre-LN encoder, pooling.
 
@@ -59,7 +72,10 @@ class ViT(nn.Module):
   positions and the class token (OpenAI / open_clip ViTs). The class token gets no
   position embedding (a checkpoint's position 0 is folded into it on import). With `patch_dropout` p > 0 (FLIP), training keeps a random subset
   of round(N (1 - p)) patch tokens per example (positions added first; the class token
-  is always kept); evaluation sees every patch.
+  is always kept); evaluation sees every patch. A `mask` (masked image modelling:
+  TIPS / SigLIP 2, `masked_outputs.py`) replaces chosen embedded patches by a learned
+  mask token. Images of another size than the first call's (local crops) use the
+  position table resized to their patch grid.
   """
   width: int
   depth: int
@@ -75,7 +91,10 @@ class ViT(nn.Module):
   opts: layers.TransformerOptions = layers.TransformerOptions()
 
   @nn.compact
-  def __call__(self, images, train: bool = False):
+  def __call__(self, images, train: bool = False, mask=None):
+    """`mask` ([B, N] bool, optional; True = masked): those embedded patches are
+    replaced by the learned `mask_token` (param created only on this path) before the
+    positions are added (iBOT / DINOv2 / TIPS order); patch dropout is then off."""
     p = self.patch_size
     b, h, w, c = images.shape
     if h % p or w % p:
@@ -83,17 +102,32 @@ class ViT(nn.Module):
     patches = einops.rearrange(images, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)",
                                p1=p, p2=p).astype(self.dtype)
     n = patches.shape[1]
+    # The table's size is fixed by the first (initialising) call; images of another
+    # size (e.g. 96 px local crops) get it resized (`resize_positions`).
+    table = n
+    if self.has_variable("params", "pos_embedding"):
+      table = nn.meta.unbox(self.get_variable("params", "pos_embedding")).shape[1]
     pos = self.param("pos_embedding", nn.with_logical_partitioning(
         nn.initializers.normal(stddev=1 / self.width ** 0.5), (None, "length", "embed")),
-                     (1, n, self.width), jnp.float32)
+                     (1, table, self.width), jnp.float32)
+    if table != n:
+      pos = resize_positions(pos, (h // p, w // p))
     pos = jnp.broadcast_to(pos, (b, n, self.width))
-    if train and self.patch_dropout > 0:
+    if train and self.patch_dropout > 0 and mask is None:
       # Dropping raw patches and their positions before the (per-token) embedding
       # equals embedding, adding positions, then dropping -- and skips the dropped work.
       keep = patch_keep_indices(self.make_rng("dropout"), b, n, self.patch_dropout)
       patches = jnp.take_along_axis(patches, keep[..., None], axis=1)
       pos = jnp.take_along_axis(pos, keep[..., None], axis=1)
     x = layers.dense(self.width, ("patch", "embed"), self.dtype, "embedding")(patches)
+    if mask is not None:
+      if mask.shape != (b, n):
+        raise ValueError(f"mask has shape {mask.shape}; expected (batch, patches) = "
+                         f"{(b, n)}.")
+      token = self.param("mask_token", nn.with_logical_partitioning(  # iBOT: zeros.
+          nn.initializers.zeros, (None, None, "embed")),
+                         (1, 1, self.width), jnp.float32)
+      x = jnp.where(mask[..., None], token.astype(self.dtype), x)
     x = x + pos.astype(self.dtype)
     if self.pool == "cls":
       cls = self.param("cls", nn.with_logical_partitioning(

@@ -15,14 +15,20 @@ from vlp_jax.train.setup import TrainSetup
 
 
 def synthetic_batch(config, seed: int = 0):
-  """A host batch of the global batch size: random images and full-length token ids."""
+  """A host batch of the global batch size: random images and full-length token ids,
+  and the extra views `config.data.views` / `text_views` ask for."""
   rng = np.random.default_rng(seed)
   s, length = config.data.image_size, config.model.text.context_length
   b = config.batch_size
-  return {
-      "image": rng.standard_normal((b, s, s, 3), np.float32),
-      "text": rng.integers(1, config.model.text.vocab_size, (b, length), np.int32),
-  }
+  tokens = lambda: rng.integers(1, config.model.text.vocab_size, (b, length), np.int32)
+  batch = {"image": rng.standard_normal((b, s, s, 3), np.float32), "text": tokens()}
+  for name, v in (config.data.get("views") or {}).items():
+    size = int(v.get("size", 0)) or s
+    batch[f"views/{name}"] = rng.standard_normal(
+        (b, int(v.get("count", 1)), size, size, 3), np.float32)
+  for name in (config.data.get("text_views") or {}).keys():
+    batch[f"text_views/{name}"] = tokens()
+  return batch
 
 
 def memory_stats(compiled, device):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from vlp_jax import models
+from vlp_jax.perf import method_flops
 # The shared primitives, re-exported: each model family adds them up itself.
 from vlp_jax.models.macs import (  # pylint: disable=unused-import
     attention_macs, block_macs, image_tokens, logits_macs, pool_macs,
@@ -28,8 +29,11 @@ def forward_macs(config, train: bool = True) -> dict:
 
 
 def train_flops_per_sample(config) -> float:
-  """Model FLOPs of one training sample: 3 x forward, 2 FLOPs per multiply-add."""
-  return 3.0 * 2.0 * sum(forward_macs(config, train=True).values())
+  """Model FLOPs of one training sample: 3 x forward, 2 FLOPs per multiply-add, plus
+  what extra views, the momentum teacher's pass and a masked pass add
+  (`method_flops.extra_train_macs`, already weighted by passes)."""
+  return 2.0 * (3.0 * sum(forward_macs(config, train=True).values())
+                + sum(method_flops.extra_train_macs(config).values()))
 
 
 def tower_train_flops_per_sample(config, tower: str) -> float:

@@ -96,7 +96,7 @@ def _scale_grad(x, factor):
 
 
 def accumulated_grads(params, model, objectives, batch, rng, accum_steps: int,
-                      train: bool = True, extra_outputs=None):
+                      train: bool = True, extra_outputs=None, state_outputs=None):
   """Gradient of the weighted objectives over `accum_steps` micro-batches.
 
   Args:
@@ -110,6 +110,8 @@ def accumulated_grads(params, model, objectives, batch, rng, accum_steps: int,
     train: passed to the model.
     extra_outputs: outputs without gradient for the whole batch ([B, ...] or
       scalars), added to the model's (e.g. the teacher's 'teacher_*').
+    state_outputs: arrays that are not per example (the queue's 'queue/*'), given
+      whole to every micro-batch's objectives.
 
   Returns:
     (grads, metrics): grads in the parameters' dtypes; metrics with the keys of
@@ -124,6 +126,7 @@ def accumulated_grads(params, model, objectives, batch, rng, accum_steps: int,
   micro = split_microbatches(batch, k_steps)
   extra = jax.lax.stop_gradient(dict(extra_outputs or {}))
   extra_micro = split_microbatches(extra, k_steps)  # [K, b, ...]; scalars [K].
+  whole = jax.lax.stop_gradient(dict(state_outputs or {}))
   keys = jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(k_steps))
 
   def forward(p, mb, key):
@@ -152,12 +155,13 @@ def accumulated_grads(params, model, objectives, batch, rng, accum_steps: int,
   local_weights = {o.name: o.weight / k_steps for o in local_objs}
 
   def loss_k(p, k, mb, key, extra_k):
-    out = dict(forward(p, mb, key), **extra_k)
+    out = dict(forward(p, mb, key), **extra_k, **whole)
     results = {}
     if global_objs:
       full = {name: merge_microbatches(cache[name].at[k].set(out[name]))
               for name in cache}
       full.update(extra)
+      full.update(whole)
       # Scalar outputs (logit_scale/bias) enter each of the K steps' global loss.
       full.update({name: _scale_grad(v, 1.0 / k_steps) for name, v in out.items()
                    if name not in full and jnp.ndim(v) == 0})

@@ -106,13 +106,15 @@ def _param_shapes(params):
 
 
 def check_compatible(manager, step: int, abstract_state, saved_params=None,
-                     saved_teacher=None):
+                     saved_teacher=None, saved_queue=None):
   """Raises CheckpointError listing missing / unexpected / reshaped parameters, or
-  naming a momentum teacher that differs from `config.teacher`'s, if any."""
+  naming a momentum teacher or memory queue that differs from the config's."""
   if saved_params is None:
     saved_state = manager.item_metadata(step)["state"]
     saved_params, saved_teacher = saved_state["params"], saved_state.get("teacher")
+    saved_queue = saved_state.get("queue")
   _check_teacher(manager, step, getattr(abstract_state, "teacher", None), saved_teacher)
+  _check_queue(manager, step, getattr(abstract_state, "queue", None), saved_queue)
   saved = _param_shapes(saved_params)
   wanted = _param_shapes(abstract_state.params)
   missing = sorted(set(wanted) - set(saved))
@@ -144,6 +146,21 @@ def _check_teacher(manager, step, wanted, saved):
       f"config's config.teacher.params selects {count(wanted)}. Set config.teacher as "
       "when the checkpoint was written, or use a fresh --workdir (config.init_from "
       "can start it from this run's parameters).")
+
+
+def _check_queue(manager, step, wanted, saved):
+  """CheckpointError unless the checkpoint's memory queue has the entries and shapes
+  of this config's (`wanted`, abstract; None = no queue)."""
+  if (wanted is None) == (saved is None) and (
+      wanted is None or _param_shapes(wanted) == _param_shapes(saved)):
+    return
+  shapes = lambda q: "no memory queue" if q is None else "a memory queue " + ", ".join(
+      f"{k}{list(v)}" for k, v in sorted(_param_shapes(q).items()))
+  raise errors.CheckpointError(
+      f"Checkpoint at step {step} in {manager.directory} has {shapes(saved)}, but this "
+      f"config's config.queue gives {shapes(wanted)}. Set config.queue (size, dim, "
+      "entries) as when the checkpoint was written, or use a fresh --workdir "
+      "(config.init_from can start it from this run's parameters).")
 
 
 def layout_hint(missing, unexpected) -> str:
@@ -351,10 +368,11 @@ def restore(manager, abstract_state, data_iter=None, step=None, fallback: bool =
       try:
         saved_state = manager.item_metadata(s)["state"]
         saved, saved_teacher = saved_state["params"], saved_state.get("teacher")
+        saved_queue = saved_state.get("queue")
       except Exception as e:  # pylint: disable=broad-except
         what = [checkpoint_health.summarize(e)]
     if not what:
-      check_compatible(manager, s, abstract_state, saved, saved_teacher)
+      check_compatible(manager, s, abstract_state, saved, saved_teacher, saved_queue)
       items = {"state": ocp.args.StandardRestore(abstract_state)}
       if data_iter is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)

@@ -8,7 +8,7 @@ from vlp_jax import batch_plan, validation
 from vlp_jax import sharding
 from vlp_jax.models import build_model
 from vlp_jax.train import freeze, optim, state as state_lib, step as step_lib
-from vlp_jax.train import teacher as teacher_lib
+from vlp_jax.train import queue as queue_lib, teacher as teacher_lib
 
 
 class TrainSetup:
@@ -32,7 +32,8 @@ class TrainSetup:
     self.step_fn = step_lib.make_train_step(
         self.model, self.objectives, self.tx, self.schedule, self.state_shardings,
         self.batch_sharding, accum_steps=config.accum_steps,
-        teacher_momentum=self.teacher_momentum)
+        teacher_momentum=self.teacher_momentum,
+        queue_entries=queue_lib.entries(config) or None)
 
   def create_state(self):
     return state_lib.create_state(self.model, self.tx, self.config, self.mesh)

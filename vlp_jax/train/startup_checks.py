@@ -122,6 +122,9 @@ def _pad0_readers(m) -> list:
   """What of `config.model` `m` locates text padding by id 0 (models/text.py PAD_ID):
   [(what, fixable by model.text.pool / padding_mask overrides)]."""
   t = m.text
+  if m.name == "m3ae":
+    return [("M3AE, which masks padding by id 0 in its encoder, decoder and text loss",
+             False)]
   if m.name == "coca" and m.get("coca_layout", "vlp_jax") == "vlp_jax":
     return [("CoCa's 'vlp_jax' layout, which pools at 'eos' and masks padding "
              "whatever model.text.pool / padding_mask say", False)]

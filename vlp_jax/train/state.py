@@ -8,22 +8,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlp_jax import sharding
-from vlp_jax.train import teacher as teacher_lib
+from vlp_jax.train import queue as queue_lib, teacher as teacher_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainState:
   """step, params, optimizer state, base RNG key (per-step keys are fold_in(rng,
-  step)) and the momentum teacher (`teacher.py`; None without one).
+  step)), the momentum teacher (`teacher.py`) and the memory queue (`queue.py`); each
+  of the last two is None without one.
 
-  A pytree whose children are named by attribute; without a teacher it has exactly
-  the four children it had before teachers existed, so older checkpoints restore.
+  A pytree whose children are named by attribute; without a teacher and a queue it
+  has exactly the four children it had before they existed, so older checkpoints
+  restore.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
   teacher: Any = None
+  queue: Any = None
 
   def replace(self, **updates) -> "TrainState":
     return dataclasses.replace(self, **updates)
@@ -32,15 +35,19 @@ class TrainState:
 _FIELDS = ("step", "params", "opt_state", "rng")
 
 
+def _optional(state):
+  return tuple(n for n in ("teacher", "queue") if getattr(state, n) is not None)
+
+
 def _flatten_with_keys(state):
-  names = _FIELDS if state.teacher is None else _FIELDS + ("teacher",)
-  return ([(jax.tree_util.GetAttrKey(n), getattr(state, n)) for n in names],
-          state.teacher is not None)
+  optional = _optional(state)
+  return ([(jax.tree_util.GetAttrKey(n), getattr(state, n))
+           for n in _FIELDS + optional], optional)
 
 
-def _unflatten(has_teacher, children):
-  del has_teacher  # The fifth child, when present, is the teacher.
-  return TrainState(*children)
+def _unflatten(optional, children):
+  children = list(children)
+  return TrainState(*children[:4], **dict(zip(optional, children[4:])))
 
 
 jax.tree_util.register_pytree_with_keys(TrainState, _flatten_with_keys, _unflatten)
@@ -63,7 +70,8 @@ def _init_fn(model, tx, config):
     params = variables["params"]
     teacher = teacher_lib.init(params, teacher_lib.patterns(config))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=state_rng, teacher=teacher)
+                      opt_state=tx.init(params), rng=state_rng, teacher=teacher,
+                      queue=queue_lib.init(config))
   return init
 
 

@@ -1,0 +1,43 @@
+"""M3AE on 8 simulated devices: a sharded mesh gives one device's losses and
+parameters (the shared mask is drawn from the replicated step key, so every shard
+masks the same positions whatever the layout)."""
+import jax
+import numpy as np
+import pytest
+
+from tests.multidevice import test_sharded_train as sharded
+from vlp_jax import config as config_lib
+from vlp_jax.data import pipeline
+
+
+def m3ae_config():
+  c = config_lib.default_config()
+  c.batch_size = 16
+  c.log_every = 1
+  c.model.name = "m3ae"
+  c.model.image.update(variant="", width=32, depth=1, mlp_dim=64, num_heads=2,
+                       patch_size=16)
+  c.model.text.update(vocab_size=48, context_length=24)
+  c.model.m3ae.update(decoder_width=16, decoder_depth=1, decoder_heads=2,
+                      decoder_mlp_dim=32)
+  c.data.update(source="shapes", image_size=32, tokenizer="words:shapes")
+  c.objectives = {"m3ae_image": 1.0, "m3ae_text": 0.5}
+  c.optim.update(lr=1e-3, warmup_steps=1)
+  c.evals = {}
+  return c
+
+
+@pytest.mark.slow  # ~70 s of CPU: two compilations of the step (1 and 8 devices).
+def test_m3ae_mesh_matches_single_device():
+  assert jax.device_count() == 8
+  config = m3ae_config()
+  it = iter(pipeline.train_dataset(config, pipeline.make_tokenizer(config.data)))
+  batches = [next(it) for _ in range(3)]
+  config.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+  ref_losses, ref_params = sharded.train(config, jax.devices()[:1], batches)
+  config = m3ae_config()
+  config.mesh = sharded.MESHES["data2_fsdp2_tensor2"]
+  losses, params = sharded.train(config, jax.devices(), batches)
+  sharded.assert_close(losses, ref_losses)
+  jax.tree.map(sharded.assert_close, params, ref_params)
+  assert not np.allclose(ref_losses[0], ref_losses[-1])

@@ -1,0 +1,113 @@
+"""Model FLOPs the multi-view / teacher methods add to a training step, beyond the
+family's forward pass over batch['image'] and batch['text'] (`flops.py`).
+
+Counted, per sample, in multiply-adds already weighted by passes (a pass with
+gradient counts 3 x forward, a pass without counts 1 x), only where something reads
+the output (XLA removes what nothing reads):
+
+* 'views': the student's image tower on each view group whose outputs an objective
+  reads (count crops at the group's size, token projections included when read), and
+  its text tower on each text view read;
+* 'teacher': the momentum teacher's forward pass (no gradient) over the inputs whose
+  teacher outputs an objective or the queue reads: image, text and view groups;
+* 'masked': the student's second image pass with masked patches (TIPS / SigLIP 2,
+  `models/masked_outputs.py`), when its output is read. Its patches are all kept
+  (patch dropout is off there).
+
+Outputs read only by the momentum teacher need no student pass, so a view that only
+the teacher sees (TCL's momentum view) costs one teacher forward, not three.
+"""
+import copy
+from typing import Dict, Iterable
+
+from vlp_jax import models
+from vlp_jax.models import builders, macs, view_outputs
+
+TEACHER = "teacher_"
+
+
+def _reads(config) -> set:
+  """Every model output the objectives and the queue read (teacher ones prefixed)."""
+  from vlp_jax.registry import OBJECTIVES  # pylint: disable=g-import-not-at-top
+  names = set()
+  for name in config.objectives.keys():
+    names.update(OBJECTIVES.info(name)["reads"])
+  queue = config.get("queue")
+  if queue is not None and int(queue.size) > 0:
+    names.update(queue.entries.values())
+  return names
+
+
+def _image_tower(config, size: int, train: bool, local: bool) -> int:
+  """One crop of `size` px through `embed_image` (+ the per-token projection)."""
+  c = copy.deepcopy(config)
+  c.data.image_size = size
+  n = macs.image_tokens(c.model, size, train)
+  total = models.tower_macs(c, "image", train)
+  if local:
+    width = builders.tower_kwargs(c.model.image, None)["width"]
+    total += n * width * c.model.embed_dim
+  return total
+
+
+def _image_inputs(reads: Iterable[str], teacher: bool) -> Dict[str, bool]:
+  """{'image' or 'views/NAME': whether its local (per-token) projection is read} for
+  the image inputs the (teacher or student) outputs in `reads` need."""
+  out = {}
+  for r in reads:
+    if r.startswith(TEACHER) != teacher:
+      continue
+    name = r[len(TEACHER):] if teacher else r
+    group = view_outputs.view_group(name)
+    if group and group[0] == "views":
+      key = "views/" + group[1]
+      out[key] = out.get(key, False) or name.startswith(view_outputs.VIEW_LOCAL)
+    elif name.startswith("image_"):
+      out["image"] = out.get("image", False) or name == "image_local_emb"
+  return out
+
+
+def _text_inputs(reads: Iterable[str], teacher: bool) -> set:
+  out = set()
+  for r in reads:
+    if r.startswith(TEACHER) != teacher:
+      continue
+    name = r[len(TEACHER):] if teacher else r
+    group = view_outputs.view_group(name)
+    if group and group[0] == "text_views":
+      out.add("text_views/" + group[1])
+    elif name.startswith("text_"):
+      out.add("text")
+  return out
+
+
+def extra_train_macs(config) -> Dict[str, int]:
+  """{'views', 'teacher', 'masked'}: per-sample multiply-adds (pass-weighted) the
+  method adds to the family's `forward_macs` (see the module docstring)."""
+  if config.model.name not in ("two_tower", "coca"):
+    return {"views": 0, "teacher": 0, "masked": 0}
+  reads = _reads(config)
+  views = dict(config.data.get("views") or {})
+  size_of = lambda key: (int(views[key[6:]].get("size", 0)) or config.data.image_size)
+  count_of = lambda key: int(views[key[6:]].get("count", 1))
+  text = models.tower_macs(config, "text", True)
+
+  student = 0
+  for key, local in _image_inputs(reads, teacher=False).items():
+    if key != "image":  # The main image is the family's own forward pass.
+      student += 3 * count_of(key) * _image_tower(config, size_of(key), True, local)
+  student += 3 * text * len(_text_inputs(reads, False) - {"text"})
+
+  teacher = 0
+  for key, local in _image_inputs(reads, teacher=True).items():
+    if key == "image":
+      teacher += _image_tower(config, config.data.image_size, False, local)
+    else:
+      teacher += count_of(key) * _image_tower(config, size_of(key), False, local)
+  teacher += models.tower_macs(config, "text", False) * len(_text_inputs(reads, True))
+
+  masked = 0
+  if float(config.model.get("masked_image_ratio", 0.0) or 0.0) > 0 and (
+      "masked_image_tokens" in reads):
+    masked = 3 * _image_tower(config, config.data.image_size, False, False)
+  return {"views": student, "teacher": teacher, "masked": masked}
