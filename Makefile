@@ -21,12 +21,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) main.py --config=configs/demo.py --workdir=$(WORKDIR)
 
+# Two workers (the CI machine's 2 cores); each test file stays on one worker, so its
+# module fixtures (shared compiled steps) are built once.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" --durations=15 tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-all: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[test,notebook]"  # The notebook's slow test.
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -39,11 +39,10 @@ SELF_SUPERVISED = ("self_distill", "masked_prediction")
 
 
 def fill_schedule(c, start_fraction: float = 0.8):
-  """Points the self-supervised objectives' schedules at `c.total_steps` (call again
-  after changing total_steps in Python; on the command line set
-  --config.objective_cfg.self_distill.total_steps too)."""
-  c.objective_cfg = {name: {"start_fraction": start_fraction,
-                            "total_steps": int(c.total_steps)}
+  """Starts the self-supervised objectives at `start_fraction` of training (their
+  `total_steps` follows config.total_steps, also when overridden on the command
+  line: `vlp_jax/objectives/combine.options`)."""
+  c.objective_cfg = {name: {"start_fraction": start_fraction}
                      for name in SELF_SUPERVISED}
   return c
 

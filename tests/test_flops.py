@@ -83,14 +83,16 @@ def test_analytic_count_matches_xla_cost_analysis(name):
 
 def assert_analytic_matches_xla(c, rel=0.10):
   """The analytic train FLOPs of config `c` are within `rel` of XLA's cost analysis
-  of its compiled train step."""
+  of its train step, lowered from abstract inputs: the HLO's count is within 1% of the
+  compiled program's (checked by test_benchmark.py), without compiling the step or the
+  state initialiser."""
   setup = benchmark.TrainSetup(c)
   mesh_ctx, rules_ctx = setup.contexts()
   with mesh_ctx, rules_ctx:
-    state = setup.create_state()
+    state = setup.abstract  # Shapes, dtypes and shardings.
     batch = benchmark.synthetic_batch(c)
-    compiled = setup.step_fn.lower(state, batch).compile()
-  xla = flops.xla_flops(compiled)
+    lowered = setup.step_fn.lower(state, batch)
+  xla = flops.xla_flops(lowered)
   analytic = flops.train_flops_per_sample(c) * c.batch_size
   assert xla is not None
   assert analytic == pytest.approx(xla, rel=rel), (analytic, xla)

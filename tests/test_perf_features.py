@@ -157,7 +157,9 @@ def test_bfloat16_computes_with_float32_params_and_optimizer_state():
   assert m["loss"].dtype == jnp.float32
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   model = build_model(config.model)
-  out = model.apply({"params": state.params}, batch(), train=False)
+  # Jitted: one compile (eagerly, each of the model's ops compiles on its own).
+  out = jax.jit(lambda p, b: model.apply({"params": p}, b, train=False))(
+      state.params, batch())
   # Embeddings (hence contrastive logits) are float32; matmuls ran in bfloat16.
   assert out["image_emb"].dtype == jnp.float32 and out["text_emb"].dtype == jnp.float32
   assert out["image_tokens"].dtype == jnp.bfloat16

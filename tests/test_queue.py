@@ -105,14 +105,35 @@ def test_params_init_does_not_depend_on_the_queue():
                                    jax.device_get(without.params))
 
 
-def test_enqueue_views_and_skipped_steps_on_arrays():
-  """[B, K, D] outputs add B*K rows; a non-finite step keeps the old queue."""
+def test_a_skipped_nonfinite_step_leaves_the_queue_unchanged(trained):
+  exp, batches, states, _ = trained
+  batch = dict(batches[0])
+  batch["image"] = np.array(batch["image"])
+  batch["image"][0, 0, 0, 0] = np.inf  # NaN embeddings -> non-finite loss.
+  state = jax.device_put(states[-1], exp.state_shardings)
+  _, after, m = test_teacher.run_steps(exp, state, [batch])
+  assert np.asarray(m[0]["nonfinite"])[0]
+  assert test_teacher.leaves_equal(after[-1].queue, states[-1].queue)
+
+
+def test_enqueue_views_and_wrap_around_on_arrays():
+  """[B, K, D] outputs add B*K rows; a pointer that is not a multiple of the rows per
+  step (batch size changed on resume) still overwrites the oldest rows, wrapping."""
   q = {"ptr": jnp.asarray(4, jnp.int32), "a": jnp.zeros((12, 3), jnp.float32)}
   v = jnp.arange(2 * 2 * 3, dtype=jnp.float32).reshape(2, 2, 3)
   new = queue_lib.enqueue(q, {"a": v})
   assert int(new["ptr"]) == 8
   np.testing.assert_array_equal(new["a"][4:8], np.arange(12).reshape(4, 3))
   np.testing.assert_array_equal(new["a"][:4], 0)
+  q = {"ptr": jnp.asarray(8, jnp.int32), "a": jnp.zeros((12, 3), jnp.float32)}
+  new = queue_lib.enqueue(q, {"a": v + 1})
+  np.testing.assert_array_equal(new["a"][8:12], np.arange(12).reshape(4, 3) + 1)
+  q = {"ptr": jnp.asarray(10, jnp.int32), "a": jnp.zeros((12, 3), jnp.float32)}
+  new = queue_lib.enqueue(q, {"a": v + 1})
+  np.testing.assert_array_equal(np.asarray(new["a"])[[10, 11, 0, 1]],
+                                np.arange(12).reshape(4, 3) + 1)
+  np.testing.assert_array_equal(new["a"][2:10], 0)
+  assert int(new["ptr"]) == 2
   with pytest.raises(errors.ConfigError, match="multiple of the 5 rows"):
     queue_lib.enqueue(q, {"a": jnp.zeros((5, 3))})
   with pytest.raises(errors.ConfigError, match="dimension 3"):

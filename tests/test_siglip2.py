@@ -11,7 +11,7 @@ from configs import siglip2_b16
 from tests import test_train
 from vlp_jax import cli, errors, models, validation
 from vlp_jax.models import masked_outputs, vit
-from vlp_jax.objectives import siglip2
+from vlp_jax.objectives import combine, siglip2
 from vlp_jax.registry import OBJECTIVES
 from vlp_jax.train import loop
 from vlp_jax.train import metric_writer as metrics_lib
@@ -241,6 +241,16 @@ def test_position_table_is_resized_for_smaller_crops():
   np.testing.assert_array_equal(vit.resize_positions(table, (4, 4)), table)  # Same grid.
   small = np.asarray(vit.resize_positions(table, (2, 2)))
   assert small.shape == (1, 4, 8) and np.all(np.isfinite(small))
+  # Rows vs columns: a table varying only down the rows (row r = r) stays so, with
+  # each output row the mean of the two input rows it covers; row-major layout.
+  rows = np.repeat(np.arange(4.0)[:, None], 4, axis=1)  # [4 rows, 4 cols]
+  by_row = np.repeat(rows.reshape(1, 16, 1), 2, axis=2).astype(np.float32)
+  got = np.asarray(vit.resize_positions(by_row, (2, 2)))[0, :, 0].reshape(2, 2)
+  np.testing.assert_allclose(got[:, 0], got[:, 1], atol=1e-6)  # Constant along a row.
+  assert got[0, 0] < got[1, 0]  # Increasing down the rows.
+  np.testing.assert_allclose(got[:, 0], [0.5, 2.5], atol=0.3)  # Antialiased means.
+  wide = np.asarray(vit.resize_positions(by_row, (2, 4)))[0, :, 0].reshape(2, 4)
+  np.testing.assert_allclose(wide, np.repeat(got[:, :1], 4, axis=1), atol=1e-5)
 
 
 def test_config_errors():
@@ -272,10 +282,14 @@ def test_recipe_values():
   local = c.data.views.local
   assert (local.count, local.size, tuple(local.crop_scale)) == (8, 96, (0.05, 0.4))
   for name in siglip2_b16.SELF_SUPERVISED:
-    assert c.objective_cfg[name].total_steps == c.total_steps
     assert c.objective_cfg[name].start_fraction == 0.8
+  # The start follows config.total_steps, also when it is overridden.
   small = cli.load_config_file("configs/siglip2_b16.py:runlocal")
-  assert small.objective_cfg.self_distill.total_steps == small.total_steps == 20
+  for steps in (20, 100):
+    small.total_steps = steps
+    starts = {o.name: o.starts_at for o in combine.from_config(small)}
+    assert starts == {"siglip": 0, "caption": 0, "self_distill": int(0.8 * steps),
+                      "masked_prediction": int(0.8 * steps)}
 
 
 @pytest.mark.slow  # ~1 CPU minute: compiles the full step (CoCa, crops, teacher).

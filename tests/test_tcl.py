@@ -224,6 +224,14 @@ def test_the_logit_scale_is_clamped_below(inputs, terms_fn):
   want = reference(inputs, 0.4, 2.0)
   assert float(got["logit_scale"]) == 2.0
   np.testing.assert_allclose(float(got["imc_i2i"]), want["imc_i2i"], rtol=2e-5)
+  # Straight-through: below the bound the scale still gets the clamped value's
+  # gradient, so training can bring it back (TCL clamps the parameter in place).
+  grad = jax.grad(lambda s: terms_fn(dict(low, logit_scale=s), jnp.float32(0.4))[
+      "imc_i2i"])(jnp.float32(0.5))
+  at_bound = jax.grad(lambda s: terms_fn(dict(low, logit_scale=s), jnp.float32(0.4))[
+      "imc_i2i"])(jnp.float32(2.0))
+  assert float(grad) != 0.0
+  np.testing.assert_allclose(float(grad), float(at_bound), rtol=1e-5)
 
 
 # ---------------------------------------------------------------- Gradients.

@@ -94,8 +94,12 @@ MODELS = Registry("model", "vlp_jax.models")
 # (`objectives/combine.py`).
 # `check`: fn(options dict) raising ValueError on a bad option (run at start-up by
 # `objectives.check_config`, so a typo fails before anything compiles).
+# `starts_at`: fn(options dict) -> the first step at which the objective is on, for
+# objectives that are off (contribute nothing) before it; the train step then skips
+# their work before that step (`train/step.py`).
 OBJECTIVES = Registry("objective", "vlp_jax.objectives", required=("reads",),
-                      optional={"batch_keys": (), "batch_global": False, "check": None})
+                      optional={"batch_keys": (), "batch_global": False, "check": None,
+                                "starts_at": None})
 SOURCES = Registry("data source", "vlp_jax.data.sources")
 # Evaluators: fn(predict_fns, params, cfg) -> metrics. `options`: its own keys in
 # config.evals.NAME with their defaults; `check`: fn(cfg, where) validating them.

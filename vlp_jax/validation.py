@@ -29,11 +29,9 @@ def check_queue(config) -> None:
   """`config.queue`'s entries name teacher outputs the model produces, and the
   objectives read only queues that exist (vlp_jax/train/queue.py)."""
   from vlp_jax import models  # pylint: disable=g-import-not-at-top
-  from vlp_jax.models import view_outputs  # pylint: disable=g-import-not-at-top
   from vlp_jax.train import queue, teacher  # pylint: disable=g-import-not-at-top
   queue.check_config(config)
-  produced = models.output_names(config.model) | view_outputs.view_output_names(
-      config.data)
+  produced = models.produced_outputs(config)
   for name, output in queue.entries(config).items():
     if teacher.student_name(output) not in produced:
       raise errors.ConfigError(

@@ -42,6 +42,16 @@ def output_names(model_cfg) -> frozenset:
   return family(model_cfg.name).outputs(model_cfg)
 
 
+def produced_outputs(config) -> frozenset:
+  """Every output the model of `config` returns for its training batches: the
+  family's outputs plus, for families that embed extra views (a classmethod
+  `view_outputs(model_cfg, data_cfg)`), those of `config.data.views` / `text_views`."""
+  fam = family(config.model.name)
+  views = getattr(fam, "view_outputs", None)
+  extra = views(config.model, config.get("data")) if views else frozenset()
+  return fam.outputs(config.model) | extra
+
+
 def output_switch(name: str, output: str) -> str:
   """The setting under which model `name` produces `output` ('' if none)."""
   return getattr(MODELS.get(name), "OUTPUT_SWITCHES", {}).get(output, "")

@@ -213,8 +213,15 @@ class CoCa(nn.Module):
     """Names of the outputs `__call__` returns for model config `cfg` (both inputs)."""
     out = {"image_emb", "text_emb", "image_tokens", "text_tokens", "caption_logits",
            "logit_scale", *view_outputs.LOCAL_OUTPUTS}
+    if open_clip_layout(cfg):
+      out.discard("image_local_emb")
     return frozenset(out | ({"logit_bias"} if cfg.use_logit_bias else set())
                      | masked_outputs.output_names(cfg))
+
+  @classmethod
+  def view_outputs(cls, cfg, data_cfg):
+    """The view outputs (`view_outputs.py`) for batches of `data_cfg`."""
+    return view_outputs.view_output_names(data_cfg, local=not open_clip_layout(cfg))
 
   @classmethod
   def _image_macs(cls, config, train):
@@ -367,13 +374,16 @@ class CoCa(nn.Module):
       out["text_emb"], out["text_tokens"] = self.txt_proj(pooled), feats
       if context is not None:
         out["caption_logits"] = self.multimodal(feats, batch["text"], context, train)
+    # open_clip's layout projects the pooler's output (width embed_dim), so its patch
+    # tokens have no linear map to the embedding space: no image locals there.
+    project_image = (None if open_clip_layout(self.config)
+                     else lambda t: self.img_proj(t, normalize=False))
     out.update(view_outputs.local_embeddings(
-        lambda t: self.img_proj(t, normalize=False),
+        project_image,
         lambda t: self.txt_proj(t, normalize=False), out.get("image_tokens"),
         out.get("text_tokens"), text.sequence_mask(batch["text"]) if "text" in batch
         else None))
     masked_outputs.add_masked_outputs(
         out, self, batch.get("image"), lambda x, m: self.img(x, train, m)[1], train)
-    return view_outputs.add_view_outputs(
-        out, batch, self.embed_image, self.embed_text,
-        lambda t: self.img_proj(t, normalize=False), train)
+    return view_outputs.add_view_outputs(out, batch, self.embed_image, self.embed_text,
+                                         project_image, train)

@@ -49,6 +49,12 @@ class TwoTower(nn.Module):
     return frozenset(out) | masked_outputs.output_names(cfg)
 
   @classmethod
+  def view_outputs(cls, cfg, data_cfg):
+    """The view outputs (`view_outputs.py`) for batches of `data_cfg`."""
+    del cfg
+    return view_outputs.view_output_names(data_cfg)
+
+  @classmethod
   def forward_macs(cls, config, train=True):
     """Per-sample forward multiply-adds: image and text towers, the projections
     ('heads': pooled, and FILIP's per-token ones), one row of the similarity logits

@@ -42,11 +42,13 @@ VIEW_OUTPUT_PREFIXES = {VIEW_EMB: (IMAGE_VIEW, "views"),
                         TEXT_VIEW_TOKENS: (TEXT_VIEW, "text_views")}
 
 
-def view_output_names(data_cfg) -> FrozenSet[str]:
+def view_output_names(data_cfg, local: bool = True) -> FrozenSet[str]:
   """The view outputs a model returns for batches of `config.data` (its `views` and
-  `text_views` groups)."""
+  `text_views` groups); `local=False`: without 'view_local_emb/NAME'."""
   out = set()
   for prefix, (_, entry) in VIEW_OUTPUT_PREFIXES.items():
+    if prefix == VIEW_LOCAL and not local:
+      continue
     groups = data_cfg.get(entry) if data_cfg is not None else None
     out.update(prefix + name for name in (groups or {}).keys())
   return frozenset(out)
@@ -67,7 +69,8 @@ def add_view_outputs(out: Dict, batch: Mapping, embed_image: Callable,
 
   `embed_image(images, train)` -> (emb [n, D], tokens [n, N, W]) and
   `embed_text(tokens, train)` -> (emb [n, D], feats [n, L, W]) are the model's towers;
-  `project_image(tokens)` the image projection without normalisation.
+  `project_image(tokens)` the image projection without normalisation (None: no
+  'view_local_emb/NAME').
   """
   for key in sorted(batch):
     if key.startswith(IMAGE_VIEW):
@@ -76,8 +79,9 @@ def add_view_outputs(out: Dict, batch: Mapping, embed_image: Callable,
       emb, tokens = embed_image(views.reshape((b * k,) + views.shape[2:]), train)
       out[VIEW_EMB + name] = emb.reshape((b, k) + emb.shape[1:])
       out[VIEW_TOKENS + name] = tokens.reshape((b, k) + tokens.shape[1:])
-      local = project_image(tokens)
-      out[VIEW_LOCAL + name] = local.reshape((b, k) + local.shape[1:])
+      if project_image is not None:
+        local = project_image(tokens)
+        out[VIEW_LOCAL + name] = local.reshape((b, k) + local.shape[1:])
     elif key.startswith(TEXT_VIEW):
       name = key[len(TEXT_VIEW):]
       out[TEXT_VIEW_EMB + name], out[TEXT_VIEW_TOKENS + name] = embed_text(
@@ -89,9 +93,10 @@ def local_embeddings(project_image: Callable, project_text: Callable, image_toke
                      text_tokens, text_mask) -> Dict:
   """The local outputs ('image_local_emb', 'text_local_emb', 'text_local_mask') from
   the towers' tokens and the projections' un-normalised linear maps (either token
-  array may be None when its input is absent)."""
+  array may be None when its input is absent; `project_image` None: no image
+  locals)."""
   out = {}
-  if image_tokens is not None:
+  if image_tokens is not None and project_image is not None:
     out["image_local_emb"] = project_image(image_tokens)
   if text_tokens is not None:
     out["text_local_emb"] = project_text(text_tokens)

@@ -1,5 +1,6 @@
 """Training objectives; importing this package registers them in `OBJECTIVES`."""
 from vlp_jax import errors
+from vlp_jax.objectives import combine
 from vlp_jax.objectives import caption  # pylint: disable=unused-import
 from vlp_jax.objectives import contrastive  # pylint: disable=unused-import
 from vlp_jax.objectives import filip  # pylint: disable=unused-import
@@ -17,14 +18,12 @@ def check_config(config) -> None:
   model produces what it reads."""
   from vlp_jax import models  # pylint: disable=g-import-not-at-top
   from vlp_jax.models import view_outputs  # pylint: disable=g-import-not-at-top
-  produced = models.output_names(config.model) | view_outputs.view_output_names(
-      config.get("data"))
+  produced = models.produced_outputs(config)
   for name in config.objectives.keys():
     check = OBJECTIVES.info(name)["check"]
     if check is not None:
-      options = config.objective_cfg.get(name, {})
       try:
-        check(options.to_dict() if hasattr(options, "to_dict") else dict(options))
+        check(combine.options(config, name))
       except (ValueError, TypeError) as e:
         raise errors.ConfigError(str(e)) from None
     # A teacher output 'teacher_NAME' is the model's NAME (vlp_jax/train/teacher.py).
@@ -34,7 +33,8 @@ def check_config(config) -> None:
     missing = [r for r in reads if r not in produced]
     for output in missing:
       group = view_outputs.view_group(output)
-      if group is not None:
+      embeds_views = hasattr(models.family(config.model.name), "view_outputs")
+      if group is not None and embeds_views:
         raise errors.ConfigError(
             f"Objective '{name}' reads the view output '{output}', which needs the "
             f"view group '{group[1]}' in config.data.{group[0]} (configured: "

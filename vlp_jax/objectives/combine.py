@@ -38,20 +38,33 @@ class WeightedObjective(NamedTuple):
   reads: Tuple[str, ...] = ()
   batch_keys: Tuple[str, ...] = ()
   batch_global: bool = False
+  starts_at: int = 0  # First step it is on (registered `starts_at`; 0 = always).
 
 
 def from_registry(name: str, weight: float = 1.0, cfg=None) -> WeightedObjective:
   """The registered objective `name` with its declarations, weighted `weight`."""
   info = OBJECTIVES.info(name)
   cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+  starts_at = int(info["starts_at"](cfg)) if info["starts_at"] is not None else 0
   return WeightedObjective(name, OBJECTIVES.get(name), float(weight), cfg,
                            tuple(info["reads"]), tuple(info["batch_keys"]),
-                           bool(info["batch_global"]))
+                           bool(info["batch_global"]), max(starts_at, 0))
+
+
+def options(config, name: str) -> dict:
+  """`config.objective_cfg.NAME` as a dict; an objective that starts late (registered
+  `starts_at`) gets `total_steps` = config.total_steps unless its options set it, so
+  its start follows `--config.total_steps`."""
+  cfg = config.objective_cfg.get(name, {})
+  cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+  if OBJECTIVES.info(name)["starts_at"] is not None and cfg.get("total_steps") is None:
+    cfg["total_steps"] = int(config.total_steps)
+  return cfg
 
 
 def from_config(config) -> list:
   """WeightedObjectives for `config.objectives` (weights) / `config.objective_cfg`."""
-  return [from_registry(name, weight, config.objective_cfg.get(name, {}))
+  return [from_registry(name, weight, options(config, name))
           for name, weight in config.objectives.items()]
 
 

@@ -96,7 +96,8 @@ def masked_prediction_loss(student_tokens, teacher_tokens, patch_mask):
 
 @OBJECTIVES.register("self_distill", reads=("view_emb/local", "teacher_image_emb"),
                      batch_keys=("step",),
-                     check=lambda cfg: check_options(cfg, "self_distill"))
+                     check=lambda cfg: check_options(cfg, "self_distill"),
+                     starts_at=lambda cfg: start_step(check_options(cfg, "self_distill")))
 def self_distill(outputs, batch, cfg):
   """Local-crop student vs the EMA teacher's full image, from `start_fraction` of
   training on. Options: `start_fraction` (0.8), `total_steps` (required)."""
@@ -110,7 +111,9 @@ def self_distill(outputs, batch, cfg):
                      reads=("masked_image_tokens", "image_patch_mask",
                             "teacher_image_tokens"),
                      batch_keys=("step",),
-                     check=lambda cfg: check_options(cfg, "masked_prediction"))
+                     check=lambda cfg: check_options(cfg, "masked_prediction"),
+                     starts_at=lambda cfg: start_step(
+                         check_options(cfg, "masked_prediction")))
 def masked_prediction(outputs, batch, cfg):
   """Masked-image student tokens vs the EMA teacher's tokens at the masked patches,
   from `start_fraction` of training on. Options: `start_fraction` (0.8),

@@ -33,8 +33,9 @@ LMI (local mutual information, global-to-local, in-batch only: no queue):
 
 alpha ramps linearly from 0 to `alpha` over `alpha_warmup_steps` (official: the
 first epoch, alpha * min(1, i / len(loader)); 0 = constant). The logit scale is the
-model's learnable one, clamped below at `min_logit_scale` (TCL clamps temp to
-[0.001, 0.5]: the upper clamp 1/0.001 is config.model.logit_scale_max).
+model's learnable one, clamped below at `min_logit_scale` with a straight-through
+gradient (TCL clamps temp to [0.001, 0.5] in place: the upper clamp 1/0.001 is
+config.model.logit_scale_max).
 
 All terms use the global batch (the official code uses each GPU's local batch, the
 queue holding gathered rows); the TCL model's ITM and MLM losses need its fusion
@@ -163,7 +164,11 @@ def _one_view(x, name):
 
 def tcl_terms(outputs, alpha, min_logit_scale=0.0):
   """{term: float32 scalar} of the six terms (`TERMS`) and 'logit_scale'."""
-  scale = jnp.maximum(_f32(outputs["logit_scale"]), float(min_logit_scale))
+  # Clamped in value, with a straight-through gradient: TCL clamps the parameter in
+  # place, so a temperature pushed past the bound can come back; a plain maximum
+  # would give it zero gradient below the bound for good.
+  raw = _f32(outputs["logit_scale"])
+  scale = raw + jax.lax.stop_gradient(jnp.maximum(raw, float(min_logit_scale)) - raw)
   u, v = _f32(outputs["image_emb"]), _f32(outputs["text_emb"])
   # Teacher outputs and queues already carry no gradient (train/teacher.py, queue.py);
   # they are stopped again here so that the objective alone guarantees it.

@@ -28,12 +28,13 @@ def forward_macs(config, train: bool = True) -> dict:
   return models.forward_macs(config, train)
 
 
-def train_flops_per_sample(config) -> float:
+def train_flops_per_sample(config, step=None) -> float:
   """Model FLOPs of one training sample: 3 x forward, 2 FLOPs per multiply-add, plus
   what extra views, the momentum teacher's pass and a masked pass add
-  (`method_flops.extra_train_macs`, already weighted by passes)."""
+  (`method_flops.extra_train_macs`, already weighted by passes). `step`: count only
+  the objectives on at that step (None: all, the work of the last phase)."""
   return 2.0 * (3.0 * sum(forward_macs(config, train=True).values())
-                + sum(method_flops.extra_train_macs(config).values()))
+                + sum(method_flops.extra_train_macs(config, step).values()))
 
 
 def tower_train_flops_per_sample(config, tower: str) -> float:
@@ -118,10 +119,15 @@ class MfuMeter:
 
   def __init__(self, config, mesh):
     device = mesh.devices.flat[0]
+    self.config = config
     self.num_devices = mesh.devices.size
     self.flops_per_sample = train_flops_per_sample(config)
     self.peak, self.peak_source = peak_flops(config.model.dtype, device)
 
-  def row(self, samples_per_sec: float) -> dict:
-    tflops = samples_per_sec * self.flops_per_sample / self.num_devices / 1e12
+  def row(self, samples_per_sec: float, step=None) -> dict:
+    """`step` (the last step of the measured interval): count the work of the
+    objectives on then (objectives that start late skip theirs before)."""
+    per_sample = (self.flops_per_sample if step is None
+                  else train_flops_per_sample(self.config, step - 1))
+    tflops = samples_per_sec * per_sample / self.num_devices / 1e12
     return {"perf/tflops_per_device": tflops, "perf/mfu": tflops * 1e12 / self.peak}

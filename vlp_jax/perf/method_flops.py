@@ -15,7 +15,9 @@ the output (XLA removes what nothing reads):
   (patch dropout is off there).
 
 Outputs read only by the momentum teacher need no student pass, so a view that only
-the teacher sees (TCL's momentum view) costs one teacher forward, not three.
+the teacher sees (TCL's momentum view) costs one teacher forward, not three. An
+objective that starts late (SigLIP 2's, registered `starts_at`) adds its work only
+from its start: the train step skips it before (`train/step.phased`).
 """
 import copy
 from typing import Dict, Iterable
@@ -26,12 +28,14 @@ from vlp_jax.models import builders, macs, view_outputs
 TEACHER = "teacher_"
 
 
-def _reads(config) -> set:
-  """Every model output the objectives and the queue read (teacher ones prefixed)."""
-  from vlp_jax.registry import OBJECTIVES  # pylint: disable=g-import-not-at-top
+def _reads(config, step=None) -> set:
+  """Every model output the objectives (those on at `step`; None: all) and the queue
+  read (teacher ones prefixed)."""
+  from vlp_jax.objectives import combine  # pylint: disable=g-import-not-at-top
   names = set()
-  for name in config.objectives.keys():
-    names.update(OBJECTIVES.info(name)["reads"])
+  for obj in combine.from_config(config):
+    if step is None or obj.starts_at <= step:
+      names.update(obj.reads)
   queue = config.get("queue")
   if queue is not None and int(queue.size) > 0:
     names.update(queue.entries.values())
@@ -81,12 +85,13 @@ def _text_inputs(reads: Iterable[str], teacher: bool) -> set:
   return out
 
 
-def extra_train_macs(config) -> Dict[str, int]:
+def extra_train_macs(config, step=None) -> Dict[str, int]:
   """{'views', 'teacher', 'masked'}: per-sample multiply-adds (pass-weighted) the
-  method adds to the family's `forward_macs` (see the module docstring)."""
+  method adds to the family's `forward_macs` (see the module docstring) at `step`
+  (objectives that start late add nothing before; None: every objective on)."""
   if config.model.name not in ("two_tower", "coca"):
     return {"views": 0, "teacher": 0, "masked": 0}
-  reads = _reads(config)
+  reads = _reads(config, step)
   views = dict(config.data.get("views") or {})
   size_of = lambda key: (int(views[key[6:]].get("size", 0)) or config.data.image_size)
   count_of = lambda key: int(views[key[6:]].get("count", 1))

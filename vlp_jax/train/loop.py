@@ -188,7 +188,7 @@ class _Loop:
     row = {k: float(v) / self.n_acc for k, v in jax.device_get(self.acc).items()}
     row["steps_per_sec"] = (self.step - self.step_last) / (time.time() - self.t_last)
     row["samples_per_sec"] = row["steps_per_sec"] * config.batch_size
-    row.update(self.mfu.row(row["samples_per_sec"]))
+    row.update(self.mfu.row(row["samples_per_sec"], self.step))
     row["nonfinite/skipped"] = self.monitor.skipped
     row.update(self.bad_stats)
     self.writer.write(self.step, row)

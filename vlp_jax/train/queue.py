@@ -12,7 +12,9 @@ queue as it was before this step's rows went in (no gradient).
 * State: `TrainState.queue` = {'ptr': int32 [] (the row the next batch's rows start
   at), NAME: float32 [size, dim]}; `dim` is `config.queue.dim` (0 = the model's
   embed_dim). Rows are sharded over the data-parallel mesh axes (logical axis
-  'batch'); every rows-per-step count must divide `size`, so a batch never wraps.
+  'batch'); every rows-per-step count must divide `size`. Rows are written at
+  ptr, ptr + 1, ... modulo `size`, so the order stays first-in first-out even when
+  a resumed run adds another number of rows per step than the pointer assumed.
 * Start: L2-normalised random normal rows (as ALBEF/TCL initialise theirs), from the
   run's seed, one stream per entry, independent of the parameters' initialisation.
 * Update: inside the jitted step, after the optimizer and the teacher update
@@ -115,7 +117,9 @@ def enqueue(queue, values: Mapping):
           f"config.queue.entries give different row counts per step ({n} and "
           f"{r.shape[0]} for '{name}'); every entry must add the same number of rows.")
     n = r.shape[0]
-    new[name] = jax.lax.dynamic_update_slice(rows, r, (ptr, 0))
+    # Rows ptr, ptr + 1, ... modulo size: a FIFO also when the pointer is not a
+    # multiple of n (a batch size changed on resume).
+    new[name] = rows.at[(ptr + jnp.arange(n)) % size].set(r)
   new[PTR] = ((ptr + n) % next(iter(new.values())).shape[0]).astype(jnp.int32)
   return new
 

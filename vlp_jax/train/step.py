@@ -2,6 +2,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from vlp_jax.objectives import combine
@@ -46,6 +47,31 @@ def gradients(params, model, objectives, batch, rng, accum_steps=1, extra_output
                                               state_outputs=state_outputs)
 
 
+def phased(objectives, step, phase_grads):
+  """`phase_grads(active objectives)` with the objectives on at `step`: those whose
+  `starts_at` <= step. Objectives that start late (`starts_at` > 0) split training into
+  phases; `lax.switch` runs only the current phase's computation (each phase is
+  compiled once, in the same executable), and an objective that is not on yet reports
+  zeros for its metrics."""
+  starts = sorted({o.starts_at for o in objectives if o.starts_at})
+  if not starts:
+    return phase_grads(list(objectives))
+  branches = [functools.partial(phase_grads, [o for o in objectives if o.starts_at <= s])
+              for s in [0] + starts]
+  full = jax.eval_shape(branches[-1])
+
+  def padded(branch):
+    def run():
+      grads, metrics = branch()
+      metrics = {k: metrics[k] if k in metrics else jnp.zeros(v.shape, v.dtype)
+                 for k, v in full[1].items()}
+      return grads, metrics
+    return run
+
+  phase = sum((step >= s).astype(jnp.int32) for s in starts)
+  return jax.lax.switch(phase, [padded(b) for b in branches])
+
+
 def train_step(state, batch, *, model, objectives, tx, schedule, accum_steps=1,
                teacher_momentum=None, queue_entries=None):
   """One optimisation step; returns (new_state, metrics).
@@ -72,13 +98,25 @@ def train_step(state, batch, *, model, objectives, tx, schedule, accum_steps=1,
   if (state.queue is None) != (not queue_entries):
     raise ValueError("Pass queue_entries (queue.entries(config)) to the train step "
                      "exactly when the state has a queue.")
-  needed = teacher_lib.needed_outputs(objectives)
+  # The queue's teacher outputs, and the teacher outputs of the objectives that are
+  # always on, come from one pass outside the phases below.
+  always = [o for o in objectives if not o.starts_at]
+  needed = teacher_lib.needed_outputs(always)
   needed += tuple(o for o in queue_entries.values() if o not in needed)
   extra = teacher_lib.outputs(model, state.params, state.teacher, batch, needed,
                               accum_steps)
-  grads, metrics = gradients(state.params, model, objectives, batch, rng, accum_steps,
-                             extra_outputs=extra,
-                             state_outputs=queue_lib.outputs(state.queue))
+  queue_out = queue_lib.outputs(state.queue)
+
+  def phase_grads(active):
+    """(grads, metrics) with only the `active` objectives (XLA drops the work of the
+    others: their views, teacher outputs, masked passes)."""
+    more = tuple(n for n in teacher_lib.needed_outputs(active) if n not in extra)
+    late = teacher_lib.outputs(model, state.params, state.teacher, batch, more,
+                               accum_steps)
+    return gradients(state.params, model, active, batch, rng, accum_steps,
+                     extra_outputs=dict(extra, **late), state_outputs=queue_out)
+
+  grads, metrics = phased(objectives, state.step, phase_grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   teacher = state.teacher
