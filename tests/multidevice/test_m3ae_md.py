@@ -7,7 +7,6 @@ import pytest
 
 from tests.multidevice import test_sharded_train as sharded
 from vlp_jax import config as config_lib
-from vlp_jax.data import pipeline
 
 
 def m3ae_config():
@@ -30,14 +29,8 @@ def m3ae_config():
 @pytest.mark.slow  # ~70 s of CPU: two compilations of the step (1 and 8 devices).
 def test_m3ae_mesh_matches_single_device():
   assert jax.device_count() == 8
-  config = m3ae_config()
-  it = iter(pipeline.train_dataset(config, pipeline.make_tokenizer(config.data)))
-  batches = [next(it) for _ in range(3)]
-  config.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
-  ref_losses, ref_params = sharded.train(config, jax.devices()[:1], batches)
-  config = m3ae_config()
-  config.mesh = sharded.MESHES["data2_fsdp2_tensor2"]
-  losses, params = sharded.train(config, jax.devices(), batches)
+  _, (losses, params), (ref_losses, ref_params) = sharded.mesh_and_single_device(
+      m3ae_config)
   sharded.assert_close(losses, ref_losses)
   jax.tree.map(sharded.assert_close, params, ref_params)
   assert not np.allclose(ref_losses[0], ref_losses[-1])

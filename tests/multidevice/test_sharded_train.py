@@ -76,13 +76,33 @@ def train(config, devices, batches):
                                            "queue": state.queue})
 
 
+def first_batches(config, n=3):
+  """The first `n` host batches of `config`'s training data."""
+  it = iter(pipeline.train_dataset(config, pipeline.make_tokenizer(config.data)))
+  return [next(it) for _ in range(n)]
+
+
+def single_device(config_fn, batches):
+  """`train` of `config_fn()` on one device: (losses, state)."""
+  config = config_fn()
+  config.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+  return train(config, jax.devices()[:1], batches)
+
+
+def mesh_and_single_device(config_fn, mesh="data2_fsdp2_tensor2"):
+  """(batches, (losses, state) on mesh `mesh`, (losses, state) on one device) for
+  three steps of `config_fn()`'s data from the same init."""
+  batches = first_batches(config_fn())
+  config = config_fn()
+  config.mesh = MESHES[mesh]
+  return batches, train(config, jax.devices(), batches), single_device(config_fn,
+                                                                        batches)
+
+
 @functools.cache
 def reference(name):
-  config = CONFIGS[name]()
-  it = iter(pipeline.train_dataset(config, pipeline.make_tokenizer(config.data)))
-  batches = [next(it) for _ in range(3)]
-  config.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
-  return batches, train(config, jax.devices()[:1], batches)
+  batches = first_batches(CONFIGS[name]())
+  return batches, single_device(CONFIGS[name], batches)
 
 
 def assert_close(actual, expected):

@@ -118,16 +118,20 @@ class MfuMeter:
   """Turns a measured samples/s into `perf/tflops_per_device` and `perf/mfu`."""
 
   def __init__(self, config, mesh):
+    from vlp_jax.objectives import combine  # pylint: disable=g-import-not-at-top
     device = mesh.devices.flat[0]
-    self.config = config
     self.num_devices = mesh.devices.size
     self.flops_per_sample = train_flops_per_sample(config)
+    # Per-sample FLOPs of each phase (objectives that start late split training
+    # into phases): [(first step, FLOPs)], counted once here, not at every log.
+    starts = sorted({0} | {o.starts_at for o in combine.from_config(config)})
+    self.phases = [(s, train_flops_per_sample(config, s)) for s in starts]
     self.peak, self.peak_source = peak_flops(config.model.dtype, device)
 
   def row(self, samples_per_sec: float, step=None) -> dict:
     """`step` (the last step of the measured interval): count the work of the
     objectives on then (objectives that start late skip theirs before)."""
-    per_sample = (self.flops_per_sample if step is None
-                  else train_flops_per_sample(self.config, step - 1))
+    per_sample = self.flops_per_sample if step is None else [
+        f for s, f in self.phases if s <= step - 1][-1]
     tflops = samples_per_sec * per_sample / self.num_devices / 1e12
     return {"perf/tflops_per_device": tflops, "perf/mfu": tflops * 1e12 / self.peak}

@@ -24,9 +24,7 @@ from typing import Dict, Iterable
 
 from vlp_jax import models
 from vlp_jax.models import builders, macs, view_outputs
-
-TEACHER = "teacher_"
-
+from vlp_jax.train import teacher as teacher_lib
 
 def _reads(config, step=None) -> set:
   """Every model output the objectives (those on at `step`; None: all) and the queue
@@ -54,14 +52,18 @@ def _image_tower(config, size: int, train: bool, local: bool) -> int:
   return total
 
 
+def _outputs_of(reads: Iterable[str], teacher: bool):
+  """The model output names the teacher (`teacher`) or the student reads, without
+  the teacher prefix."""
+  return [teacher_lib.student_name(r) for r in reads
+          if teacher_lib.is_teacher_output(r) == teacher]
+
+
 def _image_inputs(reads: Iterable[str], teacher: bool) -> Dict[str, bool]:
   """{'image' or 'views/NAME': whether its local (per-token) projection is read} for
   the image inputs the (teacher or student) outputs in `reads` need."""
   out = {}
-  for r in reads:
-    if r.startswith(TEACHER) != teacher:
-      continue
-    name = r[len(TEACHER):] if teacher else r
+  for name in _outputs_of(reads, teacher):
     group = view_outputs.view_group(name)
     if group and group[0] == "views":
       key = "views/" + group[1]
@@ -72,11 +74,9 @@ def _image_inputs(reads: Iterable[str], teacher: bool) -> Dict[str, bool]:
 
 
 def _text_inputs(reads: Iterable[str], teacher: bool) -> set:
+  """The text inputs ('text', 'text_views/NAME') the outputs in `reads` need."""
   out = set()
-  for r in reads:
-    if r.startswith(TEACHER) != teacher:
-      continue
-    name = r[len(TEACHER):] if teacher else r
+  for name in _outputs_of(reads, teacher):
     group = view_outputs.view_group(name)
     if group and group[0] == "text_views":
       out.add("text_views/" + group[1])
