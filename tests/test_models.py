@@ -184,8 +184,9 @@ def test_two_tower_output_contract(tt, tt_out):
 
 def test_coca_output_contract(coca, coca_out):
   _check_common_outputs(coca_out, coca[0])
-  assert set(coca_out) == EXPECTED_OUT_KEYS | {"caption_logits"}
+  assert set(coca_out) == EXPECTED_OUT_KEYS | {"caption_logits", "text_lm_logits"}
   assert coca_out["caption_logits"].shape == (B, L, V)
+  assert coca_out["text_lm_logits"].shape == (B, L, V)
   assert np.all(np.isfinite(coca_out["caption_logits"]))
 
 
@@ -196,8 +197,10 @@ def test_single_modality_batches(which, tt, coca, tt_out, coca_out, batch):
   img = model.apply(variables, {"image": batch["image"]})
   txt = model.apply(variables, {"text": batch["text"]})
   assert set(img) == {"image_emb", "image_tokens", "image_local_emb", "logit_scale"}
+  # CoCa's text-only language model (no image needed) comes with any text batch.
+  lm = {"text_lm_logits"} if which == "coca" else set()
   assert set(txt) == {"text_emb", "text_tokens", "text_local_emb", "text_local_mask",
-                      "logit_scale"}
+                      "logit_scale"} | lm
   for out in (img, txt):
     for key, value in out.items():
       np.testing.assert_allclose(value, full[key], atol=1e-6)

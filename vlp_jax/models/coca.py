@@ -141,6 +141,8 @@ class MultimodalLayer(nn.Module):
                          name="attn")(ln("ln_attn")(x))
     x = out(x + drop(h))
     x = out(x + drop(mlp("mlp")(ln("ln_mlp")(x), train=train)))
+    if context is None:  # A text-only pass (`text_lm_logits`): no cross block.
+      return x
     h = layers.Attention(self.num_heads, self.dtype, opts=self.opts, name="cross_attn")(
         ln("ln_cross")(x), context=ln("ln_cross_kv")(context))
     x = out(x + drop(h))
@@ -198,7 +200,8 @@ class MultimodalDecoder(nn.Module):
 
 @MODELS.register("coca")
 class CoCa(nn.Module):
-  """Outputs image_emb, text_emb, image_tokens, text_tokens, caption_logits, logit_scale."""
+  """Outputs image_emb, text_emb, image_tokens, text_tokens, caption_logits,
+  text_lm_logits (the decoder without the image), logit_scale."""
   config: ml_collections.ConfigDict
   dtype: object
 
@@ -212,7 +215,7 @@ class CoCa(nn.Module):
   def outputs(cls, cfg):
     """Names of the outputs `__call__` returns for model config `cfg` (both inputs)."""
     out = {"image_emb", "text_emb", "image_tokens", "text_tokens", "caption_logits",
-           "logit_scale", *view_outputs.LOCAL_OUTPUTS}
+           "text_lm_logits", "logit_scale", *view_outputs.LOCAL_OUTPUTS}
     if open_clip_layout(cfg):
       out.discard("image_local_emb")
     return frozenset(out | ({"logit_bias"} if cfg.use_logit_bias else set())
@@ -374,6 +377,9 @@ class CoCa(nn.Module):
       out["text_emb"], out["text_tokens"] = self.txt_proj(pooled), feats
       if context is not None:
         out["caption_logits"] = self.multimodal(feats, batch["text"], context, train)
+      # The same decoder without the image (cross-attention skipped): a text-only
+      # language model (PRIOR's reference model). XLA drops it unless something reads it.
+      out["text_lm_logits"] = self.multimodal(feats, batch["text"], None, train)
     # open_clip's layout projects the pooler's output (width embed_dim), so its patch
     # tokens have no linear map to the embedding space: no image locals there.
     project_image = (None if open_clip_layout(self.config)

@@ -105,17 +105,20 @@ def attention_implementation(impl: str, dtype, head_dim: int, has_mask: bool) ->
   return "einsum" if backend == "cpu" else "xla"
 
 
-def einsum_attention(q, k, v, mask=None, causal: bool = False):
+def einsum_attention(q, k, v, mask=None, causal: bool = False, bias=None):
   """jax.nn.dot_product_attention's XLA computation on [B, L, heads, head_dim], with
   q, k, v moved to head-major [B, heads, L, head_dim] first, so that every matmul
   (forward and backward) is a plain batched matmul over (B, heads). XLA's CPU backend
   runs the backward of the token-major form's value product much slower (a 20x
   slowdown from batch 8 to 32 at ViT-B/16's 197 tokens). Same logits dtype, mask
-  value and float32 softmax as jax's own."""
+  value and float32 softmax as jax's own. `bias` (float, broadcastable to [B, heads,
+  Lq, Lk]) is added to the scaled logits (ToMe's proportional attention: log size)."""
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
   logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
   logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=logits_dtype)
   logits = logits * jnp.array(1.0 / math.sqrt(q.shape[-1]), logits.dtype)
+  if bias is not None:
+    logits = logits + bias.astype(logits.dtype)
   if mask is not None or causal:
     keep = jnp.ones(logits.shape, bool) if mask is None else jnp.broadcast_to(
         mask, logits.shape)
@@ -157,7 +160,10 @@ def _stacked_init(init, n):
 class Attention(nn.Module):
   """Multi-head (self or cross) attention with q/k/v projections.
 
-  `mask` is boolean, broadcastable to [B, heads, Lq, Lk], True = attend. With
+  `mask` is boolean, broadcastable to [B, heads, Lq, Lk], True = attend; `bias`
+  (float, same broadcast) is added to the logits (computed by `einsum_attention`).
+  With `return_qk` it returns (out, q, k), q and k as [B, L, heads, head_dim]
+  (token reduction's matching metric and class-token attention). With
   `opts.fused_qkv`, self-attention uses one (embed, 3, heads) kernel (one matmul);
   its slices [:, 0], [:, 1], [:, 2] are the separate query/key/value kernels.
   """
@@ -178,7 +184,7 @@ class Attention(nn.Module):
     return qkv[:, :, 0] + bias[0], qkv[:, :, 1], qkv[:, :, 2] + bias[1]
 
   @nn.compact
-  def __call__(self, x, context=None, mask=None):
+  def __call__(self, x, context=None, mask=None, bias=None, return_qk: bool = False):
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
@@ -196,7 +202,9 @@ class Attention(nn.Module):
     q, k, v = (split(checkpoint_name(t, "qkv_proj")) for t in (q, k, v))
     impl = attention_implementation(self.opts.attention_impl, q.dtype, head_dim,
                                     mask is not None)
-    if impl == "cudnn" and mask is None:
+    if bias is not None:
+      out = einsum_attention(q, k, v, mask, self.causal, bias)
+    elif impl == "cudnn" and mask is None:
       out = even_length_attention(q, k, v, self.causal, impl)
     elif impl == "einsum":
       out = einsum_attention(q, k, v, mask, self.causal)
@@ -204,7 +212,8 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
                                          implementation=impl)
     out = checkpoint_name(out.reshape(out.shape[:-2] + (width,)), "attn_out")
-    return dense(width, ("heads", "embed"), self.dtype, "out")(out)
+    out = dense(width, ("heads", "embed"), self.dtype, "out")(out)
+    return (out, q, k) if return_qk else out
 
 
 class Mlp(nn.Module):
@@ -243,7 +252,7 @@ class Block(nn.Module):
     h = Attention(self.num_heads, self.dtype, causal=self.causal, opts=self.opts,
                   name="attn")(layer_norm(self.dtype, "ln_attn", eps)(x), mask=mask)
     x = constrain(x + drop(h), ("batch", "length", "embed"))
-    if self.cross_attention:
+    if self.cross_attention and context is not None:  # None: a text-only pass.
       h = Attention(self.num_heads, self.dtype, opts=self.opts, name="cross_attn")(
           layer_norm(self.dtype, "ln_cross", eps)(x), context=context, mask=context_mask)
       x = constrain(x + drop(h), ("batch", "length", "embed"))
