@@ -30,7 +30,12 @@ TOKENIZER = "words:shapes_hard"  # 56 ids; captions fit in 20 tokens.
 # queue, model family), as `configs/bench.py:NAME`. Scaled to the bench's 300 steps:
 # EMA momenta 0.98 (a ~50-step horizon; the papers' 0.995-0.996 suit 10^5 steps and
 # would leave the teacher near its initialisation here), queues of 16 batches.
-METHOD_ARGS = ("tcl", "pyramidclip", "siglip2", "m3ae")
+METHOD_ARGS = ("tcl", "pyramidclip", "siglip2", "m3ae", "p8", "tome", "evit")
+# Issue-16 token reduction: patch 16 at 64 px leaves only 16 patches, so these compare
+# at patch 8 (64 patches + the class token): `p8` is their unchanged baseline; `tome`
+# merges 12 tokens per block (65 -> 53 -> 41 -> 29 -> 17) and `evit` keeps half the
+# patch tokens after blocks 1 and 2 (+ one fused token: 65 -> 34 -> 19): image-tower
+# FLOPs 0.61x and 0.60x of `p8` (macs.vit_macs).
 
 
 def get_config(arg=None):
@@ -90,6 +95,24 @@ def _m3ae(c):
   c.model.m3ae.update(decoder_width=64, decoder_depth=1, decoder_heads=2,
                       decoder_mlp_dim=256, contrastive=True)
   c.objectives = {"m3ae_image": 1.0, "m3ae_text": 0.5, "clip": 1.0}
+
+
+def _p8(c):
+  """Patch 8 at 64 px: 64 patch tokens (the token-reduction baseline)."""
+  c.model.image.patch_size = 8
+
+
+def _tome(c):
+  """ToMe: patch 8, 12 tokens merged per block, proportional attention."""
+  _p8(c)
+  c.model.image.token_reduction.update(method="tome", r=12, prop_attn=True)
+
+
+def _evit(c):
+  """EViT: patch 8, half the patch tokens kept after blocks 1 and 2, rest fused."""
+  _p8(c)
+  c.model.image.token_reduction.update(method="evit", keep_rate=0.5, layers=(1, 2),
+                                       fuse=True)
 
 
 def base_config():

@@ -70,6 +70,13 @@ METHODS: Dict[str, Method] = {
     "siglip2": Method("Tschannen et al. 2025 (SigLIP 2-style)", {},
                       config_arg="siglip2"),
     "m3ae": Method("Geng et al. 2022 (+ contrastive head)", {}, config_arg="m3ae"),
+    # Issue 16: token reduction inside the ViT, at patch 8 (64 tokens); `clip_p8` is
+    # their baseline (same patch size, no reduction).
+    "clip_p8": Method("CLIP at patch 8 (64 patch tokens)", {},
+                      "baseline for tome / evit", config_arg="p8"),
+    "tome": Method("Bolya et al. 2023 (ToMe, r=12 per block)", {}, config_arg="tome"),
+    "evit": Method("Liang et al. 2022 (EViT, keep 0.5 after blocks 1, 2, fused)", {},
+                   config_arg="evit"),
 }
 
 

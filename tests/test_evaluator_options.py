@@ -124,8 +124,9 @@ def test_unknown_option_key_names_the_key_the_closest_and_the_valid_keys():
   c = _config(zeroshot={"every": 0, "log_examples": 3})
   with pytest.raises(errors.ConfigKeyError, match=r"option of \['captioning'\]"):
     validation.validate(c)
-  c = _config(cap={"type": "captioning", "max_len": 20})
-  with pytest.raises(errors.ConfigKeyError, match=r"config\.evals\.cap\.max_len.*removed"):
+  # max_len works now (tests/test_decode_options.py): capped by the context length.
+  c = _config(cap={"type": "captioning", "max_len": 100})
+  with pytest.raises(errors.ConfigError, match=r"config\.evals\.cap\.max_len=100 exceeds"):
     validation.validate(c)
 
 

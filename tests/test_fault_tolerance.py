@@ -330,6 +330,19 @@ def test_config_changes_split_model_from_schedule():
   assert startup_checks.config_changes(old, old) == ([], [])
 
 
+def test_a_new_option_left_at_its_default_is_no_change():
+  """A workdir saved before an option existed resumes when the option is off."""
+  old = config_lib.to_dict(test_train.tiny_config())
+  del old["model"]["image"]["token_reduction"]
+  defaults = config_lib.to_dict(config_lib.default_config())
+  new = test_train.tiny_config()
+  assert startup_checks.config_changes(old, config_lib.to_dict(new), defaults) == (
+      [], [])
+  new.model.image.token_reduction.method = "tome"
+  model, _ = startup_checks.config_changes(old, config_lib.to_dict(new), defaults)
+  assert model == ["model.image.token_reduction.method: '<absent>' -> 'tome'"]
+
+
 def test_bad_fault_tolerance_config_is_a_clear_error():
   for key, value, msg in [("nonfinite", "ignore", "'halt' or 'skip'"),
                           ("best_metric", "eval/nope/top1", "evaluator 'nope'"),

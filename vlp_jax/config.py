@@ -136,6 +136,14 @@ def default_config() -> ConfigDict:
   c.model.mlp_act = "gelu_tanh"
   c.model.layer_norm_eps = 1e-6  # torch / open_clip / HF CLIP: 1e-5.
   c.model.image.ln_pre = False  # LayerNorm after the positions (OpenAI / open_clip ViT).
+  # Visual token reduction inside the ViT (vlp_jax/models/token_reduction.py), same
+  # params: method none | tome (merge r tokens per layer, ToMe's `inflect` schedule,
+  # or gradually down to `target` tokens, class token included; `prop_attn`: + log
+  # size on the logits) | evit (after blocks `layers` keep ceil(keep_rate (N - 1))
+  # tokens by class-token attention, `fuse` the rest into one token).
+  c.model.image.token_reduction = ConfigDict(dict(
+      method="none", r=0, target=0, inflect=0.0, prop_attn=True, keep_rate=0.7,
+      layers=(3, 6, 9), fuse=True))
   # False: no key mask from pad ids (CLIP's id 0 is also '!'; SigLIP pads with EOS).
   c.model.text.padding_mask = True
   # Pooled projections (models/heads.py): with a bias (big_vision / SigLIP `head`), or
@@ -171,6 +179,9 @@ def default_config() -> ConfigDict:
   # first_sentence | first_words | word_deletion, words, p} give 'text_views/NAME' [B, L].
   c.data.views = ConfigDict()
   c.data.text_views = ConfigDict()
+  # PRIOR's precomputed reference probabilities (tools/prior_probs.py): a table folder
+  # giving every batch 'ref_probs' [B, L] for its 'text' ('' = off; data/ref_probs.py).
+  c.data.ref_probs = ""
   c.device_prefetch = 2  # Batches put on device ahead of the running step (0 = off).
   c.profile_steps = [0, 0]  # [a, b]: jax.profiler trace of steps a..b-1 to workdir/profile.
 
@@ -198,6 +209,10 @@ def default_config() -> ConfigDict:
   # ('constant') or cosine from `momentum` at step 0 to `final_momentum` at
   # total_steps ('cosine', as BYOL / DINO).
   c.teacher = ConfigDict(dict(TEACHER_KEYS, params=[]))
+  # The teacher's parameters from another run (PRIOR's frozen reference model, with
+  # momentum 1.0): the keys of config.init_from; include [] = config.teacher.params;
+  # required: a new run without workdir/checkpoint set stops with an error.
+  c.teacher.init_from = ConfigDict(dict(INIT_FROM_KEYS, include=[], required=False))
   # Memory queue (vlp_jax/train/queue.py): FIFOs of `size` rows (0 = no queue) of
   # momentum-teacher outputs, `entries` = {queue name: 'teacher_OUTPUT'}, rows of
   # dimension `dim` (0 = model.embed_dim); objectives read them as 'queue/NAME'.
@@ -350,6 +365,22 @@ def validate_teacher(t) -> None:
         f"config.teacher.schedule={t.schedule!r} is not one of "
         f"{list(TEACHER_SCHEDULES)} ('constant': momentum throughout; 'cosine': from "
         "momentum to final_momentum over total_steps).")
+  init = t.get("init_from")
+  if init is not None and (init.workdir or init.checkpoint):
+    if init.workdir and init.checkpoint:
+      raise errors.ConfigError(
+          "config.teacher.init_from: set either 'workdir' or 'checkpoint', not both.")
+    if not list(t.params):
+      raise errors.ConfigError(
+          "config.teacher.init_from names a checkpoint but config.teacher.params is "
+          "empty (no teacher): select the parameters the teacher holds, e.g. "
+          "['txt/.*', 'decoder/.*', 'vocab_proj/.*'].")
+    if init.format and init.format not in INIT_FROM_FORMATS:
+      raise errors.ConfigError(
+          f"config.teacher.init_from.format={init.format!r} is not one of "
+          f"{list(INIT_FROM_FORMATS)} ('' = a vlp_jax checkpoint).")
+    for key in ("include", "exclude", "allow_missing", "allow_shape_mismatch"):
+      _check_regexes(init[key], f"config.teacher.init_from.{key}", re)
 
 
 def _check_regexes(value, where, re):

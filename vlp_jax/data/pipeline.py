@@ -6,8 +6,8 @@ import grain
 from absl import logging
 
 from vlp_jax import batch_plan, errors
-from vlp_jax.data import (batches, mixture, robust, sources, sources_wds, templates,
-                          tokenizers, transforms, views)
+from vlp_jax.data import (batches, mixture, ref_probs, robust, sources, sources_wds,
+                          templates, tokenizers, transforms, views)
 
 
 def _train_transform(config, tokenizer, **labels):
@@ -88,6 +88,9 @@ def train_dataset(config, tokenizer, plan=None) -> grain.IterDataset:
     stream = _streamed_batches(config, components, plan)
   else:
     stream = _random_access_batches(config, components, plan)
+  if d.get("ref_probs"):  # PRIOR's precomputed 'ref_probs' [B, L] (data/ref_probs.py).
+    ref_probs.Table(d.ref_probs).check(d.tokenizer, config.model.text.context_length)
+    stream = stream.map(ref_probs.Attach(d.ref_probs))
   if d.worker_count > 0:
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
   return robust.BadRecordMonitor(stream, name, d.max_bad_fraction)

@@ -22,6 +22,10 @@ list of options separated by ',' or '+' ('shapes:hard+classes' is the same as
                        `classification = True` (training turns labels into prompt
                        captions); its train split is another index stream than the
                        caption view's, its evaluation splits are the same images
+  shapes:hard,noisy=0.3  either caption view with the captions of a seeded 30% of
+                       the train split's records shuffled among them
+                       (`caption_noise.py`; for curation experiments: the source's
+                       `corrupted` says which); the other splits stay clean
 
 `shapes:hard` (`HardShapesSource`; tokenizer `words:shapes_hard`, zero-shot templates
 'shapes'): 8 colours (`HARD_COLOR_NAMES`) x 8 shapes (`HARD_SHAPES`, with near pairs
@@ -51,6 +55,7 @@ import re
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+from absl import logging
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from vlp_jax import errors
@@ -657,12 +662,18 @@ def make_shapes_source(split: str = "train", size: Optional[int] = None,
   ignored."""
   del unused
   options = [o.strip() for o in re.split(r"[,+]", path or "") if o.strip()]
+  noisy = [o for o in options if o.startswith("noisy=")]
+  options = [o for o in options if not o.startswith("noisy=")]
+  if noisy:
+    source = make_shapes_source(split, size, seed, image_size, max_shapes,
+                                ",".join(options))
+    return _with_caption_noise(source, noisy, path, split)
   unknown = [o for o in options if o not in _VARIANTS + _OPTIONS]
   if unknown or len(set(options)) != len(options):
     raise errors.ConfigError(
         f"Unknown or repeated shapes option(s) {unknown or options} in 'shapes:{path}'; "
         f"the spec is 'shapes', 'shapes:hard', 'shapes:classes' or "
-        f"'shapes:hard,classes' (or 'shapes:hard+classes').")
+        f"'shapes:hard,classes' (or 'shapes:hard+classes'), optionally with ',noisy=F'.")
   classes = "classes" in options
   if "hard" in options:
     return HardShapesSource(split=split, size=size, seed=seed, image_size=image_size,
@@ -671,3 +682,27 @@ def make_shapes_source(split: str = "train", size: Optional[int] = None,
     return ShapesClassesSource(split=split, size=size, seed=seed, image_size=image_size)
   return ShapesSource(split=split, size=size, seed=seed, image_size=image_size,
                       max_shapes=max_shapes)
+
+
+def _with_caption_noise(source, noisy, path, split):
+  """`source` with option 'noisy=F' (`caption_noise.NoisyCaptions`: the captions of a
+  seeded fraction F of the records shuffled among them; for curation experiments).
+  Only split 'train' is corrupted: evaluation splits stay `source` itself."""
+  from vlp_jax.data import caption_noise  # pylint: disable=g-import-not-at-top
+  try:
+    fraction = float(noisy[0].partition("=")[2])
+  except ValueError:
+    fraction = -1.0
+  if len(noisy) > 1 or not 0.0 <= fraction <= 1.0:
+    raise errors.ConfigError(
+        f"Bad caption-noise option {noisy} in 'shapes:{path}'; give one 'noisy=F' with "
+        "F in [0, 1], e.g. 'shapes:hard,noisy=0.3'.")
+  if getattr(source, "classification", False):
+    raise errors.ConfigError(
+        f"'shapes:{path}': the classification view's captions are its labels' class "
+        "names; 'noisy=F' applies to the caption views ('shapes', 'shapes:hard').")
+  if split != "train":
+    logging.info("'shapes:%s': caption noise applies to split 'train' only; split "
+                 "'%s' is clean.", path, split)
+    return source
+  return caption_noise.NoisyCaptions(source, fraction, seed=source.seed)

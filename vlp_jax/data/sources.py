@@ -15,6 +15,7 @@ import os
 from vlp_jax import errors
 from vlp_jax.data import decode, shapes  # pylint: disable=unused-import  (registers 'shapes')
 from vlp_jax.data import sources_arrayrecord, sources_files, sources_tfds, sources_wds  # pylint: disable=unused-import  (register sources)
+from vlp_jax.data import sources_index  # pylint: disable=unused-import  (registers 'index')
 from vlp_jax.registry import SOURCES
 
 

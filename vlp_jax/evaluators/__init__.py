@@ -22,10 +22,7 @@ from vlp_jax.evaluators import captioning, fewshot, linear_probe, retrieval, zer
 from vlp_jax.registry import EVALUATORS
 
 # Keys that entries no longer take, with what to do instead.
-REMOVED_KEYS = {
-    "max_len": "it never had an effect (captions are decoded up to "
-               "config.model.text.context_length tokens); delete it",
-}
+REMOVED_KEYS = {}
 
 
 def entry_type(name: str, entry) -> str:
@@ -97,6 +94,8 @@ def check_config(config) -> None:
   for name, entry in config.evals.items():
     check_entry(name, entry)
     kind = entry.get("type", name)
+    if entry_type(name, entry) == "captioning":
+      captioning.check_max_len(entry, config.model, f"config.evals.{name}")
     if kind in EMBEDDING_EVALUATORS and not {"image_emb", "text_emb"} <= produced:
       switch = models.output_switch(config.model.name, "image_emb")
       raise errors.ConfigError(

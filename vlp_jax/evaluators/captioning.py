@@ -1,27 +1,59 @@
-"""Captioning: greedy decoding, BLEU-4 and CIDEr-D against the reference captions.
+"""Captioning: decoding, BLEU-4 and CIDEr-D against the reference captions.
 
-Option `log_examples`: how many (caption, reference) pairs are written to the log.
-Captions are decoded up to config.model.text.context_length tokens.
+Options: `log_examples` (how many (caption, reference) pairs are written to the log)
+and the decoding (`models/generate.py`, KV-cached): `method` ('greedy', 'beam' or
+'sample'), `beam_size` and `length_penalty` (beam search; GNMT's
+((5 + n) / 6) ** length_penalty divides the log-probability of n tokens), `top_p`,
+`temperature` and `seed` (nucleus sampling), `max_len` (tokens per caption, BOS
+included; 0 = config.model.text.context_length, the most it can be). Sampling
+draws batch i of the eval set with seed + i.
 """
+import itertools
+
 import numpy as np
 from absl import logging
 
-from vlp_jax import config as config_lib
+from vlp_jax import config as config_lib, errors
 from vlp_jax.evaluators import common, metrics
 from vlp_jax.registry import EVALUATORS
 
+METHODS = ("greedy", "beam", "sample")  # = models.generate.METHODS (no model import).
 
 OPTION_RANGES = {
     "log_examples": (True, lambda v: v >= 0, ">= 0",
                      "captions written to the log with their first reference"),
+    "beam_size": (True, lambda v: v >= 1, ">= 1", "beam search: hypotheses per image"),
+    "length_penalty": (False, lambda v: 0 <= v <= 10, "in [0, 10]",
+                       "beam search: GNMT alpha, 0 = rank by log-probability"),
+    "top_p": (False, lambda v: 0 < v <= 1, "in (0, 1]", "sampling: nucleus mass"),
+    "temperature": (False, lambda v: v > 0, "> 0", "sampling: logits divided by it"),
+    "max_len": (True, lambda v: v == 0 or v >= 2, "0 or >= 2",
+                "tokens per caption with BOS; 0 = model.text.context_length"),
+    "seed": (True, lambda v: v >= 0, ">= 0", "sampling: PRNG seed"),
 }
+DECODE_OPTIONS = {"method": "greedy", "beam_size": 4, "length_penalty": 0.6,
+                  "top_p": 0.9, "temperature": 1.0, "max_len": 0, "seed": 0}
 
 
 def check(cfg, where):
   config_lib.check_numbers(cfg, where, OPTION_RANGES)
+  if cfg.method not in METHODS:
+    raise errors.ConfigError(f"{where}.method={cfg.method!r} is not one of "
+                             f"{list(METHODS)} (the decoding method).")
 
 
-@EVALUATORS.register("captioning", options={"log_examples": 5}, check=check)
+def check_max_len(entry, model_cfg, where):
+  """`max_len` <= the model's text context length (the decoder's positions)."""
+  max_len, context = entry.get("max_len", 0), model_cfg.text.context_length
+  if max_len > context:
+    raise errors.ConfigError(
+        f"{where}.max_len={max_len} exceeds config.model.text.context_length="
+        f"{context} (the decoder has that many positions): use at most {context}, or "
+        "0 for the context length.")
+
+
+@EVALUATORS.register("captioning", options=dict(log_examples=5, **DECODE_OPTIONS),
+                     check=check)
 def captioning(predict_fns, params, cfg):
   """BLEU-4, CIDEr-D and, where examples carry 'keywords', the keyword accuracy."""
   if "generate" not in predict_fns:
@@ -30,7 +62,14 @@ def captioning(predict_fns, params, cfg):
   ds, _ = common.load_eval_set(cfg)
   examples = [ds[i] for i in range(len(ds))]
   images = np.stack([e["image"] for e in examples])
-  tokens = common.run_padded(predict_fns["generate"], params, images, cfg.batch_size)
+  options = {k: cfg[k] for k in DECODE_OPTIONS if k != "seed"}
+  batches = itertools.count()  # Sampling: batch i draws with seed + i.
+
+  def generate(params, images):
+    return predict_fns["generate"](
+        params, images, seed=cfg.seed + next(batches),
+        where=f"config.evals.{cfg.get('name', 'captioning')}.", **options)
+  tokens = common.run_padded(generate, params, images, cfg.batch_size)
   captions = [predict_fns["detokenize"](t) for t in tokens]
   refs = [e["text"] for e in examples]
   result = {"bleu4": metrics.bleu(captions, refs), "cider": metrics.cider_d(captions, refs)}

@@ -8,8 +8,10 @@ import jax.numpy as jnp
 from vlp_jax import errors
 from vlp_jax.models import coca  # pylint: disable=unused-import  (registers 'coca')
 from vlp_jax.models import interface
+from vlp_jax.models import builders
 from vlp_jax.models import layers
 from vlp_jax.models import m3ae  # pylint: disable=unused-import  (registers 'm3ae')
+from vlp_jax.models import token_reduction
 from vlp_jax.models import two_tower  # pylint: disable=unused-import  (registers)
 from vlp_jax.registry import MODELS
 
@@ -92,3 +94,6 @@ def check_config(model_cfg) -> None:
     raise errors.ConfigError(
         f"config.model.attention_impl='{model_cfg.attention_impl}' is not one of "
         f"{layers.ATTENTION_IMPLS}.")
+  if token_reduction.from_config(model_cfg.image.get("token_reduction")) is not None:
+    depth = builders.tower_kwargs(model_cfg.image, None)["depth"]
+    token_reduction.check_config(model_cfg, depth)

@@ -2,7 +2,7 @@
 scale) from `config.model`, for any model family to use."""
 import ml_collections
 
-from vlp_jax.models import layers, vit
+from vlp_jax.models import layers, token_reduction, vit
 
 
 def tower_kwargs(cfg: ml_collections.ConfigDict, dtype, opts=None):
@@ -17,6 +17,9 @@ def tower_kwargs(cfg: ml_collections.ConfigDict, dtype, opts=None):
                      f"{sorted(missing)}.")
   if cfg.get("ln_pre", False):  # Only when on: the defaults' arguments stay as they were.
     kw["ln_pre"] = True
+  reduction = token_reduction.from_config(cfg.get("token_reduction"))
+  if reduction is not None:  # Likewise only when on.
+    kw["token_reduction"] = reduction
   return dict(kw, pool=cfg.pool, dtype=dtype, dropout=cfg.get("dropout", 0.0),
               patch_dropout=cfg.get("patch_dropout", 0.0),
               opts=opts or layers.TransformerOptions())

@@ -96,7 +96,9 @@ class OpenClipText(nn.Module):
   opts: layers.TransformerOptions = layers.TransformerOptions()
 
   @nn.compact
-  def __call__(self, tokens, train: bool = False):
+  def __call__(self, tokens, train: bool = False, cache_index=None):
+    """`cache_index` (not None): decoding with a KV cache; no class token (under
+    causal attention it changes no text position) -> (None, token features)."""
     b, length = tokens.shape
     text.check_length(length, self.context_length)
     embed = text.token_embedding(self.vocab_size, self.width, self.dtype)
@@ -106,6 +108,12 @@ class OpenClipText(nn.Module):
     pos = self.param("pos_embedding", nn.with_logical_partitioning(
         nn.initializers.normal(stddev=0.01), (None, "length", "embed")),
                      (1, self.context_length + 1, self.width), jnp.float32)
+    if cache_index is not None:
+      x = embed(tokens) + text.positions(pos, length, cache_index).astype(self.dtype)
+      x = layers.constrain(x, ("batch", "length", "embed"))
+      return None, layers.Transformer(
+          self.depth, self.num_heads, self.mlp_dim, self.dtype, causal=True,
+          final_norm=False, opts=self.opts, name="encoder")(x, cache_index=cache_index)
     x = jnp.concatenate([embed(tokens), jnp.broadcast_to(
         cls.astype(self.dtype), (b, 1, self.width))], axis=1)
     x = x + pos[:, :length + 1].astype(self.dtype)
@@ -131,20 +139,23 @@ class MultimodalLayer(nn.Module):
   opts: layers.TransformerOptions = layers.TransformerOptions()
 
   @nn.compact
-  def __call__(self, x, context, train=False):
+  def __call__(self, x, context, train=False, cache_index=None):
+    """`cache_index` (not None): decoding with a KV cache (`layers.Attention`); the
+    context is needed on the first call only."""
     drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=not train)
     eps, act = self.opts.layer_norm_eps, self.opts.mlp_act
     ln = lambda name: layers.layer_norm(self.dtype, name, eps)
     mlp = lambda name: layers.Mlp(self.mlp_dim, self.dtype, self.dropout, act, name=name)
     out = lambda y: layers.constrain(y, ("batch", "length", "embed"))
     h = layers.Attention(self.num_heads, self.dtype, causal=True, opts=self.opts,
-                         name="attn")(ln("ln_attn")(x))
+                         name="attn")(ln("ln_attn")(x), cache_index=cache_index)
     x = out(x + drop(h))
     x = out(x + drop(mlp("mlp")(ln("ln_mlp")(x), train=train)))
-    if context is None:  # A text-only pass (`text_lm_logits`): no cross block.
+    if context is None and cache_index is None:  # A text-only pass (`text_lm_logits`).
       return x
+    kv = None if context is None else ln("ln_cross_kv")(context)
     h = layers.Attention(self.num_heads, self.dtype, opts=self.opts, name="cross_attn")(
-        ln("ln_cross")(x), context=ln("ln_cross_kv")(context))
+        ln("ln_cross")(x), context=kv, cache_index=cache_index)
     x = out(x + drop(h))
     return out(x + drop(mlp("cross_mlp")(ln("ln_cross_mlp")(x), train=train)))
 
@@ -159,9 +170,10 @@ class _ScanMultimodalLayer(nn.Module):
   train: bool = False
 
   @nn.compact
-  def __call__(self, x, context):
+  def __call__(self, x, context, cache_index):
     return MultimodalLayer(self.num_heads, self.mlp_dim, self.dtype, self.dropout,
-                           self.opts, name="block")(x, context, self.train), None
+                           self.opts, name="block")(x, context, self.train,
+                                                    cache_index), None
 
 
 class MultimodalDecoder(nn.Module):
@@ -176,25 +188,25 @@ class MultimodalDecoder(nn.Module):
   opts: layers.TransformerOptions = layers.TransformerOptions()
 
   @nn.compact
-  def __call__(self, x, context, train=False):
+  def __call__(self, x, context, train=False, cache_index=None):
     policy = layers.REMAT_POLICIES[self.opts.remat]
-    remat = self.opts.remat != "none"
+    remat = self.opts.remat != "none" and cache_index is None
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
               dropout=self.dropout, opts=self.opts)
     if self.opts.scan_layers:
       layer = nn.remat(_ScanMultimodalLayer, policy=policy, prevent_cse=False) \
           if remat else _ScanMultimodalLayer
-      stack = nn.scan(layer, variable_axes={"params": 0},
+      stack = nn.scan(layer, variable_axes=layers.SCAN_VARIABLE_AXES,
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast,), length=self.depth,
+                      in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(**kw, train=train, name="layers")(x, context)
+      x, _ = stack(**kw, train=train, name="layers")(x, context, cache_index)
     else:
       # static_argnums counts `self` as 0: `train` is argument 3.
       cls = nn.remat(MultimodalLayer, policy=policy, static_argnums=(3,)) \
           if remat else MultimodalLayer
       for i in range(self.depth):
-        x = cls(**kw, name=f"block_{i}")(x, context, train)
+        x = cls(**kw, name=f"block_{i}")(x, context, train, cache_index)
     return layers.layer_norm(self.dtype, "ln_final", self.opts.layer_norm_eps)(x)
 
 
@@ -209,7 +221,7 @@ class CoCa(nn.Module):
   OUTPUT_SWITCHES = dict({"logit_bias": "config.model.use_logit_bias=True"},
                          **{k: masked_outputs.SWITCH for k in masked_outputs.OUTPUTS})
   # Settings of config.model this family implements (models.check_config).
-  SUPPORTS = frozenset({"masked_image_ratio"})
+  SUPPORTS = frozenset({"masked_image_ratio", "image.token_reduction"})
 
   @classmethod
   def outputs(cls, cfg):
@@ -235,11 +247,13 @@ class CoCa(nn.Module):
     kw = builders.tower_kwargs(m.image, None)
     w, mlp, q = kw["width"], kw["mlp_dim"], m.decoder.num_queries
     n = macs.image_tokens(m, config.data.image_size, train)
-    if open_clip_layout(m):
+    if open_clip_layout(m):  # (Token reduction: the poolers see the tokens left.)
+      out = macs.vit_output_tokens(m.image, n, pool="cls")
       return (macs.vit_macs(m.image, n, pool="cls")
-              + macs.attention_macs(q, n + 1, m.embed_dim, kv_width=w)), 0
-    contrastive = macs.vit_macs(m.image, n, pool="none") + macs.pool_macs(1, n, w, mlp)
-    return contrastive, macs.pool_macs(q, n, w, mlp) + q * w * m.text.width
+              + macs.attention_macs(q, out + 1, m.embed_dim, kv_width=w)), 0
+    out = macs.vit_output_tokens(m.image, n, pool="none")
+    contrastive = macs.vit_macs(m.image, n, pool="none") + macs.pool_macs(1, out, w, mlp)
+    return contrastive, macs.pool_macs(q, out, w, mlp) + q * w * m.text.width
 
   @classmethod
   def _text_macs(cls, m):
@@ -354,17 +368,26 @@ class CoCa(nn.Module):
     pooled, feats = self.txt(tokens, train=train)
     return self.txt_proj(pooled), feats
 
-  def multimodal(self, feats, tokens, context, train=False):
+  def multimodal(self, feats, tokens, context, train=False, cache_index=None):
     """Multimodal layers over unimodal text features -> next-token logits [B, L, V]."""
     if open_clip_layout(self.config):  # open_clip's decoder has no padding mask.
-      return self.vocab_proj(self.decoder(feats, context, train=train))
-    x = self.decoder(feats, mask=text.padding_mask(tokens), context=context,
-                     train=train)
+      return self.vocab_proj(self.decoder(feats, context, train=train,
+                                          cache_index=cache_index))
+    mask = text.padding_mask(tokens) if cache_index is None else None
+    x = self.decoder(feats, mask=mask, context=context, train=train,
+                     cache_index=cache_index)
     return self.vocab_proj(x)
 
-  def decode(self, tokens, context, train=False):
-    """Next-token logits [B, L, V] for `tokens` given the image `context`."""
-    return self.multimodal(self.txt(tokens, train=train)[1], tokens, context, train)
+  def decode(self, tokens, context, train=False, cache_index=None):
+    """Next-token logits [B, L, V] for `tokens` given the image `context`.
+
+    With `cache_index` (an int32 scalar; `models/kv_decode.py` drives it) `tokens`
+    are those at positions `cache_index`.. of the caption and the keys/values of the
+    earlier ones come from the 'cache' collection (apply with mutable=['cache']);
+    `context` is needed on the first call only (None afterwards: its cross-attention
+    keys/values are cached)."""
+    feats = self.txt(tokens, train=train, cache_index=cache_index)[1]
+    return self.multimodal(feats, tokens, context, train, cache_index)
 
   def __call__(self, batch, train: bool = False):
     out = dict(self.scale())

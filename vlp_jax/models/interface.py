@@ -82,8 +82,12 @@ class Captioner(ModelFamily, Protocol):
                    train: bool = False) -> Tuple[Array, Array, Array]:
     """-> (embedding [B, D], image tokens [B, N, W], decoder context [B, Q, C])."""
 
-  def decode(self, tokens: Array, context: Array, train: bool = False) -> Array:
-    """Next-token logits [B, L, V]: `logits[:, t]` predicts `tokens[:, t + 1]`."""
+  def decode(self, tokens: Array, context: Array, train: bool = False,
+             cache_index=None) -> Array:
+    """Next-token logits [B, L, V]: `logits[:, t]` predicts `tokens[:, t + 1]`.
+    With `cache_index` (decoding, `models/kv_decode.py`): `tokens` sit at positions
+    cache_index.., earlier keys/values come from the 'cache' collection, and
+    `context` is given on the first call only (`layers.Attention`'s KV cache)."""
 
 
 class TokenEmbedder(ModelFamily, Protocol):
@@ -111,6 +115,9 @@ OPTIONAL_SETTINGS = {
     "text.proj": (lambda m: not m.text.get("proj", True), "config.model.text.proj=True"),
     "masked_image_ratio": (lambda m: m.get("masked_image_ratio", 0.0) > 0,
                            "config.model.masked_image_ratio=0.0"),
+    "image.token_reduction": (
+        lambda m: (m.image.get("token_reduction") or {}).get("method", "none") != "none",
+        "config.model.image.token_reduction.method='none'"),
 }
 
 # Attribute -> (what it is, whether it must be a classmethod / staticmethod).

@@ -166,6 +166,9 @@ class Attention(nn.Module):
   (token reduction's matching metric and class-token attention). With
   `opts.fused_qkv`, self-attention uses one (embed, 3, heads) kernel (one matmul);
   its slices [:, 0], [:, 1], [:, 2] are the separate query/key/value kernels.
+
+  With `cache_index` (an int32 scalar; None = no cache) it decodes with a KV cache
+  in the 'cache' collection (`_kv_cache`); the parameters are the same.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -184,13 +187,22 @@ class Attention(nn.Module):
     return qkv[:, :, 0] + bias[0], qkv[:, :, 1], qkv[:, :, 2] + bias[1]
 
   @nn.compact
-  def __call__(self, x, context=None, mask=None, bias=None, return_qk: bool = False):
+  def __call__(self, x, context=None, mask=None, bias=None, return_qk: bool = False,
+               cache_index=None):
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
     head_dim = width // self.num_heads
     split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))
-    if self.opts.fused_qkv and context is None:
+    # Decoding, a cross-attention reads its context's keys/values from the cache after
+    # the first call (`context` None then).
+    cross = context is not None
+    cached_context = (cache_index is not None and not cross
+                      and self.has_variable("cache", "context_key"))
+    if cached_context:
+      q = dense(width, ("embed", "heads"), self.dtype, "query")(x)
+      k = v = None
+    elif self.opts.fused_qkv and context is None:
       q, k, v = self._fused_qkv(x, width)
     else:
       context = x if context is None else context
@@ -199,10 +211,15 @@ class Attention(nn.Module):
       # it and its gradient is zero (Adam would only amplify rounding noise into it).
       k = dense(width, ("embed", "heads"), self.dtype, "key", use_bias=False)(context)
       v = dense(width, ("embed", "heads"), self.dtype, "value")(context)
-    q, k, v = (split(checkpoint_name(t, "qkv_proj")) for t in (q, k, v))
+    q, k, v = (None if t is None else split(checkpoint_name(t, "qkv_proj"))
+               for t in (q, k, v))
     impl = attention_implementation(self.opts.attention_impl, q.dtype, head_dim,
                                     mask is not None)
-    if bias is not None:
+    if cache_index is not None:
+      k, v, mask = self._kv_cache(k, v, mask, cache_index, q.shape[1],
+                                  cross=cross or cached_context)
+      out = einsum_attention(q, k, v, mask, False, bias)
+    elif bias is not None:
       out = einsum_attention(q, k, v, mask, self.causal, bias)
     elif impl == "cudnn" and mask is None:
       out = even_length_attention(q, k, v, self.causal, impl)
@@ -214,6 +231,38 @@ class Attention(nn.Module):
     out = checkpoint_name(out.reshape(out.shape[:-2] + (width,)), "attn_out")
     out = dense(width, ("heads", "embed"), self.dtype, "out")(out)
     return (out, q, k) if return_qk else out
+
+  def _kv_cache(self, k, v, mask, cache_index, length, cross):
+    """Decoding: (keys, values, mask) over the cached sequence.
+
+    Self-attention: this call's `length` keys/values are written into the cache
+    ('cached_key'/'cached_value' [B, max_len, heads, head_dim], zeros when created:
+    the first call's length is max_len) at `cache_index`, and query i attends to the
+    cached keys up to position `cache_index + i` (causal). Cross-attention: the
+    context's keys/values are stored on the first call ('context_key'/'context_value')
+    and read from the cache when `context` is None.
+    """
+    if cross and k is None:  # Read.
+      return (self.get_variable("cache", "context_key"),
+              self.get_variable("cache", "context_value"), mask)
+    if cross:  # Store.
+      self.put_variable("cache", "context_key", k)
+      self.put_variable("cache", "context_value", v)
+      return k, v, mask
+    if not self.causal:
+      raise ValueError("A KV cache (cache_index) needs causal self-attention.")
+    if mask is not None:
+      raise ValueError("Cached self-attention takes no key mask: decoding feeds no "
+                       "padding before the end of a sequence.")
+    ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    index = jnp.asarray(cache_index, jnp.int32)
+    at = (0, index, 0, 0)
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), at)
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), at)
+    max_len = ck.value.shape[1]
+    keep = jnp.arange(max_len)[None, :] <= index + jnp.arange(length)[:, None]
+    return ck.value, cv.value, keep[None, None]
 
 
 class Mlp(nn.Module):
@@ -246,15 +295,21 @@ class Block(nn.Module):
   opts: TransformerOptions = TransformerOptions()
 
   @nn.compact
-  def __call__(self, x, mask=None, context=None, context_mask=None, train=False):
+  def __call__(self, x, mask=None, context=None, context_mask=None, train=False,
+               cache_index=None):
+    """`cache_index` (not None): decoding with a KV cache (`Attention`); the context
+    is then needed on the first call only (its keys/values are cached)."""
     drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=not train)
     eps = self.opts.layer_norm_eps
     h = Attention(self.num_heads, self.dtype, causal=self.causal, opts=self.opts,
-                  name="attn")(layer_norm(self.dtype, "ln_attn", eps)(x), mask=mask)
+                  name="attn")(layer_norm(self.dtype, "ln_attn", eps)(x), mask=mask,
+                               cache_index=cache_index)
     x = constrain(x + drop(h), ("batch", "length", "embed"))
-    if self.cross_attention and context is not None:  # None: a text-only pass.
+    # context None: a text-only pass, or decoding from the cached context.
+    if self.cross_attention and (context is not None or cache_index is not None):
       h = Attention(self.num_heads, self.dtype, opts=self.opts, name="cross_attn")(
-          layer_norm(self.dtype, "ln_cross", eps)(x), context=context, mask=context_mask)
+          layer_norm(self.dtype, "ln_cross", eps)(x), context=context, mask=context_mask,
+          cache_index=cache_index)
       x = constrain(x + drop(h), ("batch", "length", "embed"))
     h = Mlp(self.mlp_dim, self.dtype, self.dropout, self.opts.mlp_act, name="mlp")(
         layer_norm(self.dtype, "ln_mlp", eps)(x), train=train)
@@ -273,10 +328,16 @@ class _ScanLayer(nn.Module):
   train: bool = False
 
   @nn.compact
-  def __call__(self, x, mask, context, context_mask):
+  def __call__(self, x, mask, context, context_mask, cache_index):
     block = Block(self.num_heads, self.mlp_dim, self.dtype, self.causal,
                   self.cross_attention, self.dropout, self.opts, name="block")
-    return block(x, mask, context, context_mask, self.train), None
+    return block(x, mask, context, context_mask, self.train, cache_index), None
+
+
+# nn.scan's variable axes: the params stacked on a leading `layers` axis; a KV cache
+# (decoding) on axis 1, so every cache array keeps the batch first (beam search
+# reorders it along axis 0).
+SCAN_VARIABLE_AXES = {"params": 0, "cache": 1}
 
 
 class Transformer(nn.Module):
@@ -284,6 +345,7 @@ class Transformer(nn.Module):
 
   Unrolled, the blocks' params are `block_{i}`; with `opts.scan_layers` they are
   stacked under `layers/block` with a leading `layers` axis of size `depth`.
+  `cache_index` (not None): decoding with a KV cache (`Block`; no remat).
   """
   depth: int
   num_heads: int
@@ -296,27 +358,30 @@ class Transformer(nn.Module):
   opts: TransformerOptions = TransformerOptions()
 
   @nn.compact
-  def __call__(self, x, mask=None, context=None, context_mask=None, train=False):
+  def __call__(self, x, mask=None, context=None, context_mask=None, train=False,
+               cache_index=None):
     if self.opts.remat not in REMAT_POLICIES:
       raise ValueError(f"remat '{self.opts.remat}' is not one of "
                        f"{sorted(REMAT_POLICIES)}.")
-    remat = self.opts.remat != "none"
+    remat = self.opts.remat != "none" and cache_index is None
     policy = REMAT_POLICIES[self.opts.remat]
     block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
                  causal=self.causal, cross_attention=self.cross_attention,
                  dropout=self.dropout, opts=self.opts)
     if self.opts.scan_layers:
       layer = nn.remat(_ScanLayer, policy=policy, prevent_cse=False) if remat else _ScanLayer
-      stack = nn.scan(layer, variable_axes={"params": 0},
+      stack = nn.scan(layer, variable_axes=SCAN_VARIABLE_AXES,
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                      in_axes=(nn.broadcast,) * 4,
                       length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(**block, train=train, name="layers")(x, mask, context, context_mask)
+      x, _ = stack(**block, train=train, name="layers")(x, mask, context, context_mask,
+                                                        cache_index)
     else:
       # static_argnums counts `self` as 0: `train` is argument 5.
       cls = nn.remat(Block, policy=policy, static_argnums=(5,)) if remat else Block
       for i in range(self.depth):
-        x = cls(**block, name=f"block_{i}")(x, mask, context, context_mask, train)
+        x = cls(**block, name=f"block_{i}")(x, mask, context, context_mask, train,
+                                             cache_index)
     if self.final_norm:
       x = layer_norm(self.dtype, "ln_final", self.opts.layer_norm_eps)(x)
     return x

@@ -4,9 +4,12 @@ Model families add these up in their `forward_macs` / `tower_macs` classmethods
 (`interface.py`); `vlp_jax/perf/flops.py` turns the totals into FLOPs and MFU.
 Convention (as open_clip's profile, PaLM's MFU and MaxText): matmuls only, attention
 scores (QK^T) and values (AV) over the full (unmasked) sequence; norms, softmax and
-elementwise ops are not counted.
+elementwise ops are not counted. With token reduction (`token_reduction.py`) each
+block's attention counts the tokens it sees and its MLP the tokens left after the
+merge / selection; the matching, top-k and scatter work is not counted (no matmul
+beyond ToMe's A x B cosine scores, a few % of one attention's QK^T).
 """
-from vlp_jax.models import builders, vit
+from vlp_jax.models import builders, token_reduction, vit
 
 
 def attention_macs(lq: int, lk: int, width: int, kv_width: int = None) -> int:
@@ -16,9 +19,12 @@ def attention_macs(lq: int, lk: int, width: int, kv_width: int = None) -> int:
   return proj + 2 * lq * lk * width
 
 
-def block_macs(length: int, width: int, mlp_dim: int, context: int = 0) -> int:
-  """Multiply-adds of one pre-LN block (self-attention, optional cross-attention, MLP)."""
-  macs = attention_macs(length, length, width) + 2 * length * width * mlp_dim
+def block_macs(length: int, width: int, mlp_dim: int, context: int = 0,
+               mlp_length: int = None) -> int:
+  """Multiply-adds of one pre-LN block (self-attention, optional cross-attention, MLP);
+  `mlp_length`: tokens the MLP sees when fewer than `length` (token reduction)."""
+  mlp_length = length if mlp_length is None else mlp_length
+  macs = attention_macs(length, length, width) + 2 * mlp_length * width * mlp_dim
   if context:
     macs += attention_macs(length, context, width)
   return macs
@@ -30,24 +36,45 @@ def pool_macs(num_queries: int, tokens: int, width: int, mlp_dim: int) -> int:
 
 
 def image_tokens(model_cfg, image_size: int, train: bool = True) -> int:
-  """Patch tokens the image tower processes (after patch dropout when training)."""
+  """Patch tokens entering the image tower (after patch dropout when training);
+  `vit_output_tokens` gives those it returns (fewer with token reduction)."""
   kw = builders.tower_kwargs(model_cfg.image, None)
   n = (image_size // kw["patch_size"]) ** 2
   p = model_cfg.image.get("patch_dropout", 0.0)
   return vit.num_kept_patches(n, p) if train and p > 0 else n
 
 
+def vit_layer_tokens(image_cfg, tokens: int, pool: str = None):
+  """Per encoder block of the `vit.ViT` built from `image_cfg` over `tokens` patch
+  tokens: (tokens its attention sees, tokens its MLP sees), class token included;
+  they shrink block by block with `image_cfg.token_reduction` on."""
+  kw = builders.tower_kwargs(image_cfg, None)
+  pool = image_cfg.pool if pool is None else pool
+  return token_reduction.layer_counts(kw.get("token_reduction"), kw["depth"],
+                                      tokens + (pool == "cls"), pool == "cls")
+
+
+def vit_output_tokens(image_cfg, tokens: int, pool: str = None) -> int:
+  """Patch tokens the ViT returns (its `tokens` output, class token excluded) for
+  `tokens` entering: fewer than `tokens` with token reduction."""
+  pool = image_cfg.pool if pool is None else pool
+  counts = vit_layer_tokens(image_cfg, tokens, pool)
+  return counts[-1][1] - (pool == "cls") if counts else tokens
+
+
 def vit_macs(image_cfg, tokens: int, pool: str = None) -> int:
   """A `vit.ViT` built from `image_cfg` (`builders.tower_kwargs`) over `tokens` patch
-  tokens: patch embedding, encoder and, for pool 'map', its pooling head. `pool`
-  overrides `image_cfg.pool` (e.g. 'none' where the family pools itself)."""
+  tokens: patch embedding, encoder (each block at its own token counts,
+  `vit_layer_tokens`) and, for pool 'map', its pooling head over the tokens left.
+  `pool` overrides `image_cfg.pool` (e.g. 'none' where the family pools itself)."""
   kw = builders.tower_kwargs(image_cfg, None)
   w, mlp, p = kw["width"], kw["mlp_dim"], kw["patch_size"]
   pool = image_cfg.pool if pool is None else pool
-  seq = tokens + (pool == "cls")
-  macs = tokens * p * p * 3 * w + kw["depth"] * block_macs(seq, w, mlp)
+  counts = vit_layer_tokens(image_cfg, tokens, pool)
+  macs = tokens * p * p * 3 * w + sum(block_macs(a, w, mlp, mlp_length=m)
+                                      for a, m in counts)
   if pool == "map":
-    macs += pool_macs(1, seq, w, mlp)
+    macs += pool_macs(1, counts[-1][1] if counts else tokens, w, mlp)
   return macs
 
 
@@ -75,7 +102,7 @@ def token_similarity_macs(config, train: bool = True) -> int:
   mean reductions are not matmuls). L: the text positions the tower sees, at most
   `context_length` (prefix conditioning inserts its vectors within it)."""
   m = config.model
-  n = image_tokens(m, config.data.image_size, train)
+  n = vit_output_tokens(m.image, image_tokens(m, config.data.image_size, train))
   return config.batch_size * n * m.text.context_length * m.token_embed_dim
 
 

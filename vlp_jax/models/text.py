@@ -3,6 +3,7 @@ optional prefix conditioning (Saito et al., arXiv 2206.01125)."""
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vlp_jax.models import layers
@@ -113,6 +114,15 @@ def check_length(length: int, context_length: int) -> None:
     raise ValueError(f"Text length {length} exceeds context_length {context_length}.")
 
 
+def positions(table, length: int, start=None):
+  """Position embeddings [1, length, W] from `table` [1, context, W]: the first
+  `length`, or (decoding) those from the traced index `start` on."""
+  if start is None:
+    return table[:, :length]
+  return jax.lax.dynamic_slice_in_dim(table, jnp.asarray(start, jnp.int32), length,
+                                      axis=1)
+
+
 def token_embedding(vocab_size: int, width: int, dtype) -> nn.Embed:
   """The 'token_embedding' table (N(0, 0.02), float32 params); create it inside the
   text tower's compact `__call__`."""
@@ -137,6 +147,10 @@ class TextTransformer(nn.Module):
   `padding_mask=False` masks no keys by pad id (only the causal mask, if any): CLIP's
   vocabulary has id 0 both as padding and as '!', and SigLIP pads with EOS; in a
   causal tower the output at the end token does not see the padding after it anyway.
+
+  `cache_index` (not None, a causal tower without prefix): decoding with a KV cache
+  (`layers.Attention`): `tokens` are the ones at positions `cache_index`.. and take
+  those position embeddings; no padding mask (decoding feeds none before the end).
   """
   vocab_size: int
   width: int
@@ -153,9 +167,12 @@ class TextTransformer(nn.Module):
   opts: layers.TransformerOptions = layers.TransformerOptions()
 
   @nn.compact
-  def __call__(self, tokens, train: bool = False, data_type=None):
+  def __call__(self, tokens, train: bool = False, data_type=None, cache_index=None):
     b, length = tokens.shape
     check_length(length, self.context_length)
+    if cache_index is not None and (self.prefix_length or not self.causal):
+      raise ValueError("Cached decoding needs a causal text tower without prefix "
+                       "conditioning.")
     embed = token_embedding(self.vocab_size, self.width, self.dtype)
     pos = self.param("pos_embedding", nn.with_logical_partitioning(
         nn.initializers.normal(stddev=0.01), (None, "length", "embed")),
@@ -170,11 +187,12 @@ class TextTransformer(nn.Module):
         data_type = jnp.full((b,), CAPTION, jnp.int32)
       x = insert_prefix(x, table[jnp.asarray(data_type, jnp.int32)], tokens,
                         self.context_length)
-    x = x + pos[:, :x.shape[1]].astype(self.dtype)
+    x = x + positions(pos, x.shape[1], cache_index).astype(self.dtype)
     x = layers.constrain(x, ("batch", "length", "embed"))
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    mask = valid[:, None, None, :] if self.padding_mask else None
+    mask = valid[:, None, None, :] if self.padding_mask and cache_index is None else None
     x = layers.Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
                            causal=self.causal, dropout=self.dropout, opts=self.opts,
-                           name="encoder")(x, mask=mask, train=train)
+                           name="encoder")(x, mask=mask, train=train,
+                                           cache_index=cache_index)
     return pool_features(x, valid, self.pool, tokens, self.prefix_length), x

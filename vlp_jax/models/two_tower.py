@@ -34,7 +34,7 @@ class TwoTower(nn.Module):
                          **{k: masked_outputs.SWITCH for k in masked_outputs.OUTPUTS})
   # Settings of config.model this family implements (models.check_config).
   SUPPORTS = frozenset({"token_embed_dim", "text.prefix_conditioning", "proj_bias",
-                        "masked_image_ratio",
+                        "masked_image_ratio", "image.token_reduction",
                         "image.proj", "text.proj"})
 
   @classmethod
@@ -65,7 +65,8 @@ class TwoTower(nn.Module):
     head = (heads.projection_macs(m, "image", width)
             + heads.projection_macs(m, "text", m.text.width))
     if m.get("token_embed_dim", 0) > 0:
-      head += macs.token_projection_macs(n, width, m.text.context_length, m.text.width,
+      head += macs.token_projection_macs(macs.vit_output_tokens(m.image, n), width,
+                                         m.text.context_length, m.text.width,
                                          m.token_embed_dim)
     return {"image": macs.vit_macs(m.image, n), "text": macs.text_macs(m.text),
             "decoder": 0, "heads": head, "logits": macs.logits_macs(config, train)}

@@ -6,7 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models import layers
+from vlp_jax.models import layers, reducing_encoder
+from vlp_jax.models import token_reduction as tr
 
 # name -> (width, depth, mlp_dim, num_heads), as in big_vision.
 VIT_SIZES = {
@@ -75,7 +76,11 @@ class ViT(nn.Module):
   is always kept); evaluation sees every patch. A `mask` (masked image modelling:
   TIPS / SigLIP 2, `masked_outputs.py`) replaces chosen embedded patches by a learned
   mask token. Images of another size than the first call's (local crops) use the
-  position table resized to their patch grid.
+  position table resized to their patch grid. `token_reduction` (a
+  `token_reduction.TokenReduction`, None = off) merges (ToMe) or selects (EViT)
+  tokens inside the encoder (same params); the returned tokens are then the reduced
+  ones, pool 'gap' is the size-weighted mean, and the token sizes are sown as
+  intermediates/token_sizes.
   """
   width: int
   depth: int
@@ -89,12 +94,17 @@ class ViT(nn.Module):
   ln_pre: bool = False
   final_norm: bool = True  # False: no LayerNorm after the last block (open_clip CoCa).
   opts: layers.TransformerOptions = layers.TransformerOptions()
+  token_reduction: Any = None
 
   @nn.compact
   def __call__(self, images, train: bool = False, mask=None):
     """`mask` ([B, N] bool, optional; True = masked): those embedded patches are
     replaced by the learned `mask_token` (param created only on this path) before the
     positions are added (iBOT / DINOv2 / TIPS order); patch dropout is then off."""
+    reducing = self.token_reduction is not None and self.token_reduction.on
+    if reducing and mask is not None:
+      raise ValueError("Token reduction cannot run with a patch mask (the masked "
+                       "pass needs every patch position); turn one of them off.")
     p = self.patch_size
     b, h, w, c = images.shape
     if h % p or w % p:
@@ -138,14 +148,23 @@ class ViT(nn.Module):
       x = layers.layer_norm(self.dtype, "ln_pre", self.opts.layer_norm_eps)(x)
     x = layers.constrain(x, ("batch", "length", "embed"))
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    x = layers.Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
-                           dropout=self.dropout, final_norm=self.final_norm,
-                           opts=self.opts, name="encoder")(
-                               x, train=train)
+    size = None
+    if reducing:
+      x, size = reducing_encoder.ReducingEncoder(
+          self.depth, self.num_heads, self.mlp_dim, self.token_reduction,
+          class_token=self.pool == "cls", dtype=self.dtype, dropout=self.dropout,
+          final_norm=self.final_norm, opts=self.opts, name="encoder")(x, train=train)
+      if size is not None:
+        self.sow("intermediates", "token_sizes", size)
+    else:
+      x = layers.Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
+                             dropout=self.dropout, final_norm=self.final_norm,
+                             opts=self.opts, name="encoder")(
+                                 x, train=train)
     if self.pool == "cls":
       return x[:, 0], x[:, 1:]
     if self.pool == "gap":
-      return jnp.mean(x, axis=1), x
+      return tr.weighted_mean(x, size), x
     if self.pool == "map":
       pooled = layers.AttentionPool(self.num_heads, self.mlp_dim, 1, self.dtype,
                                     opts=self.opts, name="map_head")(x)

@@ -6,6 +6,7 @@ from vlp_jax.objectives import contrastive  # pylint: disable=unused-import
 from vlp_jax.objectives import filip  # pylint: disable=unused-import
 from vlp_jax.objectives import m3ae  # pylint: disable=unused-import
 from vlp_jax.objectives import multipositive  # pylint: disable=unused-import
+from vlp_jax.objectives import prior  # pylint: disable=unused-import
 from vlp_jax.objectives import pyramidclip  # pylint: disable=unused-import
 from vlp_jax.objectives import siglip2  # pylint: disable=unused-import
 from vlp_jax.objectives import soft_targets  # pylint: disable=unused-import
@@ -26,6 +27,7 @@ def check_config(config) -> None:
         check(combine.options(config, name))
       except (ValueError, TypeError) as e:
         raise errors.ConfigError(str(e)) from None
+    prior.check_data(config, name)  # 'ref_probs' needs config.data.ref_probs.
     # A teacher output 'teacher_NAME' is the model's NAME (vlp_jax/train/teacher.py).
     # A queue's rows ('queue/NAME') come from the train state (vlp_jax/train/queue.py).
     reads = [r.removeprefix("teacher_") for r in OBJECTIVES.info(name)["reads"]

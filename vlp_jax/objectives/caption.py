@@ -5,17 +5,18 @@ import jax.numpy as jnp
 from vlp_jax.registry import OBJECTIVES
 
 
-def caption_loss_from_logits(logits, tokens, pad_id=0, label_smoothing=0.0):
-  """Masked next-token CE; `logits[:, t]` predicts `tokens[:, t + 1]`.
+def token_ce(logits, tokens, pad_id=0, label_smoothing=0.0):
+  """Per-target next-token cross entropy; `logits[:, t]` predicts `tokens[:, t + 1]`.
 
   Args:
-    logits: [B, L, V] caption logits.
+    logits: [B, L, V] next-token logits.
     tokens: [B, L] int token ids; positions whose target equals `pad_id` are masked.
     pad_id: padding token id.
     label_smoothing: smoothing mass spread uniformly over the V classes.
 
   Returns:
-    (loss, token_acc): float32 scalars, averaged over unmasked target tokens.
+    (ce, mask, correct): float32 [B, L - 1] each: the cross entropy of each target,
+    1 on real (non-pad) targets, 1 where the argmax is the target.
   """
   logits = jnp.asarray(logits).astype(jnp.float32)[:, :-1]
   targets = jnp.asarray(tokens)[:, 1:]
@@ -25,9 +26,16 @@ def caption_loss_from_logits(logits, tokens, pad_id=0, label_smoothing=0.0):
   if label_smoothing:
     onehot = (1.0 - label_smoothing) * onehot + label_smoothing / vocab
   ce = -jnp.sum(onehot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return ce, mask, correct
+
+
+def caption_loss_from_logits(logits, tokens, pad_id=0, label_smoothing=0.0):
+  """Masked next-token CE (`token_ce`, same arguments) averaged over the unmasked
+  target tokens -> (loss, token_acc) float32 scalars."""
+  ce, mask, correct = token_ce(logits, tokens, pad_id, label_smoothing)
   denom = jnp.maximum(jnp.sum(mask), 1.0)
   loss = jnp.sum(mask * ce) / denom
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   token_acc = jnp.sum(mask * correct) / denom
   return loss, token_acc
 

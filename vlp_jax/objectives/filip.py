@@ -219,7 +219,8 @@ def filip_logits_macs(config, train=True):
   training), L = config.model.text.context_length, d = config.model.token_embed_dim
   (config.model.embed_dim when 0)."""
   from vlp_jax.models import macs  # pylint: disable=g-import-not-at-top
-  n = macs.image_tokens(config.model, config.data.image_size, train)
+  n = macs.vit_output_tokens(config.model.image, macs.image_tokens(
+      config.model, config.data.image_size, train))
   d = config.model.get("token_embed_dim", 0) or config.model.embed_dim
   return filip_similarity_macs(config.batch_size, n, config.model.text.context_length,
                                d)

@@ -14,6 +14,14 @@ the output (XLA removes what nothing reads):
   `models/masked_outputs.py`), when its output is read. Its patches are all kept
   (patch dropout is off there).
 
+CoCa's text-only decoder pass ('text_lm_logits': the multimodal layers without
+cross-attention and the vocabulary projection, over the unimodal text features) is
+counted where it is read: under 'teacher' (1 x forward) for 'teacher_text_lm_logits'
+(PRIOR's frozen reference), under 'views' (3 x: another student pass) for
+'text_lm_logits' (the reference model's own training, 'text_lm'). The family's count
+of its own forward pass is not reduced where nothing reads the image (the reference
+model's recipe): its MFU is then an over-estimate of the work done.
+
 Outputs read only by the momentum teacher need no student pass, so a view that only
 the teacher sees (TCL's momentum view) costs one teacher forward, not three. An
 objective that starts late (SigLIP 2's, registered `starts_at`) adds its work only
@@ -44,7 +52,7 @@ def _image_tower(config, size: int, train: bool, local: bool) -> int:
   """One crop of `size` px through `embed_image` (+ the per-token projection)."""
   c = copy.deepcopy(config)
   c.data.image_size = size
-  n = macs.image_tokens(c.model, size, train)
+  n = macs.vit_output_tokens(c.model.image, macs.image_tokens(c.model, size, train))
   total = models.tower_macs(c, "image", train)
   if local:
     width = builders.tower_kwargs(c.model.image, None)["width"]
@@ -85,6 +93,18 @@ def _text_inputs(reads: Iterable[str], teacher: bool) -> set:
   return out
 
 
+def text_lm_macs(config) -> int:
+  """Per-sample forward multiply-adds of CoCa's text-only decoder pass (the
+  multimodal layers with cross-attention skipped, and the vocabulary projection).
+  Both layouts: one self-attention block per layer (open_clip's `MultimodalLayer`
+  returns before its cross block, cross MLP included, when there is no context)."""
+  m = config.model
+  t = m.text
+  length = t.context_length
+  layer = macs.block_macs(length, t.width, t.mlp_dim)
+  return m.decoder.depth * layer + length * t.width * t.vocab_size
+
+
 def extra_train_macs(config, step=None) -> Dict[str, int]:
   """{'views', 'teacher', 'masked'}: per-sample multiply-adds (pass-weighted) the
   method adds to the family's `forward_macs` (see the module docstring) at `step`
@@ -102,6 +122,8 @@ def extra_train_macs(config, step=None) -> Dict[str, int]:
     if key != "image":  # The main image is the family's own forward pass.
       student += 3 * count_of(key) * _image_tower(config, size_of(key), True, local)
   student += 3 * text * len(_text_inputs(reads, False) - {"text"})
+  if "text_lm_logits" in _outputs_of(reads, teacher=False):
+    student += 3 * text_lm_macs(config)
 
   teacher = 0
   for key, local in _image_inputs(reads, teacher=True).items():
@@ -110,6 +132,11 @@ def extra_train_macs(config, step=None) -> Dict[str, int]:
     else:
       teacher += count_of(key) * _image_tower(config, size_of(key), False, local)
   teacher += models.tower_macs(config, "text", False) * len(_text_inputs(reads, True))
+  teacher_text = [n for n in _outputs_of(reads, teacher=True) if n.startswith("text_")]
+  if "text_lm_logits" in teacher_text:
+    teacher += text_lm_macs(config)
+    if teacher_text == ["text_lm_logits"]:  # The text features only: no projection.
+      teacher -= config.model.text.width * config.model.embed_dim
 
   masked = 0
   if float(config.model.get("masked_image_ratio", 0.0) or 0.0) > 0 and (

@@ -23,6 +23,7 @@ the parameter-only entry point (evaluation of an imported model: `main.py --mode
 import dataclasses
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -47,23 +48,24 @@ class Report:
                      for k, v in dataclasses.asdict(self).items())
 
 
-def resolve(init_cfg):
-  """(checkpoints dir, step) of the checkpoint `init_cfg` names; errors if absent."""
+def resolve(init_cfg, key="config.init_from"):
+  """(checkpoints dir, step) of the checkpoint `init_cfg` (config key `key`) names;
+  errors if absent."""
   if init_cfg.workdir:
     root = epath.Path(init_cfg.workdir) / "checkpoints"
     if not root.exists():
-      raise FileNotFoundError(f"config.init_from.workdir={init_cfg.workdir!r} has no "
+      raise FileNotFoundError(f"{key}.workdir={init_cfg.workdir!r} has no "
                               "checkpoints/ directory.")
     steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
     step = steps[-1] if steps and init_cfg.step < 0 else init_cfg.step
     if step not in steps:
-      raise FileNotFoundError(f"config.init_from: no checkpoint at step {step} in {root} "
+      raise FileNotFoundError(f"{key}: no checkpoint at step {step} in {root} "
                               f"(have {steps}).")
     return root, step
   path = epath.Path(init_cfg.checkpoint)
   if not path.name.isdigit() or not path.exists():
     raise FileNotFoundError(
-        f"config.init_from.checkpoint={init_cfg.checkpoint!r} must be an existing "
+        f"{key}.checkpoint={init_cfg.checkpoint!r} must be an existing "
         "checkpoint step directory such as WORKDIR/checkpoints/1000 (or "
         "WORKDIR/checkpoints_best/STEP).")
   return path.parent, int(path.name)
@@ -95,27 +97,28 @@ def compare(init_cfg, source_shapes: dict, target_shapes: dict) -> Report:
   return report
 
 
-def check(init_cfg, report: Report, where: str):
-  """Raises ValueError on the mismatches `init_cfg` does not allow."""
-  problems = []
+def check(init_cfg, report: Report, where: str, key: str = "config.init_from"):
+  """Raises CheckpointError on the mismatches `init_cfg` (config key `key`) does not
+  allow."""
+  problems, hint = [], key.removeprefix("config.")
   bad_missing = [n for n in report.missing if not freeze.matches(n, init_cfg.allow_missing)]
   bad_shape = [s for s in report.shape_mismatch
                if not freeze.matches(s.split(" ")[0], init_cfg.allow_shape_mismatch)]
   if bad_missing:
     problems.append(f"missing from the checkpoint {len(bad_missing)}: {bad_missing[:8]} "
-                    "(allow with init_from.allow_missing)")
+                    f"(allow with {hint}.allow_missing)")
   if bad_shape:
-    problems.append(f"with other shapes {len(bad_shape)}: {bad_shape[:8]} (allow with "
-                    "init_from.allow_shape_mismatch)")
+    problems.append(f"with other shapes {len(bad_shape)}: {bad_shape[:8]} (name "
+                    f"checkpoint->model; allow with {hint}.allow_shape_mismatch)")
   if report.unexpected:
     problems.append(f"in the checkpoint but not the model {len(report.unexpected)}: "
-                    f"{report.unexpected[:8]} (add them to init_from.exclude)")
+                    f"{report.unexpected[:8]} (add them to {hint}.exclude)")
   if problems:
     raise errors.CheckpointError(
-        f"config.init_from {where}: parameters " + " | ".join(problems) + ".")
+        f"{key} {where}: parameters " + " | ".join(problems) + ".")
   if not report.loaded:
     raise errors.CheckpointError(
-        f"config.init_from {where}: no parameter selected by include="
+        f"{key} {where}: no parameter selected by include="
         f"{list(init_cfg.include)} / exclude={list(init_cfg.exclude)} was found in the "
         "checkpoint.")
 
@@ -137,10 +140,10 @@ def load_params(config, params):
   return _load_params(config.init_from, params, config.model)
 
 
-def _load_params(init_cfg, params, model_cfg=None):
+def _load_params(init_cfg, params, model_cfg=None, key="config.init_from"):
   if init_cfg.get("format", ""):
-    return _load_converted(init_cfg, params, model_cfg)
-  root, step = resolve(init_cfg)
+    return _load_converted(init_cfg, params, model_cfg, key)
+  root, step = resolve(init_cfg, key)
   where = f"({root}/{step})"
   manager = _open(root)
   try:
@@ -150,7 +153,7 @@ def _load_params(init_cfg, params, model_cfg=None):
     source = {k: tuple(v.shape) for k, v in freeze.named_leaves(tree).items()}
     target = freeze.named_leaves(params)
     report = compare(init_cfg, source, {k: v.shape for k, v in target.items()})
-    check(init_cfg, report, where)
+    check(init_cfg, report, where, key)
     loaded = set(report.loaded)
 
     def wanted(path, x):  # Restore only the loaded names, straight into their shardings.
@@ -171,7 +174,7 @@ def _load_params(init_cfg, params, model_cfg=None):
   values = freeze.named_leaves(restored["params"] if item == "state" else restored)
   new_params = jax.tree_util.tree_map_with_path(
       lambda path, x: values.get(freeze.path_str(path), x), params)
-  logging.info("init_from %s: %s", where, report.summary())
+  logging.info("%s %s: %s", key, where, report.summary())
   return new_params, report
 
 
@@ -222,7 +225,7 @@ def _layout_of(params):
           "fused_qkv": any("/qkv_kernel" in n for n in names)}
 
 
-def _load_converted(init_cfg, params, model_cfg):
+def _load_converted(init_cfg, params, model_cfg, key="config.init_from"):
   """Another library's weights (`init_cfg.format`) converted and selected."""
   from vlp_jax import interop  # pylint: disable=import-outside-toplevel
   where = f"({init_cfg.format} {init_cfg.checkpoint})"
@@ -245,7 +248,7 @@ def _load_converted(init_cfg, params, model_cfg):
   converted = freeze.named_leaves(fmt.to_params(raw, ckpt_cfg, size))
   report = compare(init_cfg, {k: v.shape for k, v in converted.items()},
                    {k: v.shape for k, v in target.items()})
-  check(init_cfg, report, where)
+  check(init_cfg, report, where, key)
   if model_cfg is not None:
     check_architecture(model_cfg, ckpt_cfg, report.loaded, where)
   loaded = set(report.loaded)
@@ -258,7 +261,7 @@ def _load_converted(init_cfg, params, model_cfg):
     sharding = getattr(x, "sharding", None)
     return jax.device_put(value, sharding) if sharding is not None else jax.numpy.asarray(value)
   new_params = jax.tree_util.tree_map_with_path(put, params)
-  logging.info("init_from %s: %s", where, report.summary())
+  logging.info("%s %s: %s", key, where, report.summary())
   return new_params, report
 
 
@@ -270,13 +273,49 @@ def _prune(tree):
   return tree
 
 
-def apply(init_cfg, state, tx, state_shardings, model_cfg=None):
+def apply(init_cfg, state, tx, state_shardings, model_cfg=None, teacher_cfg=None):
   """`state` with parameters from `init_cfg`'s checkpoint (if it names one);
-  `model_cfg` (config.model) is checked against an imported checkpoint's."""
-  if not (init_cfg.workdir or init_cfg.checkpoint):
+  `model_cfg` (config.model) is checked against an imported checkpoint's. Then the
+  teacher's from `teacher_cfg.init_from` (config.teacher), if it names one
+  (`load_teacher`)."""
+  if init_cfg.workdir or init_cfg.checkpoint:
+    params, opt_state, _ = load(init_cfg, state.params, tx, state_shardings.opt_state,
+                                model_cfg)
+    # A momentum teacher starts from the loaded parameters (train/teacher.py).
+    state = teacher_lib.reset(state.replace(params=params, opt_state=opt_state))
+  return load_teacher(teacher_cfg, state, model_cfg)
+
+
+def teacher_init_cfg(teacher_cfg):
+  """`config.teacher.init_from` with `include` [] replaced by config.teacher.params
+  (None when it names no checkpoint)."""
+  init = None if teacher_cfg is None else teacher_cfg.get("init_from")
+  if init is None or not (init.workdir or init.checkpoint):
+    return None
+  cfg = ml_collections.ConfigDict(init.to_dict() if hasattr(init, "to_dict") else init)
+  cfg.include = list(init.include) or list(teacher_cfg.params)
+  return cfg
+
+
+def load_teacher(teacher_cfg, state, model_cfg=None):
+  """`state` with its teacher's parameters (the selected sub-tree, config.teacher.params)
+  loaded from `config.teacher.init_from`'s checkpoint by the rules of config.init_from
+  (e.g. PRIOR's frozen reference model from its own run); unchanged when it names
+  none. A teacher parameter absent from the checkpoint or of another shape is a
+  CheckpointError naming it (and both shapes)."""
+  cfg = teacher_init_cfg(teacher_cfg)
+  if cfg is None:
+    init = None if teacher_cfg is None else teacher_cfg.get("init_from")
+    if init is not None and init.get("required", False):
+      raise errors.ConfigError(
+          "This config's teacher is a frozen model loaded from another run "
+          "(config.teacher.init_from.required): set --config.teacher.init_from.workdir="
+          "WORKDIR (configs/prior_coca_b16.py: the ':ref=WORKDIR' argument, the run of "
+          "configs/prior_ref_lm_b16.py).")
     return state
-  params, opt_state, _ = load(init_cfg, state.params, tx, state_shardings.opt_state,
-                              model_cfg)
-  # A momentum teacher starts from the loaded parameters (train/teacher.py).
-  return teacher_lib.reset(state.replace(params=params, opt_state=opt_state))
+  if state.teacher is None:
+    raise errors.ConfigError("config.teacher.init_from names a checkpoint but the state "
+                             "has no teacher: set config.teacher.params.")
+  teacher, _ = _load_params(cfg, state.teacher, model_cfg, "config.teacher.init_from")
+  return state.replace(teacher=teacher)
 

@@ -119,7 +119,8 @@ def _restore(exp, manager, data_iter, allow_config_change):
     _write_config(config, workdir)
   if state is None:
     state, start = exp.create_state(), 0
-    state = init_from.apply(config.init_from, state, exp.tx, exp.state_shardings)
+    state = init_from.apply(config.init_from, state, exp.tx, exp.state_shardings,
+                            teacher_cfg=config.teacher)
     logging.info("Initialised a new model (%d parameters).", _num_params(state.params))
   else:
     logging.info("Resumed from the checkpoint at step %d in %s.", start, workdir)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from vlp_jax import errors
+from vlp_jax import config as config_lib, errors
 
 # Keys (or key prefixes) that change what a checkpoint holds or means: a saved config
 # that differs here from the new one is an error unless the change is deliberate.
@@ -80,11 +80,16 @@ def _flatten(d, prefix=""):
   return out
 
 
-def config_changes(saved: dict, new: dict):
-  """(model changes, other changes): lists of 'key: saved -> new'."""
+def config_changes(saved: dict, new: dict, defaults: dict = None):
+  """(model changes, other changes): lists of 'key: saved -> new'. A key the saved
+  config lacks (written before the key existed) is unchanged when its new value is
+  its value in `defaults` (the default config): a new option left off changes nothing."""
   a, b = _flatten(saved), _flatten(new)
+  d = _flatten(defaults or {})
   norm = lambda v: list(v) if isinstance(v, tuple) else v
-  diffs = [k for k in sorted(set(a) | set(b)) if norm(a.get(k)) != norm(b.get(k))]
+  new_default = lambda k: k not in a and k in d and norm(b.get(k)) == norm(d[k])
+  diffs = [k for k in sorted(set(a) | set(b))
+           if norm(a.get(k)) != norm(b.get(k)) and not new_default(k)]
   fmt = lambda k: f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
   model = [fmt(k) for k in diffs if k.startswith(MODEL_KEYS)]
   other = [fmt(k) for k in diffs if not k.startswith(MODEL_KEYS)]
@@ -99,7 +104,8 @@ def check_config_change(workdir: str, new: dict, allow: bool):
     return
   with open(path) as f:
     saved = json.load(f)
-  model, other = config_changes(saved, json.loads(json.dumps(new)))
+  defaults = json.loads(json.dumps(config_lib.to_dict(config_lib.default_config())))
+  model, other = config_changes(saved, json.loads(json.dumps(new)), defaults)
   if model and not allow:
     raise errors.ConfigError(
         f"The config differs from the one {workdir} was trained with (config.json) in "

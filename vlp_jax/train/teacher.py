@@ -24,6 +24,10 @@ step are exactly those of a run without one.
   patch dropout) with the parameters where the teacher holds a copy replaced by it and
   the others as they are, all under stop_gradient; only when some objective declares a
   teacher output. With gradient accumulation it runs per micro-batch.
+* A frozen second model: momentum 1.0 ('constant') keeps the teacher bitwise as it
+  started, and `config.teacher.init_from` (the keys of config.init_from; include []
+  = `params`) loads it from another run's checkpoint at step 0 (`init_from.py`
+  `load_teacher`; PRIOR's reference language model, configs/prior_coca_b16.py).
 """
 import math
 from typing import Mapping
@@ -144,8 +148,11 @@ def ema_update(teacher, params, m):
 
   def update(t, p):
     t32 = t.astype(jnp.float32)
-    return (t32 + (1.0 - m) * (jax.lax.stop_gradient(p).astype(jnp.float32) - t32)
-            ).astype(t.dtype)
+    new = (t32 + (1.0 - m) * (jax.lax.stop_gradient(p).astype(jnp.float32) - t32)
+           ).astype(t.dtype)
+    # m = 1 keeps t bitwise (t + 0 (theta - t) would turn -0.0 into +0.0 and a
+    # non-finite theta into NaN): a frozen teacher (PRIOR's reference model).
+    return jnp.where(m >= 1.0, t, new)
   return jax.tree.map(update, teacher, like(params, teacher))
 
 
