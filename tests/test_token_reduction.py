@@ -1,7 +1,8 @@
 """Token reduction inside the ViT (ToMe merging, EViT keep-and-fuse): the pure
-functions against NumPy loops written from the papers' descriptions, the encoder
-against the plain ViT (same params; off = identical), layouts, remat, FLOPs, config
-checks and a 2-step run."""
+functions against NumPy loops written from the papers' descriptions, the whole
+reducing ViT against a NumPy forward built on them, the encoder against the plain ViT
+(same params; off = identical), layouts, remat, FLOPs, config checks and 2-step runs
+(EViT's, the gradient and the extra layout variants are `slow`)."""
 import math
 
 import flax.linen as nn
@@ -63,6 +64,9 @@ def np_evit(x, q, k, rate, fuse):
 
 # --- pure functions --------------------------------------------------------------
 
+# Jitted (one compile per shape) rather than eager (one per primitive): faster here.
+tome_merge = jax.jit(tr.tome_merge, static_argnums=(3, 4))
+
 
 @pytest.mark.parametrize("n,cls", [(9, True), (10, False)])
 def test_matching_and_merge_match_numpy(cls, n):
@@ -72,8 +76,8 @@ def test_matching_and_merge_match_numpy(cls, n):
   keys = rng.normal(size=(B, n, 2, 4)).astype(np.float32)
   r = tr.tome_cap(n, cls)
   for rr in (1, r):
-    got_x, got_s = tr.tome_merge(jnp.asarray(x), jnp.asarray(size), jnp.asarray(keys),
-                                 rr, cls)
+    got_x, got_s = tome_merge(jnp.asarray(x), jnp.asarray(size), jnp.asarray(keys),
+                              rr, cls)
     for b in range(B):
       want_x, want_s = np_tome(x[b], size[b], keys[b], rr, cls)
       np.testing.assert_allclose(got_x[b], want_x, rtol=1e-5, atol=1e-6)
@@ -90,8 +94,8 @@ def test_matching_and_merge_match_numpy(cls, n):
 def test_merge_r_zero_is_identity_and_r_is_capped():
   x = jnp.ones((1, 5, 3))
   assert tr.tome_merge(x, None, jnp.ones((1, 5, 2, 2)), 0, True)[0] is x
-  got, size = tr.tome_merge(x, None, jax.random.normal(jax.random.PRNGKey(0),
-                                                       (1, 5, 2, 2)), 10, True)
+  got, size = tome_merge(x, None, jax.random.normal(jax.random.PRNGKey(0),
+                                                    (1, 5, 2, 2)), 10, True)
   assert got.shape == (1, 3, 3) and float(size.sum()) == 5.0  # cap (5 - 1) // 2 = 2
 
 
@@ -210,8 +214,9 @@ def test_same_init_values_as_the_plain_vit(images, params, scan):
   plain = jax.jit(make_vit(scan=scan).init)(jax.random.PRNGKey(1), images) if scan \
       else params[False]
   reduced = jax.jit(make_vit(TOME, scan=scan).init)(jax.random.PRNGKey(1), images)
-  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
-                                          nn.meta.unbox(plain), nn.meta.unbox(reduced))))
+  same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), nn.meta.unbox(plain),
+                      nn.meta.unbox(reduced))
+  assert all(jax.tree.leaves(same))
 
 
 @pytest.mark.parametrize("scan", [False, True])

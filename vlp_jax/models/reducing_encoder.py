@@ -12,11 +12,12 @@ but not the scan's benefits: compile time grows with depth as unrolled, and rema
 saves memory as in an unrolled loop of checkpointed blocks, not as a scan does.
 
 Known limitations: ToMe's matching metric is the keys without a key bias (this
-project's attention has none; imported timm / open_clip checkpoints drop theirs, a
-no-op for softmax), so off-the-shelf matching can differ slightly from timm's k + b.
-With `prop_attn` the blocks after the first merge pass a logits bias to
-`layers.Attention`, which then takes the einsum/XLA path: no cuDNN flash attention on
-GPU for those blocks (GPU speed figures understate what a fused kernel could give).
+project's attention has none; imported open_clip / HF SigLIP checkpoints drop
+theirs, a no-op for softmax), so off-the-shelf matching can differ slightly from
+ToMe's timm code, which uses k + b. With `prop_attn` the blocks after the first
+merge pass a logits bias to `layers.Attention`, which then takes the einsum/XLA
+path: no cuDNN flash attention on GPU for those blocks (GPU speed figures understate
+what a fused kernel could give).
 """
 from typing import Any
 

@@ -17,12 +17,12 @@ Both act inside a block after the attention residual and before the MLP:
   renormalised, as the reference code), an ordinary token for later layers.
 
 Recorded choices: ToMe's metric uses the keys without a key bias (this project's
-attention has none; imported timm / open_clip checkpoints drop it), so off-the-shelf
-matching can differ slightly from timm's k + b. Of the poolers over the reduced
-tokens only the ViT's 'gap' weights by token size (`weighted_mean`); 'map', CoCa's
-AttentionPool and OpenClipPooler attend over them unweighted. With `prop_attn` the
-attention gets a logits bias and so takes the einsum/XLA path (no cuDNN flash
-attention on GPU after the first merge).
+attention has none; imported open_clip / HF SigLIP checkpoints drop it), so
+off-the-shelf matching can differ slightly from ToMe's timm code, which uses k + b.
+Of the poolers over the reduced tokens only the ViT's 'gap' weights by token size
+(`weighted_mean`); 'map', CoCa's AttentionPool and OpenClipPooler attend over them
+unweighted. With `prop_attn` the attention gets a logits bias and so takes the
+einsum/XLA path (no cuDNN flash attention on GPU after the first merge).
 """
 import dataclasses
 import math
