@@ -13,7 +13,7 @@ from PIL import Image
 
 from tests import test_train
 from vlp_jax import config as config_lib, errors, validation
-from vlp_jax.train import evaluation, loop
+from vlp_jax.train import checkpoint, evaluation, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("shared_compilations")
@@ -47,6 +47,8 @@ def _config(**entry):
     ({"beam_size": 0}, r"cap\.beam_size=0 is invalid"),
     ({"top_p": 0.0}, r"cap\.top_p=0.0 is invalid"),
     ({"temperature": 0.0}, r"cap\.temperature=0.0 is invalid"),
+    ({"temperature": 1e-4}, r"cap\.temperature=0.0001 is invalid.*>= 0.001"),
+    ({"seed": 2**31}, r"cap\.seed=2147483648 is invalid"),
     ({"length_penalty": -1.0}, r"cap\.length_penalty=-1.0 is invalid"),
     ({"max_len": 1}, r"cap\.max_len=1 is invalid"),
     ({"max_len": 25}, r"cap\.max_len=25 exceeds config\.model\.text\.context_length=24"),
@@ -71,6 +73,9 @@ def test_decode_options_reach_generate():
   assert [kw.pop("seed") for kw in calls] == [3, 4]  # Batch i: seed + i.
   assert calls[0] == dict(method="sample", beam_size=4, length_penalty=0.6, top_p=0.5,
                           temperature=0.7, max_len=10, where="config.evals.cap.")
+  c.evals.cap.seed, calls[:] = 2**31 - 1, []
+  evaluation.run_evals(evaluation.eval_configs(c), fns, None, 0)
+  assert [kw["seed"] for kw in calls] == [2**31 - 1, 0]  # Wraps: stays int32.
 
 
 # ---------------------------------------------------------- a trained tiny CoCa run
@@ -78,11 +83,17 @@ def test_decode_options_reach_generate():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """test_train's tiny CoCa, 2 steps on shapes (a checkpoint at step 2)."""
+  """A workdir of test_train's tiny CoCa as a run leaves it (config.json, a
+  checkpoint), with its initial state saved at step 0 instead of training (the
+  captions need not mean anything; no train step to compile)."""
   workdir = str(tmp_path_factory.mktemp("caption_run"))
   c = test_train.tiny_config(total_steps=2)
-  c.checkpoint_every = 2
-  loop.run(c, workdir)
+  exp = loop.Experiment(c, workdir)
+  loop._write_config(c, workdir)  # pylint: disable=protected-access
+  manager = checkpoint.make_manager(workdir, c)
+  checkpoint.save(manager, 0, exp.create_state(), force=True)
+  checkpoint.wait_for_saves(manager)
+  manager.close()
   return workdir
 
 
@@ -108,14 +119,19 @@ def _images(folder, n=3):
 def test_list_images_folder_and_jsonl(tmp_path):
   good = _images(str(tmp_path))
   listed = caption.list_images(str(tmp_path))
-  assert listed == sorted(good + [str(tmp_path / "broken.png")])
+  assert listed == [(p, p) for p in sorted(good + [str(tmp_path / "broken.png")])]
   lines = [{"image": "0.png", "caption": "x"}, {"image": "sub/z.jpg"}]
   (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n\n")
+  # Names: the lines' own values (to join on); paths: relative to the file.
   assert caption.list_images(f"jsonl:{tmp_path}/a.jsonl") == [
-      os.path.join(str(tmp_path), "0.png"), os.path.join(str(tmp_path), "sub/z.jpg")]
+      ("0.png", os.path.join(str(tmp_path), "0.png")),
+      ("sub/z.jpg", os.path.join(str(tmp_path), "sub/z.jpg"))]
   (tmp_path / "b.jsonl").write_text('{"file": "0.png"}\n')
   with pytest.raises(errors.DataError, match=r"b\.jsonl:1: expected a JSON object"):
     caption.list_images(f"jsonl:{tmp_path}/b.jsonl")
+  (tmp_path / "c.jsonl").write_bytes(b'{"image": "0.png"}\n{"image": "\xff.png"}\n')
+  with pytest.raises(errors.DataError, match=r"c\.jsonl: not UTF-8 text"):
+    caption.list_images(f"jsonl:{tmp_path}/c.jsonl")
   with pytest.raises(errors.DataPathError, match="no such file"):
     caption.list_images(f"jsonl:{tmp_path}/missing.jsonl")
   with pytest.raises(errors.DataPathError, match="neither a folder"):
@@ -137,21 +153,24 @@ def test_missing_workdir_and_non_captioning_model(tmp_path):
 def test_caption_images_greedy(run, tmp_path):
   exp, params, _ = run
   good = _images(str(tmp_path))
-  paths = caption.list_images(str(tmp_path))
-  out, skipped = caption.caption_images(exp, params, paths, batch_size=2)
+  images = caption.list_images(str(tmp_path))
+  out, skipped = caption.caption_images(exp, params, images, batch_size=2)
   assert [p for p, _ in out] == sorted(good)
   assert skipped and skipped[0][0].endswith("broken.png")
   assert all(isinstance(c, str) for _, c in out)
+  # A jsonl's names come back as given.
+  named = [("a", good[0]), ("b", good[1])]
+  assert [n for n, _ in caption.caption_images(exp, params, named, 2)[0]] == ["a", "b"]
   with pytest.raises(errors.DataError, match="broken.png.*--on_bad=skip"):
-    caption.caption_images(exp, params, paths, batch_size=2, on_bad="fail")
+    caption.caption_images(exp, params, images, batch_size=2, on_bad="fail")
   with pytest.raises(errors.ConfigError, match=r"--max_len=99 is invalid"):
-    caption.caption_images(exp, params, good, 2, max_len=99)
+    caption.caption_images(exp, params, named, 2, max_len=99)
 
 
 @pytest.mark.slow
 def test_caption_images_beam_and_sample(run, tmp_path):
   exp, params, _ = run
-  good = _images(str(tmp_path))
+  good = [(p, p) for p in _images(str(tmp_path))]
   beam, _ = caption.caption_images(exp, params, good, 4, method="beam", beam_size=2,
                                    max_len=8)
   s1, _ = caption.caption_images(exp, params, good, 4, seed=1, method="sample",

@@ -124,7 +124,7 @@ def test_unknown_option_key_names_the_key_the_closest_and_the_valid_keys():
   c = _config(zeroshot={"every": 0, "log_examples": 3})
   with pytest.raises(errors.ConfigKeyError, match=r"option of \['captioning'\]"):
     validation.validate(c)
-  # max_len works now (tests/test_decode_options.py): capped by the context length.
+  # max_len works now (tests/test_caption_tool.py): capped by the context length.
   c = _config(cap={"type": "captioning", "max_len": 100})
   with pytest.raises(errors.ConfigError, match=r"config\.evals\.cap\.max_len=100 exceeds"):
     validation.validate(c)

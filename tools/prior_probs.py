@@ -70,13 +70,10 @@ def reference_fn(workdir: str, step=None):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from vlp_jax.objectives import prior  # pylint: disable=g-import-not-at-top
-  from vlp_jax.train import loop  # pylint: disable=g-import-not-at-top
   from vlp_jax.train import saved_config  # pylint: disable=g-import-not-at-top
   config = saved_config.load(workdir, "the workdir of the reference run "
                              "(configs/prior_ref_lm_b16.py)")
-  config.evals = {}
-  exp = loop.Experiment(config, workdir)
-  params, got, where = loop.eval_params(exp, workdir, step)
+  exp, params, got, where = saved_config.load_experiment(config, workdir, step)
   logging.info("Reference probabilities from %s (step %d).", where, got)
 
   # The reference's padding id, as its 'text_lm' objective masks it (default 0, the

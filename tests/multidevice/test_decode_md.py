@@ -36,3 +36,16 @@ def test_decoding_sharded_over_the_batch_equals_one_device():
       got = sharded(params, x, **kw)
       assert got.sharding.is_fully_replicated
       np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def test_decoding_splits_the_batch_as_the_logical_rules_say():
+  """The batch axes follow the active logical-axis rules (the run's
+  config.sharding_rules: evaluation and tools/caption.py enter them), else
+  sharding.DEFAULT_RULES."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from vlp_jax.models import kv_decode  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+  with jax.set_mesh(mesh):
+    assert kv_decode.batch_axes() == ("data", "fsdp")
+    with nn.logical_axis_rules(sharding.rules_from_config({"batch": "data"})):
+      assert kv_decode.batch_axes() == ("data",)

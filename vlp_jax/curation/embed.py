@@ -40,7 +40,6 @@ def load_model(workdir: str, step: Optional[int] = None) -> Model:
   predict fns. ConfigError when the model has no image and text embeddings."""
   config = saved_config.load(workdir)  # Before the imports below: a quick error.
   from vlp_jax import models  # pylint: disable=g-import-not-at-top
-  from vlp_jax.train import loop  # pylint: disable=g-import-not-at-top
   produced = models.output_names(config.model)
   if not {"image_emb", "text_emb"} <= produced:
     switch = models.output_switch(config.model.name, "image_emb")
@@ -48,9 +47,7 @@ def load_model(workdir: str, step: Optional[int] = None) -> Model:
         f"The model of '{workdir}' ('{config.model.name}') has no image and text "
         "embeddings under its config" + (f" (it needs {switch})" if switch else "") +
         "; curation scores image-text pairs with a contrastive model.")
-  config.evals = {}
-  exp = loop.Experiment(config, workdir)
-  params, got, where = loop.eval_params(exp, workdir, step)
+  exp, params, got, where = saved_config.load_experiment(config, workdir, step)
   logging.info("Curating with %s.", where)
   return Model(config, params, got, exp.predict_fns, exp.mesh)
 

@@ -1,38 +1,29 @@
 """Captioning: decoding, BLEU-4 and CIDEr-D against the reference captions.
 
 Options: `log_examples` (how many (caption, reference) pairs are written to the log)
-and the decoding (`models/generate.py`, KV-cached): `method` ('greedy', 'beam' or
-'sample'), `beam_size` and `length_penalty` (beam search; GNMT's
-((5 + n) / 6) ** length_penalty divides the log-probability of n tokens), `top_p`,
-`temperature` and `seed` (nucleus sampling), `max_len` (tokens per caption, BOS
-included; 0 = config.model.text.context_length, the most it can be). Sampling
-draws batch i of the eval set with seed + i.
+and the decoding (`models/generate.py`, KV-cached; defaults and ranges:
+`decode_options.py`): `method` ('greedy', 'beam' or 'sample'), `beam_size` and
+`length_penalty` (beam search; GNMT's ((5 + n) / 6) ** length_penalty divides the
+log-probability of n tokens; beam_size 1 equals greedy only at length_penalty 0),
+`top_p`, `temperature` (>= 0.001) and `seed` (nucleus sampling), `max_len` (tokens per
+caption, BOS included; 0 = config.model.text.context_length, the most it can be).
+Sampling draws batch i of the eval set with seed + i (modulo 2**31).
 """
 import itertools
 
 import numpy as np
 from absl import logging
 
-from vlp_jax import config as config_lib, errors
+from vlp_jax import config as config_lib, decode_options, errors
 from vlp_jax.evaluators import common, metrics
 from vlp_jax.registry import EVALUATORS
 
-METHODS = ("greedy", "beam", "sample")  # = models.generate.METHODS (no model import).
-
-OPTION_RANGES = {
-    "log_examples": (True, lambda v: v >= 0, ">= 0",
-                     "captions written to the log with their first reference"),
-    "beam_size": (True, lambda v: v >= 1, ">= 1", "beam search: hypotheses per image"),
-    "length_penalty": (False, lambda v: 0 <= v <= 10, "in [0, 10]",
-                       "beam search: GNMT alpha, 0 = rank by log-probability"),
-    "top_p": (False, lambda v: 0 < v <= 1, "in (0, 1]", "sampling: nucleus mass"),
-    "temperature": (False, lambda v: v > 0, "> 0", "sampling: logits divided by it"),
-    "max_len": (True, lambda v: v == 0 or v >= 2, "0 or >= 2",
-                "tokens per caption with BOS; 0 = model.text.context_length"),
-    "seed": (True, lambda v: v >= 0, ">= 0", "sampling: PRNG seed"),
-}
-DECODE_OPTIONS = {"method": "greedy", "beam_size": 4, "length_penalty": 0.6,
-                  "top_p": 0.9, "temperature": 1.0, "max_len": 0, "seed": 0}
+METHODS = decode_options.METHODS
+OPTION_RANGES = dict(
+    log_examples=(True, lambda v: v >= 0, ">= 0",
+                  "captions written to the log with their first reference"),
+    **decode_options.RANGES)
+DECODE_OPTIONS = decode_options.DEFAULTS
 
 
 def check(cfg, where):
@@ -67,7 +58,7 @@ def captioning(predict_fns, params, cfg):
 
   def generate(params, images):
     return predict_fns["generate"](
-        params, images, seed=cfg.seed + next(batches),
+        params, images, seed=decode_options.batch_seed(cfg.seed, next(batches)),
         where=f"config.evals.{cfg.get('name', 'captioning')}.", **options)
   tokens = common.run_padded(generate, params, images, cfg.batch_size)
   captions = [predict_fns["detokenize"](t) for t in tokens]

@@ -13,9 +13,12 @@ gentler at short lengths, where captions live.)
 Each step keeps the `beam_size` best unfinished hypotheses; a candidate that ends
 (EOS, or the padding id, which also ends a caption as in greedy decoding) joins the
 finished set only when it ranks among the `beam_size` best candidates of its step
-(as HF's `BeamSearchScorer`), so beam size 1 is greedy decoding (length_penalty 0).
-The search stops when no unfinished hypothesis can beat the worst finished one, or
-at `max_len`; hypotheses still unfinished there compete with their score so far.
+(as HF's `BeamSearchScorer`), so beam size 1 is greedy decoding at length_penalty 0
+(with a positive one, a longer continuation of an ended greedy caption can outscore
+it).
+The search stops when no unfinished hypothesis can beat the best finished one (only
+the best is returned), or at `max_len`; hypotheses still unfinished there compete
+with their score so far.
 """
 import jax
 import jax.numpy as jnp
@@ -78,10 +81,12 @@ def beam_search(first, step, batch: int, beam_size: int, max_len: int, bos_id: i
 
   def done(t, logp, fin_scores):
     """Every example: no live beam (generated length t + 1 now, at most
-    max_len - 1) can still beat its worst finished hypothesis."""
+    max_len - 1) can still beat its best finished hypothesis, the one returned
+    (hypotheses finishing later, or left unfinished, score at most `bound`; ties keep
+    the earlier one)."""
     best = logp[:, 0]  # Log-probabilities only fall as a hypothesis grows.
     bound = jnp.maximum(best / pen(t + 1), best / pen(length - 1))
-    return jnp.all(bound <= fin_scores[:, -1])
+    return jnp.all(bound <= fin_scores[:, 0])
 
   logits, state = first(seqs[:, :, 0].reshape(-1))
   carry = (jnp.int32(0),) + expand(0, logits, state, seqs, logp, fin_seqs, fin_scores)

@@ -153,9 +153,10 @@ class MultimodalLayer(nn.Module):
     x = out(x + drop(mlp("mlp")(ln("ln_mlp")(x), train=train)))
     if context is None and cache_index is None:  # A text-only pass (`text_lm_logits`).
       return x
+    q = ln("ln_cross")(x)  # Before ln_cross_kv: the training program's op order.
     kv = None if context is None else ln("ln_cross_kv")(context)
     h = layers.Attention(self.num_heads, self.dtype, opts=self.opts, name="cross_attn")(
-        ln("ln_cross")(x), context=kv, cache_index=cache_index)
+        q, context=kv, cache_index=cache_index)
     x = out(x + drop(h))
     return out(x + drop(mlp("cross_mlp")(ln("ln_cross_mlp")(x), train=train)))
 

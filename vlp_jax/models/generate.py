@@ -2,44 +2,21 @@
 (`interface.Captioner`: CoCa): the decoding methods by name (`generate`, KV-cached:
 `kv_decode.py`, `beam_search.py`) and the uncached greedy reference decode.
 
-Methods: 'greedy'; 'beam' (`beam_size`, `length_penalty`: GNMT's
-((5 + n) / 6) ** length_penalty divides the log-probability of n generated tokens);
-'sample' (nucleus sampling: `top_p`, `temperature`, a PRNG `seed`). Every method
-returns int32 [B, max_len]: BOS, the caption, its end token, then padding.
+Methods and their options: `vlp_jax/decode_options.py` ('greedy'; 'beam' with
+`beam_size` and GNMT's `length_penalty`; 'sample': nucleus sampling with `top_p`,
+`temperature` and a PRNG `seed`). Every method returns int32 [B, max_len]: BOS, the
+caption, its end token, then padding.
 """
 import jax
 import jax.numpy as jnp
 
-from vlp_jax import errors
+from vlp_jax import decode_options, errors
 from vlp_jax.models import kv_decode
 
-METHODS = ("greedy", "beam", "sample")
-# The decoding options with their defaults (GNMT's and t5x's length penalty 0.6).
-DEFAULTS = {"method": "greedy", "beam_size": 4, "length_penalty": 0.6, "top_p": 0.9,
-            "temperature": 1.0}
-
-
-def check_options(method: str, beam_size: int, length_penalty: float, top_p: float,
-                  temperature: float, max_len: int, context_length: int,
-                  where: str = "decode.") -> None:
-  """Raises errors.ConfigError naming the bad option (`where` + its name, e.g.
-  'config.evals.captioning.' or '--') and the valid range; `max_len` must be in
-  [2, context_length]."""
-  def bad(key, value, valid):
-    raise errors.ConfigError(f"{where}{key}={value!r} is invalid: it must be {valid}.")
-  if method not in METHODS:
-    bad("method", method, f"one of {list(METHODS)}")
-  if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
-    bad("beam_size", beam_size, "an integer >= 1 (hypotheses kept per image)")
-  if not 0 <= length_penalty <= 10:
-    bad("length_penalty", length_penalty, "in [0, 10] (GNMT's alpha; 0 = log-prob)")
-  if not 0 < top_p <= 1:
-    bad("top_p", top_p, "in (0, 1] (nucleus mass; 1 = plain sampling)")
-  if not temperature > 0:
-    bad("temperature", temperature, "> 0 (logits are divided by it)")
-  if not isinstance(max_len, int) or not 2 <= max_len <= context_length:
-    bad("max_len", max_len, f"an integer in [2, {context_length}] (the model's "
-        "text context length: captions are BOS + up to max_len - 1 tokens)")
+METHODS = decode_options.METHODS
+DEFAULTS = {k: v for k, v in decode_options.DEFAULTS.items()
+            if k not in ("max_len", "seed")}
+check_options = decode_options.check
 
 
 def generate(model, params, images, max_len: int, bos_id: int, eos_id: int,

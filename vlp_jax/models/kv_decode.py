@@ -131,17 +131,20 @@ def sample(model, params, images, key, max_len: int, bos_id: int, eos_id: int,
 
 
 def beam(model, params, images, max_len: int, bos_id: int, eos_id: int,
-         pad_id: int = 0, beam_size: int = 4, length_penalty: float = 0.6):
+         pad_id: int = 0, beam_size: int = 4, length_penalty: float = 0.6,
+         return_scores: bool = False):
   """Beam search with the KV cache (`beam_search.py`: GNMT length penalty):
-  int32 [B, max_len] (the best hypothesis of each image)."""
+  int32 [B, max_len] (the best hypothesis of each image); with `return_scores`
+  also their scores float32 [B] (log-probability / GNMT length penalty)."""
   b = images.shape[0]
   context = jnp.repeat(encode(model, params, images), beam_size, axis=0)
   cache = init_cache(model, params, context, max_len)
   first = lambda tokens: step(model, params, cache, tokens, jnp.int32(0), context)
   later = lambda cache, tokens, t: step(model, params, cache, tokens, t)
-  tokens, _ = beam_search.beam_search(first, later, b, beam_size, max_len, bos_id,
-                                      eos_id, pad_id, length_penalty, reorder_cache)
-  return tokens
+  tokens, scores = beam_search.beam_search(first, later, b, beam_size, max_len, bos_id,
+                                           eos_id, pad_id, length_penalty,
+                                           reorder_cache)
+  return (tokens, scores) if return_scores else tokens
 
 
 def reorder_cache(cache, rows):

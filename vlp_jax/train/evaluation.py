@@ -14,6 +14,7 @@ import math
 import time
 from typing import Dict, Iterable, Optional
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
@@ -48,16 +49,20 @@ def eval_configs(config) -> Dict[str, config_lib.ConfigDict]:
 
 
 def run_evals(evals: Dict[str, config_lib.ConfigDict], predict_fns, params, step: int,
-              mesh=None, names: Optional[Iterable[str]] = None) -> Dict[str, object]:
+              mesh=None, names: Optional[Iterable[str]] = None,
+              rules=None) -> Dict[str, object]:
   """Runs the evaluators of `evals` (`eval_configs`; only `names` if given) on
-  `params` under `mesh`; -> {'eval/NAME/METRIC': value}."""
+  `params` under `mesh` and the logical-axis `rules` (the run's sharding rules:
+  what caption decoding shards by); -> {'eval/NAME/METRIC': value}."""
   results = {}
   for name, cfg in evals.items():
     if names is not None and name not in names:
       continue
     fn = EVALUATORS.get(cfg.type)
     t0 = time.time()
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(),
+          nn.logical_axis_rules(rules) if rules is not None else
+          contextlib.nullcontext()):
       res = fn(predict_fns, params, cfg)
     logging.info("eval %s at step %d (%.1fs): %s", name, step, time.time() - t0,
                  ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

@@ -55,7 +55,7 @@ class Experiment(setup_lib.TrainSetup):
   def run_evals(self, params, step, names=None):
     """{'eval/NAME/METRIC': value} of the enabled evals (only `names` if given)."""
     return evaluation.run_evals(self.eval_configs(), self.predict_fns, params, step,
-                                mesh=self.mesh, names=names)
+                                mesh=self.mesh, names=names, rules=self.rules)
 
 
 def _write_config(config, workdir):

@@ -9,7 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vlp_jax import errors
+from vlp_jax import decode_options, errors
 from vlp_jax.models import generate, interface
 from vlp_jax.objectives import filip
 
@@ -51,27 +51,30 @@ def make_predict_fns(model, tokenizer, context_length: int):
 def generate_fn(model, tokenizer, context_length: int, out_shardings=None):
   """`generate(params, images, seed=0, max_len=0, method='greedy', beam_size=4,
   length_penalty=0.6, top_p=0.9, temperature=1.0, where='decode.')` -> int32
-  [B, max_len] tokens (`models/generate.py`; max_len 0 = `context_length`), jitted
-  per option set (options a method does not read are not part of its key). Bad
-  options raise errors.ConfigError naming `where` + KEY."""
+  [B, max_len] tokens (`models/generate.py`; defaults and ranges:
+  `decode_options.py`; max_len 0 = `context_length`), jitted per option set (options
+  a method does not read are not part of its key). Bad options raise
+  errors.ConfigError naming `where` + KEY."""
   eos_id = -1 if tokenizer.eos_id is None else tokenizer.eos_id  # -1: never ends early.
   static = ("max_len", "method", "beam_size", "length_penalty", "top_p", "temperature")
   kw = {} if out_shardings is None else {"out_shardings": out_shardings}
   jitted = jax.jit(functools.partial(
       generate.generate, model, bos_id=tokenizer.bos_id, eos_id=eos_id,
       pad_id=tokenizer.pad_id), static_argnames=static, **kw)
+  d = decode_options.DEFAULTS
 
-  def fn(params, images, seed=0, max_len=0, method="greedy", beam_size=4,
-         length_penalty=0.6, top_p=0.9, temperature=1.0, where="decode."):
-    max_len = max_len or context_length
-    generate.check_options(method, beam_size, length_penalty, top_p, temperature,
-                           max_len, context_length, where)
+  def fn(params, images, seed=d["seed"], max_len=d["max_len"], method=d["method"],
+         beam_size=d["beam_size"], length_penalty=d["length_penalty"],
+         top_p=d["top_p"], temperature=d["temperature"], where="decode."):
+    decode_options.check(method, beam_size, length_penalty, top_p, temperature,
+                         max_len, seed, context_length, where)
     opts = dict(generate.DEFAULTS, method=method)
     if method == "beam":
       opts.update(beam_size=beam_size, length_penalty=float(length_penalty))
     elif method == "sample":
       opts.update(top_p=float(top_p), temperature=float(temperature))
-    return jitted(params, images, seed=jnp.int32(seed), max_len=max_len, **opts)
+    return jitted(params, images, seed=jnp.int32(seed), max_len=max_len or context_length,
+                  **opts)
   return fn
 
 

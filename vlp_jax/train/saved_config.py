@@ -1,5 +1,6 @@
-"""The config a trained run was saved with (WORKDIR/config.json, `loop._write_config`),
-for tools that load a workdir (tools/curate.py, tools/prior_probs.py)."""
+"""The config a trained run was saved with (WORKDIR/config.json, `loop._write_config`)
+and its model for inference, for tools that load a workdir (tools/curate.py,
+tools/prior_probs.py, tools/caption.py)."""
 import json
 import os
 
@@ -22,3 +23,14 @@ def load(workdir: str, hint: str = "the workdir of a trained vlp_jax run "
       return ml_collections.ConfigDict(json.load(f))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise errors.WorkdirError(f"'{path}' is not valid JSON ({e}); pass {hint}.") from e
+
+
+def load_experiment(config: ml_collections.ConfigDict, workdir: str, step=None):
+  """(Experiment, params, step, where they came from) of the run in `workdir` with
+  its `config` (`load`), for inference: no evaluators; checkpoint `step` (None: the
+  newest good one) as `main.py --mode=eval` picks it (`loop.eval_params`)."""
+  from vlp_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config.evals = {}
+  exp = loop.Experiment(config, workdir)
+  params, got, where = loop.eval_params(exp, workdir, step)
+  return exp, params, got, where
