@@ -27,35 +27,38 @@ from typing import List, Tuple
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vlp_jax import decode_options, errors  # pylint: disable=g-import-not-at-top
+from vlp_jax import cli, decode_options, errors  # pylint: disable=g-import-not-at-top
+
+# Script: absl's FLAGS; imported (tests): private flags (no clash between tools).
+_FLAG_VALUES, _define = cli.tool_flags(__name__)
 
 _D = decode_options.DEFAULTS
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained CoCa run (config.json + "
+_WORKDIR = _define(flags.DEFINE_string)("workdir", None, "A trained CoCa run (config.json + "
                                "checkpoints/).")
-_IMAGES = flags.DEFINE_string("images", None, "A folder of images, or jsonl:FILE.")
-_OUT = flags.DEFINE_string("out", None, "Output JSONL file.")
-_STEP = flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the newest good one).")
-_METHOD = flags.DEFINE_enum("method", _D["method"], list(decode_options.METHODS),
+_IMAGES = _define(flags.DEFINE_string)("images", None, "A folder of images, or jsonl:FILE.")
+_OUT = _define(flags.DEFINE_string)("out", None, "Output JSONL file.")
+_STEP = _define(flags.DEFINE_integer)("step", -1, "Checkpoint step (-1: the newest good one).")
+_METHOD = _define(flags.DEFINE_enum)("method", _D["method"], list(decode_options.METHODS),
                             "Decoding method.")
-_BEAM = flags.DEFINE_integer("beam_size", _D["beam_size"], "--method=beam: hypotheses "
+_BEAM = _define(flags.DEFINE_integer)("beam_size", _D["beam_size"], "--method=beam: hypotheses "
                              "per image (1 = greedy only with --length_penalty=0).")
-_ALPHA = flags.DEFINE_float("length_penalty", _D["length_penalty"], "--method=beam: "
+_ALPHA = _define(flags.DEFINE_float)("length_penalty", _D["length_penalty"], "--method=beam: "
                             "GNMT alpha in [0, 10] (0 = rank by log-probability; "
                             "larger = longer captions).")
-_TOP_P = flags.DEFINE_float("top_p", _D["top_p"], "--method=sample: nucleus mass in "
+_TOP_P = _define(flags.DEFINE_float)("top_p", _D["top_p"], "--method=sample: nucleus mass in "
                             "(0, 1].")
-_TEMP = flags.DEFINE_float("temperature", _D["temperature"], "--method=sample: logits "
+_TEMP = _define(flags.DEFINE_float)("temperature", _D["temperature"], "--method=sample: logits "
                            f"divided by it (>= {decode_options.MIN_TEMPERATURE}).")
-_MAX_LEN = flags.DEFINE_integer("max_len", _D["max_len"], "Tokens per caption incl. "
+_MAX_LEN = _define(flags.DEFINE_integer)("max_len", _D["max_len"], "Tokens per caption incl. "
                                 "BOS (0: the model's text context length).")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Images per decoding batch.")
-_SEED = flags.DEFINE_integer("seed", _D["seed"], "--method=sample: PRNG seed in "
+_BATCH = _define(flags.DEFINE_integer)("batch_size", 32, "Images per decoding batch.")
+_SEED = _define(flags.DEFINE_integer)("seed", _D["seed"], "--method=sample: PRNG seed in "
                              f"[0, {decode_options.SEED_LIMIT - 1}] (batch i uses "
                              "seed + i, modulo 2**31).")
-_ON_BAD = flags.DEFINE_enum("on_bad", "skip", ["skip", "fail"], "An unreadable image: "
+_ON_BAD = _define(flags.DEFINE_enum)("on_bad", "skip", ["skip", "fail"], "An unreadable image: "
                             "skip it with a warning, or stop with an error.")
-flags.mark_flags_as_required(["workdir", "images", "out"])
+flags.mark_flags_as_required(["workdir", "images", "out"], flag_values=_FLAG_VALUES)
 
 
 def list_images(spec: str) -> List[Tuple[str, str]]:

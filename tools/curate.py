@@ -21,45 +21,48 @@ import sys
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vlp_jax import errors  # pylint: disable=g-import-not-at-top
+from vlp_jax import cli, errors  # pylint: disable=g-import-not-at-top
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (config.json + checkpoints).")
-_OUT = flags.DEFINE_string("out", None, "Output folder (index.json, report/, shards/).")
-_STEP = flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the newest good one).")
-_SOURCE = flags.DEFINE_string("source", "", "Source spec (default: the run's "
+# Script: absl's FLAGS; imported (tests): private flags (no clash between tools).
+_FLAG_VALUES, _define = cli.tool_flags(__name__)
+
+_WORKDIR = _define(flags.DEFINE_string)("workdir", None, "A trained run (config.json + checkpoints).")
+_OUT = _define(flags.DEFINE_string)("out", None, "Output folder (index.json, report/, shards/).")
+_STEP = _define(flags.DEFINE_integer)("step", -1, "Checkpoint step (-1: the newest good one).")
+_SOURCE = _define(flags.DEFINE_string)("source", "", "Source spec (default: the run's "
                               "config.data.source), e.g. jsonl:/d/a.jsonl, "
                               "arrayrecord:/d/train-*, shapes:hard.")
-_SPLIT = flags.DEFINE_string("split", "train", "Split of the source.")
-_SIZE = flags.DEFINE_integer("size", -1, "Records of the source (0: all; -1: the "
+_SPLIT = _define(flags.DEFINE_string)("split", "train", "Split of the source.")
+_SIZE = _define(flags.DEFINE_integer)("size", -1, "Records of the source (0: all; -1: the "
                              "run's config.data.size).")
-_SEED = flags.DEFINE_integer("seed", -1, "Data seed of the source (-1: the run's "
+_SEED = _define(flags.DEFINE_integer)("seed", -1, "Data seed of the source (-1: the run's "
                              "config.seed; the built-in shapes data depends on it) and "
                              "of k-means.")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Embedding batch size.")
-_WORKERS = flags.DEFINE_integer("workers", 4, "Threads reading records.")
-_KEEP = flags.DEFINE_float("keep_fraction", 0.0, "Similarity rule: keep the top "
+_BATCH = _define(flags.DEFINE_integer)("batch_size", 256, "Embedding batch size.")
+_WORKERS = _define(flags.DEFINE_integer)("workers", 4, "Threads reading records.")
+_KEEP = _define(flags.DEFINE_float)("keep_fraction", 0.0, "Similarity rule: keep the top "
                            "fraction of all records by score (0: off).")
-_MIN_SIM = flags.DEFINE_float("min_similarity", None, "Similarity rule: keep records "
+_MIN_SIM = _define(flags.DEFINE_float)("min_similarity", None, "Similarity rule: keep records "
                               "scoring >= this cosine (unset: off).")
-_DEDUP = flags.DEFINE_float("dedup_threshold", 0.0, "Near-duplicate rule: image "
+_DEDUP = _define(flags.DEFINE_float)("dedup_threshold", 0.0, "Near-duplicate rule: image "
                             "cosine >= this is a duplicate (0: off; e.g. 0.95).")
-_CLUSTERS = flags.DEFINE_integer("clusters", 0, "Balance rule: k-means clusters (0: off).")
-_BALANCE = flags.DEFINE_float("balance_fraction", 0.0, "Balance rule: fraction of all "
+_CLUSTERS = _define(flags.DEFINE_integer)("clusters", 0, "Balance rule: k-means clusters (0: off).")
+_BALANCE = _define(flags.DEFINE_float)("balance_fraction", 0.0, "Balance rule: fraction of all "
                               "records kept, shared over the clusters by --quota.")
-_WITHIN = flags.DEFINE_enum("within_cluster", "score", ["score", "strided"],
+_WITHIN = _define(flags.DEFINE_enum)("within_cluster", "score", ["score", "strided"],
                             "Balance rule: highest scores of a cluster, or evenly "
                             "spaced members (TL;DR's strided sampling).")
-_QUOTA = flags.DEFINE_enum("quota", "equal", ["equal", "proportional"],
+_QUOTA = _define(flags.DEFINE_enum)("quota", "equal", ["equal", "proportional"],
                            "Balance rule: records per cluster: 'equal' shares (small "
                            "clusters whole) or 'proportional' to the cluster's size "
                            "(with --within_cluster=strided: TL;DR's selection).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing OUT/index.json "
+_OVERWRITE = _define(flags.DEFINE_bool)("overwrite", False, "Replace an existing OUT/index.json "
                                "(a run may train on it).")
-_ITERS = flags.DEFINE_integer("kmeans_iters", 20, "k-means iterations.")
-_INIT = flags.DEFINE_enum("kmeans_init", "random", ["random", "kmeans++"], "k-means init.")
-_SHARDS = flags.DEFINE_integer("shards", 0, "Also write the kept records as this many "
+_ITERS = _define(flags.DEFINE_integer)("kmeans_iters", 20, "k-means iterations.")
+_INIT = _define(flags.DEFINE_enum)("kmeans_init", "random", ["random", "kmeans++"], "k-means init.")
+_SHARDS = _define(flags.DEFINE_integer)("shards", 0, "Also write the kept records as this many "
                                "ArrayRecord shards (0: only the index).")
-flags.mark_flags_as_required(["workdir", "out"])
+flags.mark_flags_as_required(["workdir", "out"], flag_values=_FLAG_VALUES)
 
 
 def main(argv):

@@ -22,23 +22,26 @@ import sys
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vlp_jax import errors  # pylint: disable=g-import-not-at-top
+from vlp_jax import cli, errors  # pylint: disable=g-import-not-at-top
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The reference LM's run (config.json "
+# Script: absl's FLAGS; imported (tests): private flags (no clash between tools).
+_FLAG_VALUES, _define = cli.tool_flags(__name__)
+
+_WORKDIR = _define(flags.DEFINE_string)("workdir", None, "The reference LM's run (config.json "
                                "+ checkpoints; configs/prior_ref_lm_b16.py).")
-_OUT = flags.DEFINE_string("out", None, "Output table (a folder: meta.json + .npy "
+_OUT = _define(flags.DEFINE_string)("out", None, "Output table (a folder: meta.json + .npy "
                            "arrays, vlp_jax/data/ref_probs.py).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out (a run "
+_OVERWRITE = _define(flags.DEFINE_bool)("overwrite", False, "Replace an existing --out (a run "
                                "may train on it).")
-_STEP = flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the newest good one).")
-_SOURCE = flags.DEFINE_string("source", "", "Source spec (default: the run's "
+_STEP = _define(flags.DEFINE_integer)("step", -1, "Checkpoint step (-1: the newest good one).")
+_SOURCE = _define(flags.DEFINE_string)("source", "", "Source spec (default: the run's "
                               "config.data.source), e.g. jsonl:/d/a.jsonl.")
-_SPLIT = flags.DEFINE_string("split", "train", "Split of the source.")
-_SIZE = flags.DEFINE_integer("size", -1, "Records (0: all; -1: the run's "
+_SPLIT = _define(flags.DEFINE_string)("split", "train", "Split of the source.")
+_SIZE = _define(flags.DEFINE_integer)("size", -1, "Records (0: all; -1: the run's "
                              "config.data.size).")
-_SEED = flags.DEFINE_integer("seed", -1, "Data seed (-1: the run's config.seed; the "
+_SEED = _define(flags.DEFINE_integer)("seed", -1, "Data seed (-1: the run's config.seed; the "
                              "built-in shapes data depends on it).")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Captions per forward pass.")
+_BATCH = _define(flags.DEFINE_integer)("batch_size", 256, "Captions per forward pass.")
 
 
 def captions_of(source):
@@ -138,5 +141,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "out"])
+  flags.mark_flags_as_required(["workdir", "out"], flag_values=_FLAG_VALUES)
   app.run(main)

@@ -72,3 +72,13 @@ def quiet_third_party_logs():
   """Hides the per-save INFO chatter of orbax/grain so progress stays readable."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
+
+
+def tool_flags(module_name: str):
+  """(flag_values, define) for a tool in tools/: run as a script (`module_name` is
+  '__main__') its flags go to absl's global FLAGS that `app.run` parses; imported (by
+  tests, next to other tools defining the same names, e.g. 'workdir') to a private
+  `FlagValues`, so the imports do not clash. `define(flags.DEFINE_x)(...)` defines one."""
+  values = flags.FLAGS if module_name == "__main__" else flags.FlagValues()
+  define = lambda fn: (lambda *a, **kw: fn(*a, flag_values=values, **kw))
+  return values, define
