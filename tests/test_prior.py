@@ -205,6 +205,7 @@ def ref_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("prior_ref"))
   c = cli.load_config_file("configs/prior_ref_lm_b16.py:runlocal")
   c.update(batch_size=8, total_steps=2, checkpoint_every=2, log_every=1, plot=False)
+  c.evals = {}
   rows = _run(c, workdir)
   return workdir, c, rows
 
