@@ -14,9 +14,11 @@ from vlp_jax.models import layers, vit
 from vlp_jax.models import token_reduction as tr
 
 
+# ToMe (scanned) in `make test`; EViT in the slow set (each compiles a mesh gradient).
 @pytest.mark.parametrize("spec,scan", [
     (tr.TokenReduction("tome", r=16), True),
-    (tr.TokenReduction("evit", keep_rate=0.5, layers=(0,)), False)],
+    pytest.param(tr.TokenReduction("evit", keep_rate=0.5, layers=(0,)), False,
+                 marks=pytest.mark.slow)],
                          ids=["tome", "evit"])
 def test_vit_forward_and_gradient_on_a_mesh(spec, scan):
   assert jax.device_count() == 8
