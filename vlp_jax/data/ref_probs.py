@@ -21,12 +21,12 @@ Start-up reads only meta.json; the arrays are memory-mapped on first lookup, so
 data workers share the pages instead of each holding a copy.
 """
 import hashlib
-import json
 import os
 
 import numpy as np
 
 from vlp_jax import errors
+from vlp_jax.data import json_files
 
 FIELD = "ref_probs"
 FORMAT = "vlp_jax.ref_probs/1"
@@ -42,9 +42,7 @@ def row_keys(tokens) -> np.ndarray:
 
 def check_writable(path: str, overwrite: bool = False) -> None:
   """ConfigError if the table folder `path` exists (unless `overwrite`) or is a file."""
-  if os.path.exists(path) and not overwrite:
-    raise errors.ConfigError(f"{path} exists (a run may train on it); choose another "
-                             "--out or pass --overwrite to replace it.")
+  json_files.refuse_existing((path,), overwrite)
   if os.path.exists(path) and not os.path.isdir(path):
     raise errors.ConfigError(f"--out={path} is a file; the table is a folder.")
 
@@ -69,9 +67,7 @@ def save(path: str, tokens, probs, tokenizer: str, context_length: int,
           "rows": int(len(keys)),
           "sha256": {k: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
                      for k, a in arrays.items()}}
-  with open(os.path.join(path, "meta.json.tmp"), "w") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(os.path.join(path, "meta.json.tmp"), os.path.join(path, "meta.json"))
+  json_files.write_atomic(os.path.join(path, "meta.json"), meta, indent=1)
 
 
 class Table:
@@ -84,15 +80,8 @@ class Table:
       raise errors.DataError(
           f"config.data.ref_probs={path!r} is not a reference-probabilities table (no "
           "meta.json); write it with tools/prior_probs.py (README 'PRIOR').")
-    try:
-      with open(meta_path) as f:
-        meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise errors.DataError(f"'{meta_path}' is not valid JSON ({e}); rerun "
-                             "tools/prior_probs.py.") from e
-    if meta.get("format") != FORMAT:
-      raise errors.DataError(f"'{meta_path}' is not a {FORMAT} table; rerun "
-                             "tools/prior_probs.py.")
+    meta = json_files.read_format(meta_path, FORMAT, "reference-probabilities table",
+                                  "rerun tools/prior_probs.py")
     self.path = path
     self.tokenizer = str(meta["tokenizer"])
     self.context_length = int(meta["context_length"])

@@ -19,7 +19,6 @@ config.data.source's 'validation') is the wrapped source's split, unfiltered; bu
 training (split 'train') on an index written for another split is a DataError.
 """
 import hashlib
-import json
 import os
 from typing import Any, Dict
 
@@ -27,6 +26,7 @@ import numpy as np
 from absl import logging
 
 from vlp_jax import errors
+from vlp_jax.data import json_files
 from vlp_jax.registry import SOURCES
 
 FORMAT = "vlp_jax.index/1"
@@ -42,12 +42,8 @@ def checksum(indices) -> str:
 def check_writable(path: str, overwrite: bool = False) -> None:
   """FileExistsError-free guard: a ConfigError if the index `path` (or its .npy)
   exists and `overwrite` is off (a training run may read it)."""
-  npy = os.path.splitext(os.path.abspath(path))[0] + ".npy"
-  existing = [p for p in (path, npy) if os.path.exists(p)]
-  if existing and not overwrite:
-    raise errors.ConfigError(
-        f"{existing[0]} exists (a run may train on it); choose another output or pass "
-        "--overwrite to replace it.")
+  json_files.refuse_existing(
+      (path, os.path.splitext(os.path.abspath(path))[0] + ".npy"), overwrite)
 
 
 def write_index(path: str, indices, source: str, split: str, source_size: int,
@@ -64,9 +60,7 @@ def write_index(path: str, indices, source: str, split: str, source_size: int,
   header = dict(format=FORMAT, source=source, split=split, source_size=int(source_size),
                 seed=int(seed), count=int(len(indices)), indices=npy,
                 sha256=checksum(indices), **extra)
-  with open(path + ".tmp", "w") as f:
-    json.dump(header, f, indent=2)
-  os.replace(path + ".tmp", path)
+  json_files.write_atomic(path, header)
   return path
 
 
@@ -80,15 +74,8 @@ def read_index(path: str):
     raise errors.DataPathError(
         f"Index file not found: '{path}'. Pass the index.json that tools/curate.py "
         "wrote, e.g. --config.data.source=index:/runs/curated/index.json.")
-  try:
-    with open(path) as f:
-      header = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise errors.DataError(f"Index file '{path}' is not valid JSON ({e}); rewrite it "
-                           "with tools/curate.py.") from e
-  if not isinstance(header, dict) or header.get("format") != FORMAT:
-    raise errors.DataError(f"'{path}' is not a vlp_jax index file (its 'format' must be "
-                           f"'{FORMAT}'); write one with tools/curate.py.")
+  header = json_files.read_format(path, FORMAT, "vlp_jax index file",
+                                  "write it with tools/curate.py")
   missing = [k for k in _REQUIRED if k not in header]
   if missing:
     raise errors.DataError(f"Index file '{path}' lacks {missing}; rewrite it with "

@@ -10,7 +10,6 @@ Evaluation orchestration is `evaluation.py`; checkpoints `checkpoint.py`.
 """
 import contextlib
 import copy
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from jax.experimental import multihost_utils
 from vlp_jax import config as config_lib, errors
 from vlp_jax import evaluators
 from vlp_jax.perf import flops as flops_lib
-from vlp_jax.data import pipeline
+from vlp_jax.data import json_files, pipeline
 from vlp_jax.train import checkpoint, evaluation, metric_writer as metrics_lib, predict
 from vlp_jax.train import signals
 from vlp_jax.train import prefetch, profiler as profiler_lib
@@ -60,10 +59,8 @@ class Experiment(setup_lib.TrainSetup):
 
 def _write_config(config, workdir):
   """Writes config.json atomically (a crash leaves the old one or the new one)."""
-  path = os.path.join(workdir, "config.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(config_lib.to_dict(config), f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  json_files.write_atomic(os.path.join(workdir, "config.json"),
+                          config_lib.to_dict(config), sort_keys=True)
 
 
 def _due(step, every, total):
