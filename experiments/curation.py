@@ -32,6 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from experiments import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 BASE = "configs/bench.py"
 ARMS = ("noisy", "curated", "random", "clean")
 COLUMNS = (("zero-shot top-1", "eval/zeroshot/top1"),
@@ -82,15 +84,8 @@ def write_random_half(args, seed):
 
 
 def final_metrics(workdir):
-  from vlp_jax.train import metric_writer  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "metrics.jsonl")
-  rows = metric_writer.read_metrics(path) if os.path.exists(path) else []
-  out = {}
-  for _, key in COLUMNS:
-    values = [r[key] for r in rows if isinstance(r.get(key), float)]
-    if values:
-      out[key] = values[-1]
-  return out
+  rows = methods.read_rows(os.path.join(workdir, "metrics.jsonl"))
+  return methods.final_values(rows, [key for _, key in COLUMNS])
 
 
 def _run(argv, dry_run):
@@ -134,10 +129,6 @@ def run_seed(args, seed):
   return out
 
 
-def _mean_std(values):
-  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def table(results, args) -> str:
   head = ["training data", "records", "seeds"] + [c for c, _ in COLUMNS]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -156,13 +147,13 @@ def table(results, args) -> str:
     cells = [names[arm], str(records), str(len(done))]
     for _, key in COLUMNS:
       vals = [r[key] for r in done if key in r]
-      cells.append("{:.3f} ± {:.3f}".format(*_mean_std(vals)) if vals else "n/a")
+      cells.append("{:.3f} ± {:.3f}".format(*methods.mean_std(vals)) if vals else "n/a")
     lines.append("| " + " | ".join(cells) + " |")
   cur = [r["curation"] for r in results.values() if r.get("curation")]
   if cur:
-    p = _mean_std([c["precision"] for c in cur])
-    r = _mean_std([c["recall"] for c in cur])
-    k = _mean_std([c["kept_corrupted_fraction"] for c in cur])
+    p = methods.mean_std([c["precision"] for c in cur])
+    r = methods.mean_std([c["recall"] for c in cur])
+    k = methods.mean_std([c["kept_corrupted_fraction"] for c in cur])
     lines += ["", f"Curation against the known corruption ({len(cur)} seeds): "
               f"precision {p[0]:.3f} ± {p[1]:.3f} (corrupted share of the removed "
               f"records), recall {r[0]:.3f} ± {r[1]:.3f} (removed share of the "

@@ -100,15 +100,21 @@ def read_rows(path: str):
   return metric_writer.read_metrics(path) if os.path.exists(path) else []
 
 
+def final_values(rows, keys) -> Dict[str, float]:
+  """{key: its last float value in `rows`} for the `keys` that have one."""
+  out = {}
+  for key in keys:
+    values = [r[key] for r in rows if isinstance(r.get(key), float)]
+    if values:
+      out[key] = values[-1]
+  return out
+
+
 def summarize_run(path: str) -> Dict[str, float]:
   """Final eval metrics and median steps/s (first log interval, with compilation,
   left out) of one run's metrics.jsonl; {} if it has no final evaluation."""
   rows = read_rows(path)
-  out = {}
-  for _, key in COLUMNS:
-    values = [r[key] for r in rows if isinstance(r.get(key), float)]
-    if values:
-      out[key] = values[-1]
+  out = final_values(rows, [key for _, key in COLUMNS])
   speeds = [r["steps_per_sec"] for r in rows if isinstance(r.get("steps_per_sec"), float)]
   if len(speeds) > 1:
     speeds = speeds[1:]
