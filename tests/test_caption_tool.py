@@ -1,6 +1,5 @@
 """tools/caption.py and the captioning evaluator's decoding options (method, beam
 size, length penalty, top_p, temperature, max_len, seed)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import test_train
+from tests import test_train, tool_modules
 from vlp_jax import config as config_lib, errors, validation
 from vlp_jax.train import checkpoint, evaluation, loop
 
@@ -20,11 +19,7 @@ pytestmark = pytest.mark.usefixtures("shared_compilations")
 
 
 def load_tool():
-  spec = importlib.util.spec_from_file_location(
-      "caption_tool", os.path.join(REPO, "tools", "caption.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return tool_modules.load("caption")
 
 
 caption = load_tool()

@@ -3,7 +3,6 @@ plain loop, its reductions, the frozen reference (teacher from another run's
 checkpoint, momentum 1.0), the text-only decoder pass, the precomputed path, and
 the two recipes' 2-step runs on shapes (configs/prior_ref_lm_b16.py, then
 configs/prior_coca_b16.py with its workdir)."""
-import importlib.util
 import math
 import os
 
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import test_flops, test_train
+from tests import test_flops, test_train, tool_modules
 from vlp_jax import cli, errors, validation
 from vlp_jax.data import pipeline, ref_probs as ref_probs_lib
 from vlp_jax.objectives import caption, combine, prior
@@ -20,7 +19,6 @@ from vlp_jax.perf import method_flops
 from vlp_jax.train import (checkpoint, init_from, loop, metric_writer as metrics_lib,
                            step as step_lib, teacher as teacher_lib)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------ the loss itself
@@ -310,11 +308,7 @@ def test_teacher_init_from_a_model_of_other_shapes_names_both(ref_run):
 
 
 def _tool():
-  spec = importlib.util.spec_from_file_location(
-      "prior_probs", os.path.join(REPO, "tools", "prior_probs.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return tool_modules.load("prior_probs")
 
 
 @pytest.fixture(scope="module")

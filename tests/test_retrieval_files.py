@@ -2,7 +2,6 @@
 Karpathy protocol): jsonl caption lists, csv tables with one row per caption, and
 tools/karpathy_to_jsonl.py. Images are written by the tests; stub embeddings make
 the expected recalls exact."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import common
+from tests import tool_modules
 from vlp_jax import config as config_lib, errors, validation
 from vlp_jax.evaluators import retrieval
 from vlp_jax.train import evaluation
@@ -22,11 +22,7 @@ N = 6  # Images; image i is solid red 40 * i, its captions say "photo i".
 
 
 def _tool():
-  spec = importlib.util.spec_from_file_location(
-      "karpathy_to_jsonl", os.path.join(REPO, "tools", "karpathy_to_jsonl.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return tool_modules.load("karpathy_to_jsonl")
 
 
 def _captions():
