@@ -24,8 +24,9 @@ from configs import common
 
 
 def get_config(arg=None):
-  """`arg`: 'runlocal' for a one-minute CPU run of the same model family on shapes."""
-  arg = common.parse_arg(arg, runlocal=False)
+  """`arg`: 'runlocal' for a one-minute CPU run of the same model family on shapes;
+  'small' for the small CPU model of the open_clip comparison (README "Performance")."""
+  arg = common.parse_arg(arg, runlocal=False, small=False)
   c = common.b16_recipe()
   c.batch_size = 32768
   c.total_steps = 390_000
@@ -37,4 +38,20 @@ def get_config(arg=None):
   c.objectives = {"clip": 1.0}
   c.optim.update(lr=5e-4, warmup_steps=2000, weight_decay=0.2, b1=0.9, b2=0.98,
                  eps=1e-6, grad_clip_norm=1.0)
+  if arg.small:
+    small(c)
   return common.runlocal(c) if arg.runlocal else c
+
+
+def small(c):
+  """A small CLIP for CPU speed comparisons (tools/compare_open_clip.py with
+  tools/open_clip_small_cpu.json): 64 px images, a 4 x 192 ViT (3 heads, patch 8),
+  a 4 x 128 text tower (2 heads) with CLIP's context 77 and 49,408 ids, embeddings
+  128, float32, batch 64."""
+  c.batch_size = 64
+  c.model.dtype = "float32"
+  c.model.embed_dim = 128
+  c.model.image.update(variant="", width=192, depth=4, mlp_dim=768, num_heads=3,
+                       patch_size=8)
+  c.model.text.update(width=128, depth=4, mlp_dim=512, num_heads=2)
+  c.data.image_size = 64

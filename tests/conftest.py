@@ -11,7 +11,9 @@ from absl import flags
 
 # Many tests (and the subprocesses they start, which inherit the environment) compile
 # the same tiny programs: share one compilation cache per test session. It starts
-# empty each session, so no result depends on an earlier run.
+# empty each session, so no result depends on an earlier run. config.compilation_cache_dir
+# 'auto' (vlp_jax/compile_cache.py) resolves to it: never to the user's own cache.
+os.environ.pop("VLP_JAX_COMPILATION_CACHE", None)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlp_jax_jit_cache_")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 from vlp_jax.train import prefetch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,3 +92,46 @@ def test_device_prefetch_keeps_order_and_the_consumed_position():
   src = _Source(10)
   assert list(prefetch.DevicePrefetcher(src, lambda x: x, size=2, limit=4)) == [0, 1, 2, 3]
   assert src.i == 4  # never reads past the limit
+
+
+@pytest.mark.slow  # compiles a (tiny) train step and runs the pipeline: ~25 CPU-s
+def test_with_data_compares_synthetic_real_and_the_pipeline_alone(tmp_path,
+                                                                  monkeypatch):
+  from tests import datagen  # pylint: disable=g-import-not-at-top
+  from vlp_jax import cli  # pylint: disable=g-import-not-at-top
+  from vlp_jax.perf import benchmark, flops  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(flops, "peak_flops", lambda *a, **k: (1e12, "test"))  # no matmuls
+  c = cli.load_config_file(os.path.join(ROOT, "configs", "demo.py"))
+  c.batch_size, c.model.text.context_length = 4, 12
+  c.device_prefetch, c.data.prefetch = 1, 1  # few buffered batches to skip per round
+  c.data.update(source="jsonl:" + datagen.write_jsonl(str(tmp_path), 10), image_size=16,
+                tokenizer="bytes", normalize_on_device=True)
+  c.model.image.update(depth=1, patch_size=8)
+  c.model.text.update(depth=1, vocab_size=259)
+  c.model.decoder.depth = 1
+  c.evals = {}
+  rec = benchmark.run(c, steps=2, warmup=1, with_data=True, rounds=2)
+  d = rec["data"]
+  assert rec["with_data"] is True and rec["step_time_s"]["steps"] == 2  # 2 rounds x 1
+  assert d["rounds"] == 2 and d["steps_per_round"] == 1 and len(d["round_ratios"]) == 2
+  assert d["skipped_per_round"] == benchmark.buffered_batches(c) == 3
+  assert d["real_samples_per_s"] == 4 / d["real_step_s"]
+  assert d["synthetic_samples_per_s"] == 4 / d["synthetic_step_s"]
+  assert d["real_over_synthetic"] == float(np.median(d["round_ratios"])) > 0
+  assert d["pipeline_samples_per_s"] == 4 * d["pipeline_batches_per_s"] > 0
+  assert d["normalize_on_device"] is True and d["worker_count"] == 0
+  assert d["source"] == c.data.source
+  assert np.isfinite(rec["final_loss"])
+  assert d["bottleneck"] in ("none", "pipeline", "overlap")
+  for key in ("synthetic_cpu_s_per_step", "real_cpu_s_per_step",
+              "pipeline_samples_per_cpu_s"):
+    assert d[key] is None or d[key] > 0, key
+
+
+def test_bottleneck_names_what_is_in_the_way():
+  from vlp_jax.perf import benchmark  # pylint: disable=g-import-not-at-top
+  rec = lambda r, p: {"real_over_synthetic": r, "pipeline_samples_per_s": p,
+                      "synthetic_samples_per_s": 100.0}
+  assert benchmark.bottleneck(rec(1.04, 50.0)) == "none"
+  assert benchmark.bottleneck(rec(1.5, 50.0)) == "pipeline"
+  assert benchmark.bottleneck(rec(1.5, 300.0)) == "overlap"

@@ -70,3 +70,30 @@ def test_open_clip_side_runs_where_torch_is_installed():
   assert proc.returncode == 0, proc.stderr[-2000:]
   rec = compare_open_clip.last_json_line(proc.stdout)
   assert rec["batch_size"] == 2 and rec["step_time_s"]["median"] > 0
+
+
+def test_open_clip_model_json_replaces_the_model_name():
+  cmds = compare_open_clip.commands("/x/python", "configs/clip_b16.py:small", "ViT-B-16",
+                                    64, "float32", 5, "tools/open_clip_small_cpu.json")
+  assert "--model_json=tools/open_clip_small_cpu.json" in cmds["open_clip"]
+  assert not any(a.startswith("--model=") for a in cmds["open_clip"])
+  assert "--config=configs/clip_b16.py:small" in cmds["vlp_jax"]
+
+
+def test_small_recipe_and_its_open_clip_config_describe_one_architecture():
+  # open_clip builds heads as width // head_width and the MLP as width * mlp_ratio.
+  from configs import clip_b16  # pylint: disable=g-import-not-at-top
+  c = clip_b16.get_config("small")
+  with open(os.path.join(REPO, "tools", "open_clip_small_cpu.json")) as f:
+    oc = json.load(f)
+  v, t = oc["vision_cfg"], oc["text_cfg"]
+  img, txt = c.model.image, c.model.text
+  assert oc["embed_dim"] == c.model.embed_dim
+  assert (v["image_size"], v["layers"], v["width"], v["patch_size"]) == (
+      c.data.image_size, img.depth, img.width, img.patch_size)
+  assert v["width"] // v["head_width"] == img.num_heads
+  assert v["width"] * v["mlp_ratio"] == img.mlp_dim
+  assert (t["context_length"], t["vocab_size"], t["width"], t["heads"], t["layers"]) == (
+      txt.context_length, txt.vocab_size, txt.width, txt.num_heads, txt.depth)
+  assert t["width"] * t["mlp_ratio"] == txt.mlp_dim
+  assert c.batch_size == 64 and c.model.dtype == "float32"

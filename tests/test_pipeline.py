@@ -195,15 +195,18 @@ def test_jsonl_source_items(jsonl_dir):
   assert isinstance(src, sources.JsonlSource)
   assert len(src) == 3
   red, blue, grey = src[0], src[1], src[2]
-  assert red["image"].shape == (20, 30, 3) and red["image"].dtype == np.uint8
-  np.testing.assert_array_equal(red["image"][5, 5], [255, 0, 0])
+  assert isinstance(red["image"], bytes)  # Encoded: the transform decodes it.
+  red_image, blue_image, grey_image = (transforms.as_image_u8(e["image"])
+                                       for e in (red, blue, grey))
+  assert red_image.shape == (20, 30, 3) and red_image.dtype == np.uint8
+  np.testing.assert_array_equal(red_image[5, 5], [255, 0, 0])
   assert red["text"] == "a red image"
   assert red["key"] == str(jsonl_dir / "imgs" / "red.png")
-  assert blue["image"].shape == (24, 24, 3)
-  assert np.abs(blue["image"].astype(int) - [0, 0, 255]).max() < 10  # JPEG
+  assert blue_image.shape == (24, 24, 3)
+  assert np.abs(blue_image.astype(int) - [0, 0, 255]).max() < 10  # JPEG
   assert blue["text"] == ["a blue image", "blue"]
-  assert grey["image"].shape == (16, 40, 3)  # greyscale converted to RGB
-  np.testing.assert_array_equal(grey["image"][0, 0], [128, 128, 128])
+  assert grey_image.shape == (16, 40, 3)  # greyscale converted to RGB
+  np.testing.assert_array_equal(grey_image[0, 0], [128, 128, 128])
   # `size` keeps the first records.
   assert len(sources.make_source("jsonl:" + path, "train", 2, 0, 32)) == 2
 
@@ -211,7 +214,7 @@ def test_jsonl_source_items(jsonl_dir):
 def test_jsonl_relative_paths_resolve_against_the_file_not_cwd(jsonl_dir, monkeypatch):
   monkeypatch.chdir("/")
   src = sources.make_source("jsonl:" + str(jsonl_dir / "train.jsonl"), "train", 0, 0, 32)
-  assert src[0]["image"].shape == (20, 30, 3)
+  assert transforms.as_image_u8(src[0]["image"]).shape == (20, 30, 3)
 
 
 def test_jsonl_missing_file_names_path(tmp_path):

@@ -25,7 +25,7 @@ def test_runlocal_keeps_the_family_and_shrinks_the_run(name):
 
 def test_unknown_recipe_argument_names_the_valid_ones():
   with pytest.raises(errors.ConfigKeyError, match=r"Unknown recipe argument 'runlocl'.*"
-                     r"\['runlocal'\]"):
+                     r"\['runlocal', 'small'\]"):
     cli.load_config_file("configs/clip_b16.py:runlocl")
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from vlp_jax import cli, errors
 from vlp_jax.data import pipeline, sources, sources_arrayrecord, sources_tfds, tokenizers
+from vlp_jax.data import transforms
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
@@ -79,8 +80,10 @@ def test_csv_source_defaults(csv_dir, monkeypatch):
   src = _make("csv:" + str(csv_dir / "train.tsv"))
   assert len(src) == 3
   ex = src[1]
-  assert ex["image"].shape == (20, 30, 3) and ex["image"].dtype == np.uint8
-  np.testing.assert_array_equal(ex["image"][0, 0], COLORS["green"])
+  assert isinstance(ex["image"], bytes)  # Encoded: the transform decodes it.
+  image = transforms.as_image_u8(ex["image"])
+  assert image.shape == (20, 30, 3) and image.dtype == np.uint8
+  np.testing.assert_array_equal(image[0, 0], COLORS["green"])
   assert ex["text"] == "a green image"
   assert ex["key"] == str(csv_dir / "imgs" / "green.png")
   assert len(_make("csv:" + str(csv_dir / "train.tsv"), size=2)) == 2
@@ -90,7 +93,8 @@ def test_csv_source_query_options(csv_dir):
   spec = "csv:" + str(csv_dir / "other.csv") + "?image_column=url&caption_column=caption&separator=;"
   src = _make(spec)
   assert [src[i]["text"] for i in range(len(src))] == ["a red; image", "blue"]
-  np.testing.assert_array_equal(src[1]["image"][3, 3], COLORS["blue"])
+  np.testing.assert_array_equal(transforms.as_image_u8(src[1]["image"])[3, 3],
+                                COLORS["blue"])
   # Factory kwargs work too.
   from vlp_jax.registry import SOURCES  # pylint: disable=g-import-not-at-top
   src = SOURCES.get("csv")(path=str(csv_dir / "other.csv"), image_column="url",
@@ -170,8 +174,9 @@ def test_imagefolder_source(folder):
   assert [e["text"] for e in examples] == ["blue thing", "green thing", "red thing",
                                            "red thing"]
   for e, color in zip(examples, ["blue", "green", "red", "red"]):
-    assert e["image"].shape == (20, 30, 3) and e["image"].dtype == np.uint8
-    assert np.abs(e["image"].astype(int) - COLORS[color]).max() < 10  # JPEG / WEBP
+    image = transforms.as_image_u8(e["image"])
+    assert image.shape == (20, 30, 3) and image.dtype == np.uint8
+    assert np.abs(image.astype(int) - COLORS[color]).max() < 10  # JPEG / WEBP
   assert src.root == str(folder)  # Where the zero-shot evaluator looks for templates.txt.
   # `size` keeps an evenly spaced subset (first and last image).
   sub = _make("imagefolder:" + str(folder), size=2)
@@ -265,9 +270,9 @@ def test_arrayrecord_source(shards):
                    ["a green image", "green"], "a white image"]
   assert [src[i]["label"] for i in range(5)] == [0, 2, 0, 1, 3]
   for i, color in enumerate(["red", "blue", "red", "green", "white"]):
-    ex = src[i]
-    assert ex["image"].shape == (20, 30, 3) and ex["image"].dtype == np.uint8
-    assert np.abs(ex["image"].astype(int) - COLORS[color]).max() < 10
+    image = transforms.as_image_u8(src[i]["image"])
+    assert image.shape == (20, 30, 3) and image.dtype == np.uint8
+    assert np.abs(image.astype(int) - COLORS[color]).max() < 10
   assert src[1]["key"] == "blue-0" and src[0]["key"].endswith("[0]")
   assert len(_make("arrayrecord:" + str(shards / "train.ar-*"), size=3)) == 3
   with pytest.raises(IndexError):

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from vlp_jax.data import sources
+from vlp_jax.data import sources, transforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,7 @@ def test_build_and_inspect(tmp_path):
   seen = {}
   for i in range(len(source)):
     ex = source[i]
-    seen[ex["text"]] = ex["image"].shape[:2]
+    seen[ex["text"]] = transforms.as_image_u8(ex["image"]).shape[:2]
   assert seen == expected
 
   grid = str(tmp_path / "grid.png")
@@ -88,4 +88,4 @@ def test_build_from_wds_shards(tmp_path):
   expected = {f"w {s} {i}" for s in range(3) for i in range(4)} - {"w 1 1", "w 2 3"}
   assert set(got) == expected
   assert got["w 0 1"]["key"].endswith("shard-000.tar:000/0001")
-  assert got["w 0 0"]["image"].shape == (6, 8, 3)  # 12 x 16 resized to max side 8
+  assert transforms.as_image_u8(got["w 0 0"]["image"]).shape == (6, 8, 3)  # 12 x 16 resized to max side 8

@@ -85,3 +85,31 @@ def test_missing_trace_is_a_clear_error(tmp_path):
     trace_summary.find_trace(str(tmp_path))
   with pytest.raises(ValueError, match="no XLA op events"):
     trace_summary.summarize([{"ph": "X", "pid": 0, "name": "x", "ts": 0, "dur": 1}])
+
+
+def test_ops_are_split_by_part_of_the_step_from_their_op_names():
+  p = "jit(train_step)/"
+  assert trace_summary.part(
+      p + "transpose(jvp(TwoTower))/TwoTower.embed_image/img/encoder/block_2/attn/x") == (
+          "image attention", "bwd")
+  assert trace_summary.part(
+      p + "jvp(TwoTower)/TwoTower.embed_text/txt/encoder/block_0/mlp/tanh") == (
+          "text MLP", "fwd")
+  assert trace_summary.part(
+      p + "jvp(TwoTower)/TwoTower.embed_text/txt/token_embedding/jit(_take)") == (
+          "token embedding", "fwd")
+  assert trace_summary.part(p + "jvp(TwoTower)/TwoTower.embed_image/img_proj/dot")[0] == (
+      "loss and projections")
+  assert trace_summary.part(p + "mul")[0].startswith("optimizer update")
+  assert trace_summary.part("") == ("other", "")
+  hlo = "\n".join([
+      "ENTRY %main.5 (a: f32[4,4]) -> f32[4,4] {",
+      "  %a = f32[4,4]{1,0} parameter(0)",
+      '  ROOT %fusion.3 = f32[4,4]{1,0} fusion(%a), kind=kLoop, calls=%c, metadata={'
+      'op_name="' + p + 'jvp(TwoTower)/TwoTower.embed_text/txt/encoder/block_0/mlp/x"}',
+      "}"])
+  assert trace_summary.hlo_op_names(hlo) == {
+      "fusion.3": p + "jvp(TwoTower)/TwoTower.embed_text/txt/encoder/block_0/mlp/x"}
+  s = trace_summary.summarize([_op(0, "fusion.3", "fusion.3", 0.0, 10.0)], hlo)
+  assert s["parts"]["text MLP"]["fwd_ms_per_step"] == pytest.approx(0.01)
+  assert "| text MLP | 0.010 | 100.0% | 0.010 | 0.000 |" in trace_summary.markdown(s)

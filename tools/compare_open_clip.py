@@ -3,6 +3,13 @@
     python tools/compare_open_clip.py --torch_python=/tmp/ocvenv/bin/python \\
         --batch_size=8 --rounds=3
 
+The small CPU model (README "Performance"), whose open_clip form is a custom model
+config:
+
+    python tools/compare_open_clip.py --torch_python=/tmp/ocvenv/bin/python \\
+        --config=configs/clip_b16.py:small --open_clip_model_json=tools/open_clip_small_cpu.json \\
+        --batch_size=64 --rounds=3
+
 `--torch_python` is an interpreter with torch and open_clip_torch installed (see
 tools/benchmark_open_clip.py); vlp_jax runs under this interpreter. Each round runs
 tools/benchmark.py on --config and tools/benchmark_open_clip.py on --open_clip_model,
@@ -24,6 +31,9 @@ _TORCH_PYTHON = flags.DEFINE_string("torch_python", None,
 _CONFIG = flags.DEFINE_string("config", "configs/clip_b16.py", "vlp_jax recipe.")
 _OPEN_CLIP_MODEL = flags.DEFINE_string("open_clip_model", "ViT-B-16",
                                        "The same architecture in open_clip.")
+_OPEN_CLIP_JSON = flags.DEFINE_string(
+    "open_clip_model_json", "", "An open_clip model config file (embed_dim, vision_cfg, "
+    "text_cfg) for an architecture open_clip does not ship; replaces --open_clip_model.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch for both.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype for both (open_clip: autocast).")
@@ -45,14 +55,16 @@ def last_json_line(text: str) -> dict:
   raise ValueError(f"No JSON record in the output:\n{text[-2000:]}")
 
 
-def commands(torch_python, config, model, batch, dtype, steps) -> dict:
-  """The two benchmark command lines, by framework name."""
+def commands(torch_python, config, model, batch, dtype, steps, model_json="") -> dict:
+  """The two benchmark command lines, by framework name. `model_json`: an open_clip
+  model config file used instead of the named `model`."""
+  model_arg = f"--model_json={model_json}" if model_json else f"--model={model}"
   return {
       "vlp_jax": [sys.executable, os.path.join(_HERE, "benchmark.py"),
                   f"--config={config}", f"--config.batch_size={batch}",
                   f"--config.model.dtype={dtype}", f"--steps={steps}", "--warmup=1"],
       "open_clip": [torch_python, os.path.join(_HERE, "benchmark_open_clip.py"),
-                    f"--model={model}", f"--batch_size={batch}", f"--dtype={dtype}",
+                    model_arg, f"--batch_size={batch}", f"--dtype={dtype}",
                     f"--steps={steps}", "--warmup=1"],
   }
 
@@ -109,8 +121,11 @@ def run_rounds(cmds, num_rounds: int) -> list:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _OPEN_CLIP_JSON.value and not os.path.isfile(_OPEN_CLIP_JSON.value):
+    raise app.UsageError(f"--open_clip_model_json={_OPEN_CLIP_JSON.value} does not "
+                         "exist; give an open_clip model config file.")
   cmds = commands(_TORCH_PYTHON.value, _CONFIG.value, _OPEN_CLIP_MODEL.value,
-                  _BATCH.value, _DTYPE.value, _STEPS.value)
+                  _BATCH.value, _DTYPE.value, _STEPS.value, _OPEN_CLIP_JSON.value)
   rounds = run_rounds(cmds, _ROUNDS.value)
   summary = summarize(rounds)
   print(table(summary, _BATCH.value, _DTYPE.value))

@@ -13,6 +13,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vlp_jax.data import decode  # pylint: disable=g-import-not-at-top
 from vlp_jax.data import sources  # pylint: disable=g-import-not-at-top
+from vlp_jax.data import transforms  # pylint: disable=g-import-not-at-top
 
 
 def _captions(text):
@@ -32,10 +33,10 @@ def inspect(spec: str, split: str = "train", n: int = 8, image_size: int = 224,
   for i in range(n):
     try:
       ex = source[i]
+      image = transforms.as_image_u8(ex["image"])  # Sources may give encoded bytes.
     except decode.BadRecord as e:
       print(f"[{i}] bad record ({e.kind}): {e}")
       continue
-    image = np.asarray(ex["image"])
     captions = _captions(ex["text"])
     extra = {k: v for k, v in ex.items() if k not in ("image", "text", "key")}
     print(f"[{i}] key={ex.get('key', i)} image={image.shape} {image.dtype}"

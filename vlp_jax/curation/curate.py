@@ -15,6 +15,7 @@ from absl import logging
 
 from vlp_jax import errors
 from vlp_jax.curation import embed, report, rules
+from vlp_jax.data import transforms
 
 EXAMPLES = 8  # Of each kind (kept / dropped) in the example grid.
 
@@ -37,7 +38,8 @@ def _examples(source, keep, dropped_by, scores, captions, count, corrupted=None)
     element = source[int(i)]
     if "_bad" in element:
       continue
-    out.append({"image": np.asarray(element["image"]), "caption": captions[i][0],
+    out.append({"image": transforms.as_image_u8(element["image"]),
+                "caption": captions[i][0],
                 "score": float(scores[i]),
                 "status": "kept" if keep[i] else f"dropped: {dropped_by[i]}",
                 "corrupted": corrupted is not None and bool(corrupted[i])})
@@ -55,7 +57,7 @@ def write_shards(source, indices, out_dir: str, num_shards: int):
     for i in indices:
       element = source[int(i)]
       buf = io.BytesIO()
-      Image.fromarray(np.asarray(element["image"], np.uint8)).save(buf, format="PNG")
+      Image.fromarray(transforms.as_image_u8(element["image"])).save(buf, format="PNG")
       fields = {k: element[k] for k in ("label", "key") if k in element}
       yield sources_arrayrecord.encode_record(buf.getvalue(), element["text"], **fields)
 

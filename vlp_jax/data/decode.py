@@ -4,6 +4,12 @@
 EXIF orientation applied, alpha composited on white, palette / CMYK / 16-bit / int /
 float modes mapped to 8-bit RGB. Records that cannot be used raise `BadRecord`, whose
 `kind` is one of `KINDS` (the same kinds `robust.DropBad` counts).
+
+`open_image` reads only a JPEG's header, so a caller can pick its crop boxes from the
+full-resolution size first and then `decode` at a reduced scale (1/2, 1/4, 1/8 in the
+DCT domain, libjpeg's scaled IDCT) that still holds every box at its output size;
+`Decoded.box` maps full-resolution boxes into the reduced image (EXIF orientation
+included). Other formats and arrays decode at full size.
 """
 import io
 import os
@@ -15,6 +21,16 @@ from PIL import Image, ImageOps
 KINDS = ("unreadable", "truncated", "empty", "zero_size", "missing_file", "bad_caption")
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+# EXIF orientation -> (swap, x reversed, y reversed) of the oriented image relative to
+# the stored one: with `swap` the oriented x axis is the stored y axis; a reversed
+# axis runs the other way (it decides where a reduced decode's padding lies).
+_ORIENTATIONS = {1: (False, False, False), 2: (False, True, False),
+                 3: (False, True, True), 4: (False, False, True),
+                 5: (True, False, False), 6: (True, True, False),
+                 7: (True, True, True), 8: (True, False, True)}
+# JPEG DCT-domain reductions (Pillow's `Image.draft`), largest first.
+REDUCTIONS = (8, 4, 2, 1)
 
 
 class BadRecord(ValueError):
@@ -83,29 +99,61 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x)
 
 
-def _pil_to_rgb(img: Image.Image) -> np.ndarray:
-  """Decoded PIL image (any mode) -> uint8 [H, W, 3], EXIF orientation applied."""
-  if img.width == 0 or img.height == 0:
-    raise BadRecord("zero_size", f"image has size {img.size}")
+def _orientation(img: Image.Image) -> int:
+  """The EXIF orientation (1..8) `ImageOps.exif_transpose` would apply; 1 when none
+  or when the EXIF block cannot be read."""
   try:
-    img = ImageOps.exif_transpose(img) or img
+    orientation = img.getexif().get(0x0112, 1)
+    return orientation if orientation in _ORIENTATIONS else 1
   except Exception:  # pylint: disable=broad-except
-    pass  # A broken EXIF block should not cost the image: keep it unrotated.
+    return 1
+
+
+def _oriented(img: Image.Image):
+  """`img` with its EXIF orientation applied (as `ImageOps.exif_transpose`; a broken
+  EXIF block keeps it unrotated) -> (image, orientation applied: 1 = none). Skips
+  exif_transpose's copy when there is nothing to turn."""
+  orientation = _orientation(img)
+  if orientation == 1:
+    return img, 1
+  try:
+    return ImageOps.exif_transpose(img) or img, orientation
+  except Exception:  # pylint: disable=broad-except
+    return img, 1  # A broken EXIF block should not cost the image: keep it unrotated.
+
+
+def _to_rgb(img: Image.Image) -> Union[Image.Image, np.ndarray]:
+  """Decoded PIL image (any mode) -> an RGB PIL image, or a uint8 [H, W, 3] array for
+  the modes mapped through numpy (alpha on white, 16-bit, int, float)."""
   mode = img.mode
   if mode in _ALPHA_MODES or (mode in ("L", "P", "RGB") and "transparency" in img.info):
     return _composite_on_white(np.asarray(img.convert("RGBA")))
   if mode == "RGB":
-    return np.asarray(img)
+    return img
   if mode in ("L", "P", "1", "CMYK", "YCbCr", "HSV"):
-    return np.asarray(img.convert("RGB"))
+    return img.convert("RGB")
   if mode.startswith("I;16"):
     return _array_to_rgb(np.asarray(img).astype(np.uint16))
   if mode in ("I", "F"):
     return _array_to_rgb(np.asarray(img))
   try:
-    return np.asarray(img.convert("RGB"))
+    return img.convert("RGB")
   except (ValueError, OSError) as e:
     raise BadRecord("unreadable", f"cannot convert mode {mode} to RGB ({e})") from e
+
+
+def _rgb_image(img: Image.Image) -> Image.Image:
+  """Decoded, oriented PIL image (any mode) -> RGB PIL image."""
+  out = _to_rgb(img)
+  return out if isinstance(out, Image.Image) else Image.fromarray(out)
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+  """Decoded PIL image (any mode) -> uint8 [H, W, 3], EXIF orientation applied."""
+  if img.width == 0 or img.height == 0:
+    raise BadRecord("zero_size", f"image has size {img.size}")
+  out = _to_rgb(_oriented(img)[0])
+  return np.asarray(out) if isinstance(out, Image.Image) else out
 
 
 def _error_kind(error: Exception) -> str:
@@ -116,8 +164,8 @@ def _error_kind(error: Exception) -> str:
   return "unreadable"
 
 
-def _open_bytes(data: bytes) -> Image.Image:
-  """Opens and fully decodes `data`; failures raise BadRecord."""
+def _open_header(data: bytes) -> Image.Image:
+  """Opens `data` reading only its header; failures raise BadRecord."""
   if not data:
     raise BadRecord("empty", "image data is empty")
   try:
@@ -126,6 +174,11 @@ def _open_bytes(data: bytes) -> Image.Image:
     raise BadRecord(_error_kind(e), f"cannot identify image ({e})") from e
   if img.width == 0 or img.height == 0:
     raise BadRecord("zero_size", f"image has size {img.size}")
+  return img
+
+
+def _load(img: Image.Image) -> Image.Image:
+  """Decodes an opened image's pixels; failures raise BadRecord."""
   try:
     img.load()  # Decoding happens here; truncated data fails here.
   except Exception as e:  # pylint: disable=broad-except
@@ -133,15 +186,17 @@ def _open_bytes(data: bytes) -> Image.Image:
   return img
 
 
+def _open_bytes(data: bytes) -> Image.Image:
+  """Opens and fully decodes `data`; failures raise BadRecord."""
+  return _load(_open_header(data))
+
+
 def decode_image(data: Union[bytes, np.ndarray, Image.Image]) -> np.ndarray:
   """Encoded bytes (JPEG/PNG/WebP/GIF/...), a PIL image or an array -> uint8 [H, W, 3].
 
   Raises BadRecord (kind 'empty', 'unreadable', 'truncated' or 'zero_size').
   """
-  if isinstance(data, np.ndarray) and data.dtype.kind in "SO" and data.size == 1:
-    data = data.item()  # A 0-d / 1-element bytes array from a columnar source.
-  if isinstance(data, (bytearray, memoryview)):
-    data = bytes(data)
+  data = _as_bytes(data)
   if isinstance(data, bytes):
     return _pil_to_rgb(_open_bytes(data))
   if isinstance(data, Image.Image):
@@ -159,15 +214,110 @@ def decode_image(data: Union[bytes, np.ndarray, Image.Image]) -> np.ndarray:
   raise BadRecord("unreadable", f"cannot decode an image from {type(data).__name__}")
 
 
-def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
-  """Reads and decodes the image file at `path`; BadRecord('missing_file') if absent."""
+def _as_bytes(data):
+  """bytes for bytes-like data (and a 1-element bytes array); anything else as is."""
+  if isinstance(data, np.ndarray) and data.dtype.kind in "SO" and data.size == 1:
+    data = data.item()  # A 0-d / 1-element bytes array from a columnar source.
+  if isinstance(data, (bytearray, memoryview)):
+    data = bytes(data)
+  return data
+
+
+class Decoded:
+  """A decoded RGB PIL `image` of a picture whose full-resolution (EXIF-oriented) size
+  is `size` (width, height); `image` may be a 1/`reduce` scale decode. `box(b)` maps a
+  (left, top, right, bottom) box of the full picture into `image`'s coordinates."""
+
+  def __init__(self, image: Image.Image, size, reduce: int = 1, offset=(0.0, 0.0)):
+    self.image, self.size, self.reduce, self.offset = image, tuple(size), reduce, offset
+
+  def box(self, box):
+    if self.reduce == 1:
+      return box
+    (ox, oy), a, (w, h) = self.offset, self.reduce, self.image.size
+    return (max(0.0, box[0] / a + ox), max(0.0, box[1] / a + oy),
+            min(float(w), box[2] / a + ox), min(float(h), box[3] / a + oy))
+
+  def resize(self, box, size: int) -> Image.Image:
+    """The full-resolution `box` resized to size x size (bicubic)."""
+    return self.image.resize((size, size), Image.BICUBIC, box=self.box(box))
+
+
+class OpenImage:
+  """An image whose header is read (`size`: full-resolution, EXIF-oriented (width,
+  height)) and whose pixels are decoded by `decode(reduce)`: a JPEG (`max_reduce` 8)
+  is decoded at 1/reduce scale in the DCT domain (Pillow's `Image.draft`), anything
+  else (`max_reduce` 1) at full size. Built by `open_image`."""
+
+  def __init__(self, data, img: Image.Image = None, decoded: Decoded = None):
+    self._data, self._img, self._decoded = data, img, decoded
+    if decoded is not None:
+      self.size, self.max_reduce = decoded.size, 1
+    else:
+      swap = _ORIENTATIONS[_orientation(img)][0]
+      self.size = img.size[::-1] if swap else img.size
+      self.max_reduce = REDUCTIONS[0]
+
+  def decode(self, reduce: int = 1) -> Decoded:
+    """The pixels at 1/`reduce` scale (reduce in REDUCTIONS, <= max_reduce; the
+    largest such scale whose size is exact, else full size). Raises BadRecord."""
+    if self._decoded is not None:
+      return self._decoded
+    img, self._img = self._img, None
+    if img is None:  # Decoded before: a draft cannot be undone, so open again.
+      img = _open_header(self._data)
+    raw = img.size
+    if reduce > 1:
+      want = (-(-raw[0] // reduce), -(-raw[1] // reduce))
+      img.draft(None, (raw[0] // reduce, raw[1] // reduce))
+      if img.size != want:  # Not the DCT scale asked for: decode at full size.
+        img, reduce = _open_header(self._data), 1
+    img, orientation = _oriented(_load(img))
+    swap, flip_x, flip_y = _ORIENTATIONS[orientation]
+    full = raw[::-1] if swap else raw
+    offset = (0.0, 0.0)
+    if reduce > 1:  # Reversed axes start with the padding of a partial DCT block.
+      offset = (img.size[0] - full[0] / reduce if flip_x else 0.0,
+                img.size[1] - full[1] / reduce if flip_y else 0.0)
+    return Decoded(_rgb_image(img), full, reduce, offset)
+
+
+def open_image(data: Union[bytes, np.ndarray, Image.Image]) -> OpenImage:
+  """Encoded bytes, a PIL image or an array -> `OpenImage`. JPEG bytes are only
+  opened (header read); everything else is decoded here like `decode_image`.
+  Raises BadRecord (kinds as `decode_image`)."""
+  data = _as_bytes(data)
+  if isinstance(data, bytes):
+    img = _open_header(data)
+    if img.format == "JPEG" and len(getattr(img, "tile", ())) == 1:
+      return OpenImage(data, img)
+    img = _load(img)
+    if img.width == 0 or img.height == 0:
+      raise BadRecord("zero_size", f"image has size {img.size}")
+    rgb = _rgb_image(_oriented(img)[0])
+  elif isinstance(data, np.ndarray) and data.dtype == np.uint8 and (
+      data.ndim == 3 and data.shape[-1] == 3 and data.shape[0] and data.shape[1]):
+    rgb = Image.fromarray(data)
+  else:
+    rgb = Image.fromarray(decode_image(data))
+  return OpenImage(data, decoded=Decoded(rgb, rgb.size))
+
+
+def read_file(path: Union[str, os.PathLike]) -> bytes:
+  """The bytes of the file at `path`; BadRecord('missing_file') if absent,
+  BadRecord('unreadable') if it cannot be read."""
   try:
     with open(path, "rb") as f:
-      data = f.read()
+      return f.read()
   except FileNotFoundError as e:
     raise BadRecord("missing_file", f"no such file: '{path}'") from e
   except (IsADirectoryError, PermissionError) as e:
     raise BadRecord("unreadable", f"cannot read '{path}' ({e})") from e
+
+
+def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
+  """Reads and decodes the image file at `path`; BadRecord('missing_file') if absent."""
+  data = read_file(path)
   try:
     return decode_image(data)
   except BadRecord as e:

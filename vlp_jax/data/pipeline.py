@@ -14,6 +14,8 @@ def _train_transform(config, tokenizer, **labels):
   """The training transform; `labels` (class_names, class_templates, label_offset) make
   it turn a classification source's labels into prompt captions."""
   d = config.data
+  if d.get("normalize_on_device"):  # uint8 images; TrainSetup.global_batch normalises.
+    labels["normalize_on_host"] = False
   return robust.safe_transform(transforms.TrainTransform(
       tokenizer, d.image_size, config.model.text.context_length, d.normalization,
       crop_scale=tuple(d.crop_scale), flip=d.flip, clean_captions=True,

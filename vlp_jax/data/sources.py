@@ -1,7 +1,10 @@
 """Data sources selected by a spec string `NAME[:ARG]`, e.g. 'shapes' or 'jsonl:/d/a.jsonl'.
 
 Every source is random access (`__len__`, `__getitem__`) and yields
-{'image': uint8 [H, W, 3], 'text': str | list[str], ...optional fields}.
+{'image': ..., 'text': str | list[str], ...optional fields}, where 'image' is the
+encoded bytes for file / record sources (jsonl, csv, imagefolder, arrayrecord, wds;
+the transform decodes them, JPEGs at a reduced scale when the crop allows) and a
+uint8 [H, W, 3] array for the others; `transforms.as_image_u8` decodes either.
 
 A source is a classification source (`is_classification`) when it has `class_names`
 and a truthy `classification` attribute (imagefolder, TFDS label datasets): in training
@@ -59,7 +62,7 @@ class JsonlSource:
 
   def __getitem__(self, i):
     path, caption = self.records[i]
-    return {"image": decode.load_image(path), "text": caption, "key": path}
+    return {"image": decode.read_file(path), "text": caption, "key": path}
 
 
 @SOURCES.register("jsonl")

@@ -20,7 +20,6 @@ import numpy as np
 
 from vlp_jax import errors
 from vlp_jax.data import sources_files
-from vlp_jax.data import decode
 from vlp_jax.registry import SOURCES
 
 try:
@@ -142,8 +141,7 @@ class ArrayRecordSource:
     i = int(i)
     if not 0 <= i < self.size:
       raise IndexError(f"index {i} out of range for {self.size} records.")
-    rec = decode_record(self._source[i])
-    rec["image"] = decode.decode_image(rec["image"])
+    rec = decode_record(self._source[i])  # 'image' stays encoded: the transform decodes.
     rec.setdefault("key", f"{self.pattern}[{i}]")
     return rec
 

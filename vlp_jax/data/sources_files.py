@@ -74,6 +74,13 @@ def load_rgb(path: str) -> np.ndarray:
   return decode.load_image(path)
 
 
+def read_image(path: str) -> bytes:
+  """The encoded bytes of the image file at `path`, decoded later by the transform
+  (at a reduced scale when its crops allow); raises decode.BadRecord
+  ('missing_file' when absent, 'unreadable' when it cannot be read)."""
+  return decode.read_file(path)
+
+
 def _select(n: int, size: Optional[int]) -> np.ndarray:
   """`size` evenly spaced indices of range(n) (all of them when size is 0/None/>= n)."""
   if not size or size >= n:
@@ -139,7 +146,7 @@ class CsvSource:
 
   def __getitem__(self, i) -> Dict[str, Any]:
     path, caption = self.records[i]
-    return {"image": load_rgb(path), "text": caption, "key": path}
+    return {"image": read_image(path), "text": caption, "key": path}
 
 
 @SOURCES.register("csv")
@@ -227,7 +234,7 @@ class ImageFolderSource:
 
   def __getitem__(self, i) -> Dict[str, Any]:
     path, label = self.records[i]
-    return {"image": load_rgb(path), "text": self.class_names[label], "label": label,
+    return {"image": read_image(path), "text": self.class_names[label], "label": label,
             "key": path}
 
 

@@ -1,10 +1,12 @@
 """Per-example transforms: decode, resize/crop, normalise, caption choice, tokenization.
 
-`element['image']` may be a uint8 [H, W, 3] array or encoded bytes (JPEG/PNG/...);
-bytes are decoded here with `decode.decode_image`, so decoding runs in the (parallel)
-transform workers rather than in the source.
+`element['image']` may be encoded bytes (JPEG/PNG/...; what file and record sources
+give), a uint8 [H, W, 3] array or a PIL image. Bytes are decoded here, in the
+(parallel) transform workers, JPEGs at a reduced DCT scale when the crops allow it
+(`decode.open_image`).
 """
 import dataclasses
+import functools
 import hashlib
 from typing import Any, Tuple
 
@@ -23,13 +25,38 @@ NORMALIZATIONS = {
 }
 
 
-def normalize(image_u8: np.ndarray, kind: str) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32, (x/255 - mean) / std."""
+def normalization_constants(kind: str) -> Tuple[np.ndarray, np.ndarray]:
+  """(mean, std) float32 [3] of normalization `kind`, in [0, 1] pixel units."""
   if kind not in NORMALIZATIONS:
     raise errors.ConfigError(
         f"Unknown normalization '{kind}'; use one of {sorted(NORMALIZATIONS)}.")
-  mean, std = (np.asarray(v, np.float32) for v in NORMALIZATIONS[kind])
-  return (image_u8.astype(np.float32) / 255.0 - mean) / std
+  return tuple(np.asarray(v, np.float32) for v in NORMALIZATIONS[kind])
+
+
+@functools.lru_cache(maxsize=None)
+def _affine(kind: str) -> Tuple[np.ndarray, np.ndarray]:
+  """(scale, offset) float32 [3] with x * scale + offset = (x / 255 - mean) / std."""
+  mean, std = (np.asarray(v, np.float64) for v in normalization_constants(kind))
+  return (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+
+
+def normalize(image_u8: np.ndarray, kind: str) -> np.ndarray:
+  """uint8 [..., 3] -> float32 (x/255 - mean) / std, computed as one multiply-add
+  with precomputed float32 constants (within 1e-6 of the three-step formula)."""
+  scale, offset = _affine(kind)
+  out = np.multiply(image_u8, scale, dtype=np.float32)
+  out += offset
+  return out
+
+
+def center_crop_box(h: int, w: int, size: int) -> Tuple[float, float, float, float]:
+  """The (left, top, right, bottom) box, in source pixels, that `resize_center_crop`
+  keeps: resizing it to size x size equals resizing the whole image (short side to
+  `size`) and cutting out the center."""
+  scale = size / min(h, w)
+  nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+  top, left = (nh - size) // 2, (nw - size) // 2
+  return (left * w / nw, top * h / nh, (left + size) * w / nw, (top + size) * h / nh)
 
 
 def resize_center_crop(image_u8: np.ndarray, size: int) -> np.ndarray:
@@ -37,11 +64,8 @@ def resize_center_crop(image_u8: np.ndarray, size: int) -> np.ndarray:
   h, w = image_u8.shape[:2]
   if (h, w) == (size, size):
     return image_u8
-  scale = size / min(h, w)
-  nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-  img = Image.fromarray(image_u8).resize((nw, nh), Image.BICUBIC)
-  top, left = (nh - size) // 2, (nw - size) // 2
-  return np.asarray(img)[top:top + size, left:left + size]
+  return np.asarray(decode.Decoded(Image.fromarray(image_u8), (w, h)).resize(
+      center_crop_box(h, w, size), size))
 
 
 def random_resized_crop(image_u8: np.ndarray, size: int, rng: np.random.Generator,
@@ -58,6 +82,22 @@ def random_resized_crop(image_u8: np.ndarray, size: int, rng: np.random.Generato
   if flip and rng.random() < 0.5:
     out = out[:, ::-1]
   return np.ascontiguousarray(out)
+
+
+def reduction(opened: decode.OpenImage, crops) -> int:
+  """The largest DCT reduction (`decode.REDUCTIONS`, at most `opened.max_reduce`)
+  that keeps every (box, output size) of `crops` at >= its output size on both sides,
+  so no crop is upsampled where the full decode would not be."""
+  if opened.max_reduce == 1 or not crops:
+    return 1
+  room = min(min(b[2] - b[0], b[3] - b[1]) / size for b, size in crops)
+  return next((a for a in decode.REDUCTIONS if a <= opened.max_reduce and a <= room),
+              1)  # Boxes smaller than their output (upsampled): full size.
+
+
+def decode_for(opened: decode.OpenImage, crops) -> decode.Decoded:
+  """`opened` decoded at the `reduction` its `crops` allow."""
+  return opened.decode(reduction(opened, crops))
 
 
 def as_image_u8(image) -> np.ndarray:
@@ -113,6 +153,15 @@ class TrainTransform(grain.transforms.RandomMap):
   float32 [count, S, S, 3] (with `boxes`, 'view_boxes/NAME' float32 [count, 4]) and
   'text_views/NAME' int32 [L] per row (see `views.py`); drawn after everything else,
   so the other values are the same with or without them.
+
+  Decoding: crop boxes are drawn from the image's full-resolution (EXIF-oriented)
+  size read from its header, then a JPEG is decoded at the smallest DCT scale (1, 1/2,
+  1/4, 1/8) that keeps every crop of the example (rows and views) at >= its output
+  size on both sides (`decode.open_image`, `reduction`), and each box is resized
+  from that image. The draws are those of a full decode.
+
+  `normalize_on_host` False: 'image' and 'views/*' stay uint8 (normalised later, e.g.
+  on device with `normalization_constants`); nothing else changes.
   """
   tokenizer: Any
   image_size: int
@@ -128,6 +177,7 @@ class TrainTransform(grain.transforms.RandomMap):
   label_offset: int = 0
   image_views: Tuple[Any, ...] = ()
   text_views: Tuple[Any, ...] = ()
+  normalize_on_host: bool = True
 
   def _texts_and_label(self, element):
     """(captions or prompts, batch label, data type) of one example."""
@@ -140,14 +190,29 @@ class TrainTransform(grain.transforms.RandomMap):
     prompts = self.class_templates.prompts(self.class_names[label])
     return prompts, 1 + self.label_offset + label, 1
 
-  def _crops(self, image, rng, n):
+  def _plan(self, w, h, rng, n):
+    """The n rows' (full-resolution box, flip): the same draws, in the same order,
+    as cropping a decoded image."""
     if self.crop_scale[0] < 1.0:
-      return [random_resized_crop(image, self.image_size, rng, scale=self.crop_scale,
-                                  ratio=self.crop_ratio, flip=self.flip)
-              for _ in range(n)]
-    image = resize_center_crop(image, self.image_size)
-    return [image[:, ::-1] if self.flip and rng.random() < 0.5 else image
-            for _ in range(n)]
+      plan = []
+      for _ in range(n):
+        box = views.random_crop_box(h, w, rng, self.crop_scale, self.crop_ratio)
+        plan.append((box, self.flip and rng.random() < 0.5))
+      return plan
+    box = center_crop_box(h, w, self.image_size)
+    return [(box, self.flip and rng.random() < 0.5) for _ in range(n)]
+
+  def _draw(self, opened, rng, k, with_views):
+    """(crop plan, view seed, view plans) drawn from the full-resolution size."""
+    w, h = opened.size
+    plan = self._plan(w, h, rng, k)
+    if not with_views:
+      return plan, None, None
+    view_seed = int(rng.integers(2**63))
+    return plan, view_seed, views.plan_view_rows(w, h, self.image_views, view_seed, k)
+
+  def _image(self, array):
+    return normalize(array, self.normalization) if self.normalize_on_host else array
 
   def random_map(self, element, rng: np.random.Generator):
     key = element.get("key")
@@ -165,30 +230,53 @@ class TrainTransform(grain.transforms.RandomMap):
       picks = rng.choice(len(captions), size=k, replace=False)
     else:
       picks = rng.integers(len(captions), size=k)
-    image = as_image_u8(element["image"])
-    images = self._crops(image, rng, k)
+    # Crop boxes come from the header's size; the image is then decoded at the
+    # smallest scale that keeps every crop at >= its output size.
+    with_views = bool(self.image_views or self.text_views)
+    opened = decode.open_image(element["image"])
+    state = rng.bit_generator.state if opened.max_reduce > 1 else None
+    plan, view_seed, view_plan = self._draw(opened, rng, k, with_views)
+    crops = [(box, self.image_size) for box, _ in plan]
+    if view_plan:
+      crops += views.plan_crops(self.image_views, view_plan)
+    decoded = decode_for(opened, crops)
+    if decoded.size != opened.size:  # A broken EXIF block: the header's size was wrong.
+      rng.bit_generator.state = state  # Draw again from the decoded image's size.
+      decoded = opened.decode(1)
+      plan, view_seed, view_plan = self._draw(decode.OpenImage(None, decoded=decoded),
+                                              rng, k, with_views)
+    images = self._render(decoded, plan)
     picked = [captions[i] for i in picks]
     tokens = self.tokenizer.tokenize(picked, self.context_length)
     ids = np.array([label, data_type, example_id(key)], np.int32)
     if k == 1:
-      out = {"image": normalize(images[0], self.normalization), "text": tokens[0],
+      out = {"image": self._image(images[0]), "text": tokens[0],
              "label": ids[0], "data_type": ids[1], "image_id": ids[2]}
     else:
-      out = {"image": normalize(np.stack(images), self.normalization),
-             "text": np.asarray(tokens),
+      out = {"image": self._image(np.stack(images)), "text": np.asarray(tokens),
              "label": np.full(k, ids[0]), "data_type": np.full(k, ids[1]),
              "image_id": np.full(k, ids[2])}
-    if self.image_views or self.text_views:
-      out.update(self._views(image, picked, int(rng.integers(2**63))))
+    if with_views:
+      out.update(self._views(decoded, view_plan, picked, view_seed))
     return out
 
-  def _views(self, image, captions, view_seed):
+  def _render(self, decoded, plan):
+    """uint8 [S, S, 3] per row of `plan` (one resize when all rows share a box)."""
+    s, out, done = self.image_size, [], {}
+    for box, flip in plan:
+      if box not in done:
+        done[box] = np.asarray(decoded.resize(box, s))
+      image = done[box]
+      out.append(np.ascontiguousarray(image[:, ::-1]) if flip else image)
+    return out
+
+  def _views(self, decoded, view_plan, captions, view_seed):
     """The 'views/*', 'view_boxes/*' and 'text_views/*' values of one example's rows
     (without the row axis when there is one row)."""
     k, out = len(captions), {}
-    for name, (crops, boxes) in views.image_view_rows(image, self.image_views,
-                                                      view_seed, k).items():
-      out[views.IMAGE_PREFIX + name] = normalize(crops, self.normalization)
+    for name, (crops, boxes) in views.render_view_rows(decoded, self.image_views,
+                                                       view_plan, k).items():
+      out[views.IMAGE_PREFIX + name] = self._image(crops)
       if boxes is not None:
         out[views.BOX_PREFIX + name] = boxes
     for name, texts in views.text_view_rows(captions, self.text_views,
@@ -202,14 +290,23 @@ class TrainTransform(grain.transforms.RandomMap):
 
 @dataclasses.dataclass
 class EvalTransform(grain.transforms.Map):
-  """Example -> normalised image plus its captions / label kept as python values."""
+  """Example -> normalised image plus its captions / label kept as python values.
+  The image is resized (short side) and center-cropped, JPEGs decoded at the smallest
+  DCT scale that keeps the crop at >= `image_size` px."""
   image_size: int
   normalization: str = "clip"
 
   def map(self, element):
     out = dict(element)
-    out["image"] = normalize(resize_center_crop(as_image_u8(element["image"]),
-                                                self.image_size),
-                             self.normalization)
+    opened = decode.open_image(element["image"])
+    w, h = opened.size
+    box = center_crop_box(h, w, self.image_size)
+    decoded = decode_for(opened, [(box, self.image_size)])
+    if decoded.size != opened.size:  # A broken EXIF block: the header's size was wrong.
+      decoded = opened.decode(1)
+      w, h = decoded.size
+      box = center_crop_box(h, w, self.image_size)
+    image = np.asarray(decoded.resize(box, self.image_size))
+    out["image"] = normalize(image, self.normalization)
     out["text"] = as_caption_list(element.get("text", []))
     return out

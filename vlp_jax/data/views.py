@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from vlp_jax import errors
+from vlp_jax.data import decode
 
 # Batch-key prefixes of the views (all arrays with the batch axis first).
 IMAGE_PREFIX, BOX_PREFIX, TEXT_PREFIX = "views/", "view_boxes/", "text_views/"
@@ -288,13 +289,19 @@ def crop(image_u8: np.ndarray, view: ImageView, rng: np.random.Generator):
   as (x0, y0, x1, y1), x0 > x1 when flipped)."""
   h, w = image_u8.shape[:2]
   box = random_crop_box(h, w, rng, view.crop_scale, view.crop_ratio)
-  out = np.asarray(Image.fromarray(image_u8).resize((view.size, view.size),
-                                                    Image.BICUBIC, box=box))
+  return finish_crop(decode.Decoded(Image.fromarray(image_u8), (w, h)), view, box, rng)
+
+
+def finish_crop(decoded, view: ImageView, box, rng: np.random.Generator):
+  """`crop` after its box was drawn: `box` (full-resolution pixels) of a
+  `decode.Decoded` image resized, flipped and photometrically augmented with the
+  rest of `rng`'s draws."""
+  w, h = decoded.size
+  img = decoded.resize(box, view.size)
   x0, y0, x1, y1 = box[0] / w, box[1] / h, box[2] / w, box[3] / h
   if view.flip and rng.random() < 0.5:
-    out, x0, x1 = out[:, ::-1], x1, x0
-  out = photometric(np.ascontiguousarray(out), view, rng)
-  return out, np.array([x0, y0, x1, y1], np.float32)
+    img, x0, x1 = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), x1, x0
+  return photometric(img, view, rng), np.array([x0, y0, x1, y1], np.float32)
 
 
 def _adjust_hue(img, shift):
@@ -308,11 +315,11 @@ def _adjust_hue(img, shift):
 def photometric(image_u8: np.ndarray, view: ImageView, rng: np.random.Generator):
   """`view`'s colour jitter (torchvision's ColorJitter on PIL images: the four
   adjustments in a random order), grayscale and blur, each with its probability;
-  uint8 in and out. Draws nothing when all are off."""
+  uint8 array (or RGB PIL image) in, uint8 array out. Draws nothing when all are off."""
   b, c, s, hue = view.color_jitter
   if not (any(view.color_jitter) or view.grayscale or view.blur):
-    return image_u8
-  img = Image.fromarray(image_u8)
+    return np.asarray(image_u8)
+  img = image_u8 if isinstance(image_u8, Image.Image) else Image.fromarray(image_u8)
   if any(view.color_jitter) and rng.random() < view.jitter_p:
     factor = lambda x: rng.uniform(max(0.0, 1 - x), 1 + x)
     ops = [(b, lambda im: ImageEnhance.Brightness(im).enhance(factor(b))),
@@ -332,10 +339,38 @@ def photometric(image_u8: np.ndarray, view: ImageView, rng: np.random.Generator)
 def image_view_rows(image_u8, views: Sequence[ImageView], view_seed: int, rows: int):
   """{name: (uint8 [rows, count, S, S, 3], float32 [rows, count, 4] boxes or None
   without `boxes`)}: every row's own crops of each view group."""
+  h, w = image_u8.shape[:2]
+  decoded = decode.Decoded(Image.fromarray(image_u8), (w, h))
+  return render_view_rows(decoded, views, plan_view_rows(w, h, views, view_seed, rows),
+                          rows)
+
+
+def plan_view_rows(w: int, h: int, views: Sequence[ImageView], view_seed: int,
+                   rows: int):
+  """{name: [(box, generator) per row and crop]}: each crop's box drawn from the
+  full-resolution size, with the generator that draws the rest of that crop."""
+  plan = {}
+  for view in views:
+    entries = []
+    for r in range(rows):
+      for i in range(view.count):
+        rng = view_rng(view_seed, IMAGE_PREFIX + view.name, r, i)
+        entries.append((random_crop_box(h, w, rng, view.crop_scale, view.crop_ratio),
+                        rng))
+    plan[view.name] = entries
+  return plan
+
+
+def plan_crops(views: Sequence[ImageView], plan) -> List[Tuple[tuple, int]]:
+  """[(box, output size)] of every crop of a `plan_view_rows` plan."""
+  return [(box, view.size) for view in views for box, _ in plan[view.name]]
+
+
+def render_view_rows(decoded, views: Sequence[ImageView], plan, rows: int):
+  """`image_view_rows` from a `decode.Decoded` image and a `plan_view_rows` plan."""
   out = {}
   for view in views:
-    crops = [crop(image_u8, view, view_rng(view_seed, IMAGE_PREFIX + view.name, r, i))
-             for r in range(rows) for i in range(view.count)]
+    crops = [finish_crop(decoded, view, box, rng) for box, rng in plan[view.name]]
     images = np.stack([c[0] for c in crops]).reshape(
         (rows, view.count, view.size, view.size, 3))
     boxes = np.stack([c[1] for c in crops]).reshape((rows, view.count, 4))

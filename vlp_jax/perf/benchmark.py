@@ -57,17 +57,59 @@ def memory_stats(compiled, device):
   return out
 
 
-def _data_batches(config, setup):
+def host_batches(config, setup):
+  """This process's host batches of the real input pipeline (bad-record counts popped)."""
   from vlp_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from vlp_jax.train import prefetch  # pylint: disable=g-import-not-at-top
   tokenizer = pipeline.make_tokenizer(config.data)
   it = iter(pipeline.train_dataset(config, tokenizer, setup.batch))
-  host = (pipeline.split_bad_counts(b)[0] for b in it)
-  return prefetch.DevicePrefetcher(host, setup.global_batch, config.device_prefetch)
+  return (pipeline.split_bad_counts(b)[0] for b in it)
+
+
+def buffered_batches(config) -> int:
+  """Batches the input stages hold ready while nothing consumes them (device prefetch,
+  grain's read-ahead, one per worker): the steps that start a timed round of real data
+  before the pipeline is back to its steady rate, so rounds skip them."""
+  d = config.data
+  return config.device_prefetch + max(1, d.prefetch) + d.worker_count + 1
+
+
+def bottleneck(data: dict, tolerance: float = 1.05) -> str:
+  """'none' (real steps within `tolerance` of synthetic ones), 'pipeline' (the host
+  pipeline alone delivers fewer samples/s than the synthetic step consumes: more
+  workers or cheaper decoding) or 'overlap' (it keeps up alone but not beside the
+  step: the two compete for host cores, or copies are not hidden)."""
+  if data["real_over_synthetic"] <= tolerance:
+    return "none"
+  if data["pipeline_samples_per_s"] < data["synthetic_samples_per_s"]:
+    return "pipeline"
+  return "overlap"
+
+
+def cpu_seconds():
+  """CPU seconds (user + system) used so far by this process and its live children
+  (grain's worker processes); None without psutil."""
+  try:
+    import psutil  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  me = psutil.Process()
+  total = 0.0
+  for proc in [me] + me.children(recursive=True):
+    try:
+      t = proc.cpu_times()
+      total += t.user + t.system
+    except psutil.Error:  # a child that just exited
+      pass
+  return total
 
 
 class StepBenchmark:
-  """Compiles the train step for `config` once; `time(n)` times n more steps."""
+  """Compiles the train step for `config` once; `time(n)` times n more steps.
+
+  With `with_data`, the step is compiled for the real pipeline's batches and
+  `time(n, data=True)` feeds it the next ones (through the trainer's device
+  prefetcher); `time(n, data=False)` reuses the first real batch, device-resident
+  (the synthetic baseline of the same compiled step: input excluded)."""
 
   measured = "train step"  # what `time` runs, as the record names it
 
@@ -79,7 +121,10 @@ class StepBenchmark:
     with self.setup.contexts()[0], self.setup.contexts()[1]:
       self.state = self.setup.create_state()
       if with_data:
-        self.batches = _data_batches(config, self.setup)
+        from vlp_jax.train import prefetch  # pylint: disable=g-import-not-at-top
+        self.batches = prefetch.DevicePrefetcher(host_batches(config, self.setup),
+                                                 self.setup.global_batch,
+                                                 config.device_prefetch)
         self.batch = next(self.batches)
       else:
         self.batch = self.setup.global_batch(synthetic_batch(config))
@@ -87,28 +132,106 @@ class StepBenchmark:
       self.compiled = self._compile()
       self.compile_s = time.perf_counter() - t0
     self.loss = None
+    self.data = None  # with_data: the comparison `compare_data` measured
 
   def _compile(self):
     return self.setup.step_fn.lower(self.state, self.batch).compile()
 
-  def _run_once(self):
+  def _run_once(self, data=None):
     """One step; (what to wait for, the loss)."""
-    if self.with_data:
-      self.batch = next(self.batches)
-    self.state, metrics = self.compiled(self.state, self.batch)
+    data = self.with_data if data is None else data
+    batch = next(self.batches) if data else self.batch
+    self.state, metrics = self.compiled(self.state, batch)
     return (self.state, metrics), metrics["loss"]
 
-  def time(self, steps: int):
-    """Runs `steps` steps, each waited for with block_until_ready; their seconds."""
-    times = []
+  def time(self, steps: int, data=None):
+    """Runs `steps` steps as the trainer does: step i+1 is fetched and dispatched
+    before step i is waited for, so host work (the next batch, its device copy)
+    overlaps the running step. Returns the seconds between successive step
+    completions. `data` (default: `with_data`) feeds the real pipeline's batches."""
+    times, pending = [], None
     with self.setup.contexts()[0], self.setup.contexts()[1]:
+      t_last = time.perf_counter()
       for _ in range(steps):
-        t0 = time.perf_counter()
-        out, loss = self._run_once()
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
+        out, loss = self._run_once(data)
+        if pending is not None:
+          jax.block_until_ready(pending)
+          now = time.perf_counter()
+          times.append(now - t_last)
+          t_last = now
+        pending = loss  # (the state of step i is donated to step i + 1)
+      jax.block_until_ready(out)
+      times.append(time.perf_counter() - t_last)
     self.loss = float(loss)
     return times
+
+  def time_pipeline(self, batches: int):
+    """Seconds per host batch of a second, independent pipeline iterator alone (no
+    step, no device copy): what the input side delivers when nothing waits on it."""
+    if getattr(self, "_pipeline", None) is None:
+      self._pipeline = host_batches(self.config, self.setup)
+    times = []
+    for _ in range(batches):
+      t0 = time.perf_counter()
+      next(self._pipeline)
+      times.append(time.perf_counter() - t0)
+    return times
+
+  def compare_data(self, steps: int, rounds: int = 3) -> dict:
+    """Alternates `rounds` rounds of synthetic steps, real-data steps and the pipeline
+    alone (`steps` timed of each per round, after skipping the batches the pipeline
+    buffered meanwhile), so load drift hits all three; returns the comparison record
+    (the real-data step times are the returned "real_times")."""
+    skip = buffered_batches(self.config)
+    synth, real, pipe, ratios, cpu = [], [], [], [], 0.0
+    step_cpu = {False: 0.0, True: 0.0}  # CPU seconds of the timed steps, by `data`
+    for _ in range(rounds):
+      c0 = cpu_seconds()
+      s = self.time(steps, data=False)
+      c1 = cpu_seconds()
+      self.time(skip, data=True)
+      c2 = cpu_seconds()
+      r = self.time(steps, data=True)
+      if c0 is not None:
+        step_cpu[False] += c1 - c0
+        step_cpu[True] += cpu_seconds() - c2
+      self.time_pipeline(skip)
+      c0 = cpu_seconds()
+      p = self.time_pipeline(steps)
+      cpu += cpu_seconds() - c0 if c0 is not None else float("nan")
+      synth, real, pipe = synth + s, real + r, pipe + p
+      ratios.append(float(np.mean(r) / np.mean(s)))
+    b, d = self.config.batch_size, self.config.data
+    self.data = {
+        "source": d.source if not d.mixture else list(d.mixture),
+        "worker_count": int(d.worker_count), "prefetch": int(d.prefetch),
+        "device_prefetch": int(self.config.device_prefetch),
+        "normalize_on_device": bool(d.get("normalize_on_device", False)),
+        "image_size": int(d.image_size), "rounds": rounds, "steps_per_round": steps,
+        "skipped_per_round": skip,
+        # Means: a stalled step costs its whole wait, so throughput is per mean step.
+        "synthetic_step_s": float(np.mean(synth)),
+        "real_step_s": float(np.mean(real)),
+        "synthetic_samples_per_s": b / float(np.mean(synth)),
+        "real_samples_per_s": b / float(np.mean(real)),
+        # real step time / synthetic step time: the median of the rounds' ratios.
+        "real_over_synthetic": float(np.median(ratios)),
+        "round_ratios": ratios,
+        # CPU seconds per step (process + grain workers; every core counted): the host
+        # work real data adds, robust to other load on a shared machine (stalls on the
+        # pipeline are not CPU time: see real_over_synthetic for them).
+        "synthetic_cpu_s_per_step": step_cpu[False] / len(synth) if step_cpu[False] else None,
+        "real_cpu_s_per_step": step_cpu[True] / len(real) if step_cpu[True] else None,
+        "pipeline_batches_per_s": 1 / float(np.mean(pipe)),
+        "pipeline_samples_per_s": b / float(np.mean(pipe)),
+        # Per CPU-second of this process and its children (grain workers): the
+        # pipeline's rate per core, nearly independent of other load on the machine.
+        "pipeline_samples_per_cpu_s": (b * len(pipe) / cpu if np.isfinite(cpu) and cpu > 0
+                                       else None),
+        "cpu_count": os.cpu_count(),
+    }
+    self.data["bottleneck"] = bottleneck(self.data)
+    return {"real_times": real, **self.data}
 
   def profile(self, logdir: str, steps: int = 3) -> dict:
     """Traces `steps` more steps into `logdir` (jax.profiler, perfetto JSON included),
@@ -182,6 +305,8 @@ class StepBenchmark:
         "num_params": int(sum(x.size for x in jax.tree.leaves(self.state.params))),
         "final_loss": self.loss,
         "measured": self.measured,
+        # with_data: synthetic vs real-data step and the pipeline alone (`compare_data`).
+        **({"data": self.data} if self.data else {}),
     }
 
 
@@ -217,7 +342,8 @@ class TowerBenchmark(StepBenchmark):
     self.args = args
     return jax.jit(fn).lower(*args).compile()
 
-  def _run_once(self):
+  def _run_once(self, data=None):
+    del data  # synthetic only
     grads = self.compiled(*self.args)
     return grads, grads[0].ravel()[0]
 
@@ -243,14 +369,22 @@ def used_leaves(fn, tree, *args) -> list:
 
 def run(config, steps: int = 20, warmup: int = 2, with_data: bool = False,
         devices=None, tower: str = "", profile_dir: str = "",
-        profile_steps: int = 3) -> dict:
+        profile_steps: int = 3, rounds: int = 3) -> dict:
   """Compiles and times `steps` train steps (after `warmup`); the benchmark record.
   With `tower` ('image' or 'text'), times that tower's forward + backward alone. With
-  `profile_dir`, then traces `profile_steps` more steps there (record["profile"])."""
+  `with_data`, alternates `rounds` rounds of synthetic steps, real-data steps and the
+  pipeline alone (`steps` / `rounds` of each per round; record["data"]); the record's
+  step times are the real-data ones. With `profile_dir`, then traces `profile_steps`
+  more steps there (record["profile"])."""
   bench = (TowerBenchmark(config, tower, devices) if tower
            else StepBenchmark(config, with_data, devices))
   bench.time(warmup)
-  record = bench.record(bench.time(steps))
+  if with_data and not tower:
+    bench.time(warmup, data=False)
+    per_round = max(1, -(-steps // max(1, rounds)))
+    record = bench.record(bench.compare_data(per_round, max(1, rounds))["real_times"])
+  else:
+    record = bench.record(bench.time(steps))
   if profile_dir:
     record["profile"] = bench.profile(profile_dir, profile_steps)
   return record

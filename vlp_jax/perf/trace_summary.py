@@ -7,7 +7,10 @@ kernels, named by their HLO op where the trace says; summary lines such as "Step
 on host threads (events carrying an `hlo_op`), and sums their time per op and per kind
 of work: matmul, attention, elementwise and reduction fusions, copies, collectives.
 Steps are the `StepTraceAnnotation` events the trainer and tools/benchmark.py write
-(name `train`).
+(name `train`). With the compiled HLO, op time is also split by the part of the step
+it belongs to (`part`: image / text tower attention, MLP, rest; the token embedding;
+loss and projections; the optimizer update), forward and backward, from each op's
+`op_name` metadata.
 """
 import collections
 import dataclasses
@@ -97,6 +100,47 @@ def hlo_op_contents(hlo_text: str) -> dict:
   return result
 
 
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def hlo_op_names(hlo_text: str) -> dict:
+  """Compiled HLO text -> {instruction name: its metadata op_name} (where it has one)."""
+  out = {}
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if m:
+      name = _OP_NAME.search(m.group(2))
+      if name:
+        out[m.group(1)] = name.group(1)
+  return out
+
+
+def part(op_name: str) -> tuple:
+  """(part of the train step, 'fwd' / 'bwd' / '') for an HLO op_name such as
+  'jit(train_step)/transpose(jvp(TwoTower))/TwoTower.embed_image/img/encoder/block_2/
+  attn/...': the tower and its attention / MLP / rest, the token embedding, the loss
+  and projections (everything else under the gradient), or the optimizer update
+  (clipping, AdamW, checks: what runs after the gradient)."""
+  if not op_name:
+    return "other", ""
+  direction = ("bwd" if "transpose(" in op_name else
+               "fwd" if "jvp(" in op_name else "")
+  if "token_embedding" in op_name:
+    return "token embedding", direction
+  for key, tower in (("embed_image", "image"), ("embed_text", "text")):
+    if key in op_name and "_proj" not in op_name:
+      if "/attn" in op_name:
+        return f"{tower} attention", direction
+      if "/mlp" in op_name:
+        return f"{tower} MLP", direction
+      return f"{tower} rest (norms, embeddings, pooling)", direction
+  if direction:
+    return "loss and projections", direction
+  if op_name.startswith(("jit(", "state.", "reduce", "select", "or", "and")):
+    return "optimizer update (clip, AdamW, checks)", ""
+  return "other", ""
+
+
 # Device timeline lines that summarise other lines (their spans would count twice).
 _SUMMARY_LINE = re.compile(r"step|module|framework|scope|source|launch", re.IGNORECASE)
 
@@ -143,6 +187,7 @@ def summarize(events: list, hlo_text: str = "") -> dict:
   """Per-step time by category and by op (see module docstring). With the compiled
   HLO text (`compiled.as_text()`), ops are classified by what they contain."""
   contents = hlo_op_contents(hlo_text) if hlo_text else {}
+  op_names = hlo_op_names(hlo_text) if hlo_text else {}
   names = {e["pid"]: e["args"]["name"] for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
   device_pids = {pid for pid, name in names.items() if "/device:" in name}
@@ -176,6 +221,11 @@ def summarize(events: list, hlo_text: str = "") -> dict:
   cats = collections.defaultdict(float)
   for o in by_op.values():
     cats[o.category] += o.total_us
+  parts = collections.defaultdict(lambda: collections.defaultdict(float))
+  if op_names:
+    for o in by_op.values():
+      name, direction = part(op_names.get(o.hlo_op, ""))
+      parts[name][direction or "other"] += o.total_us
   busy_us = _union_us((e["ts"], e["ts"] + e["dur"]) for e in ops) / num_steps
   return {
       "steps": len(steps), "timeline": "device" if device_pids else "host",
@@ -185,6 +235,10 @@ def summarize(events: list, hlo_text: str = "") -> dict:
       "op_ms_per_step": total_us / num_steps / 1e3,
       "categories": {k: {"ms_per_step": v / num_steps / 1e3, "fraction": v / total_us}
                      for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+      "parts": {k: {"ms_per_step": sum(v.values()) / num_steps / 1e3,
+                    "fraction": sum(v.values()) / total_us,
+                    **{f"{d}_ms_per_step": t / num_steps / 1e3 for d, t in v.items()}}
+                for k, v in sorted(parts.items(), key=lambda kv: -sum(kv[1].values()))},
       "ops": [dict(dataclasses.asdict(o), ms_per_step=o.total_us / num_steps / 1e3,
                    fraction=o.total_us / total_us)
               for o in sorted(by_op.values(), key=lambda o: -o.total_us)],
@@ -202,6 +256,12 @@ def markdown(summary: dict, top: int = 25) -> str:
       "| kind | ms/step | share |", "|---|---|---|"]
   lines += [f"| {k} | {v['ms_per_step']:.3f} | {v['fraction']:.1%} |"
             for k, v in s["categories"].items()]
+  if s.get("parts"):
+    lines += ["", "| part of the step | ms/step | share | forward | backward |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['ms_per_step']:.3f} | {v['fraction']:.1%} | "
+              f"{v.get('fwd_ms_per_step', 0.0):.3f} | {v.get('bwd_ms_per_step', 0.0):.3f} |"
+              for k, v in s["parts"].items()]
   lines += ["", "| op | kernel | kind | ms/step | share | calls |", "|---|---|---|---|---|---|"]
   n = max(1, s["steps"])
   for o in s["ops"][:top]:

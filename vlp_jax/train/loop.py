@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vlp_jax import config as config_lib, errors
+from vlp_jax import compile_cache, config as config_lib, errors
 from vlp_jax import evaluators
 from vlp_jax.perf import flops as flops_lib
 from vlp_jax.data import json_files, pipeline
@@ -36,6 +36,7 @@ class Experiment(setup_lib.TrainSetup):
   """The train setup plus what training and evaluation add: tokenizer, predict fns."""
 
   def __init__(self, config, workdir: str, devices=None):
+    compile_cache.enable(config)  # Before anything compiles.
     super().__init__(config, devices)
     if config.evals:
       evaluators.check_config(config)
@@ -74,14 +75,18 @@ def run(config, workdir: str, allow_config_change: bool = False):
   model keys (see `startup_checks.py`). The run holds the workdir's lock
   (`workdir_lock.py`) from before it touches anything there until it ends.
   """
+  t_run = time.time()
   exp = Experiment(config, workdir)  # Set-up: every config check, model, mesh, step.
   startup_checks.check_workdir(workdir, exp.abstract, config.keep_checkpoints,
                                best=bool(config.best_metric))
   with workdir_lock.acquire_for_run(workdir, config.lock_stale_after_s):
     data_iter = iter(pipeline.train_dataset(config, exp.tokenizer, exp.batch))
     manager = checkpoint.make_manager(workdir, config)
+    t_setup = time.time()
     state, start, meta = _restore(exp, manager, data_iter, allow_config_change)
     loop = _Loop(exp, state, start, meta, manager, data_iter)
+    loop.startup = {"imports": _process_age() - (time.time() - t_run),
+                    "set-up": t_setup - t_run, "state": time.time() - t_setup}
     with loop.running():
       while loop.step < config.total_steps and not loop.stopping:
         loop.train_step()
@@ -148,6 +153,7 @@ class _Loop:
     self.tracker = best_lib.Tracker(config, workdir, meta, config_lib.to_dict(config))
     self.progress = _progress_bar(start, config.total_steps, exp.is_chief)
     self.acc, self.n_acc, self.bad_stats, self.t_last = None, 0, {}, time.time()
+    self.startup = {}  # Seconds of each start-up phase, for the time-to-first-step log.
 
   def _to_device(self, host_batch):
     batch, bad_stats = pipeline.split_bad_counts(host_batch)
@@ -171,11 +177,27 @@ class _Loop:
     with self.prof.annotation(self.step):
       self.state, m = self.exp.step_fn(self.state, batch)
     self.step += 1
+    if self.step == self.start + 1:
+      self._log_first_step(m)
     self.prof.after_step(self.step, m)
     self.monitor.add(self.step, m.pop("nonfinite"))
     self.acc = m if self.acc is None else jax.tree.map(lambda a, b: a + b, self.acc, m)
     self.n_acc += 1
     self.progress.update(1)
+
+  def _log_first_step(self, metrics):
+    """Logs the time to the first completed step (since the process started) and its
+    parts; waits for that step once."""
+    jax.block_until_ready(metrics)
+    total = _process_age()
+    parts = dict(self.startup)
+    parts["data + first step"] = total - sum(parts.values())
+    cache = ""
+    if compile_cache.active_dir():
+      cache = "; compilation cache: {loaded} programs loaded, {compiled} compiled, " \
+              "{written} written".format(**compile_cache.counts())
+    logging.info("Time to first step: %.2fs since the process started (%s)%s.", total,
+                 ", ".join(f"{k} {v:.2f}s" for k, v in parts.items()), cache)
 
   def log(self):
     """Every `log_every` steps: the window's mean metrics, speed and MFU."""
@@ -262,6 +284,9 @@ def evaluate(config, workdir: str, step=None, eval_dir=None):
                              "enable one, e.g. --config.evals.zeroshot.every=0.")
   params, step, params_from = eval_params(exp, workdir, step)
   results = exp.run_evals(params, step)
+  if compile_cache.active_dir():
+    logging.info("Compilation cache: {loaded} programs loaded, {compiled} compiled, "
+                 "{written} written.".format(**compile_cache.counts()))
   if exp.is_chief:
     out = evaluation.results_dir(workdir, step, eval_dir,
                                  from_init=params_from.startswith("init_from"))
@@ -346,6 +371,22 @@ def _restore_resized(exp, manager, step, mismatch):
                config.data.image_size, grid, grid, new_grid, new_grid,
                exp.config.data.image_size)
   return params, got
+
+
+_IMPORTED = time.time()
+
+
+def _process_age() -> float:
+  """Seconds since this process started (Linux /proc; elsewhere since this module
+  was imported)."""
+  try:
+    with open("/proc/self/stat") as f:
+      start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+      uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError):
+    return time.time() - _IMPORTED
 
 
 def _init_from_set(init_cfg) -> bool:

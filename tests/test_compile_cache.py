@@ -1,0 +1,226 @@
+"""The persistent compilation cache (vlp_jax/compile_cache.py): where
+config.compilation_cache_dir points, a second process loading what the first wrote,
+'' turning it off, an unwritable directory only warned about; and evaluation
+compiling each program once, not once per evaluation."""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from vlp_jax import compile_cache, errors
+from vlp_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def back_to_session_cache():
+  """Whatever a test enables, the session's cache (tests/conftest.py) afterwards."""
+  yield
+  compile_cache.enable("auto")
+
+
+def test_auto_resolves_from_the_environment(monkeypatch, tmp_path):
+  for var in (compile_cache.ENV, "JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME"):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert compile_cache.resolve("auto") == str(tmp_path / "home/.cache/vlp_jax/xla")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert compile_cache.resolve("auto") == str(tmp_path / "xdg/vlp_jax/xla")
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+  assert compile_cache.resolve("auto") == str(tmp_path / "jax")
+  monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "vlp"))
+  assert compile_cache.resolve("auto") == str(tmp_path / "vlp")
+  assert compile_cache.resolve("") == ""
+  assert compile_cache.resolve("~/c") == str(tmp_path / "home/c")
+  with pytest.raises(errors.ConfigTypeError, match="compilation_cache_dir"):
+    compile_cache.resolve(None)
+
+
+def test_default_config_shares_the_auto_directory():
+  from vlp_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  assert config_lib.default_config().compilation_cache_dir == "auto"
+
+
+def test_enable_is_idempotent_and_empty_turns_it_off(tmp_path, monkeypatch,
+                                                     back_to_session_cache):
+  resets = []
+  from jax.experimental.compilation_cache import compilation_cache as jax_cache  # pylint: disable=g-import-not-at-top
+  reset = jax_cache.reset_cache
+  monkeypatch.setattr(jax_cache, "reset_cache", lambda: (resets.append(1), reset()))
+  path = str(tmp_path / "cache")
+  assert compile_cache.enable(path) == path and os.path.isdir(path)
+  assert jax.config.jax_compilation_cache_dir == path
+  n = len(resets)
+  assert compile_cache.enable(path) == path and len(resets) == n  # Nothing redone.
+  assert compile_cache.enable("") == ""
+  assert jax.config.jax_compilation_cache_dir is None
+  assert compile_cache.active_dir() == ""
+  jax.jit(lambda x: x * 3)(1.0).block_until_ready()  # Runs without a cache.
+
+
+def test_unwritable_directory_warns_and_runs_without_cache(tmp_path, caplog,
+                                                           back_to_session_cache):
+  (tmp_path / "a_file").write_text("not a directory")
+  bad = str(tmp_path / "a_file" / "cache")
+  with caplog.at_level("WARNING"):
+    assert compile_cache.enable(bad) == ""
+  assert "cannot be written" in caplog.text and bad in caplog.text
+  assert "compilation_cache_dir" in caplog.text  # How to fix it.
+  assert jax.config.jax_compilation_cache_dir is None
+  assert float(jax.jit(lambda x: x + 1)(1.0)) == 2.0
+
+
+@pytest.mark.slow  # Compiles a tiny CoCa's train step without a cache (~30 s).
+def test_training_with_an_unwritable_cache_directory_still_trains(
+    tmp_path, caplog, back_to_session_cache):
+  from tests import test_train  # pylint: disable=g-import-not-at-top
+  (tmp_path / "a_file").write_text("")
+  c = test_train.tiny_config(total_steps=1)
+  c.compilation_cache_dir = str(tmp_path / "a_file" / "cache")
+  with caplog.at_level("INFO"):
+    loop.run(c, str(tmp_path / "run"))
+  assert "cannot be written" in caplog.text
+  assert "Time to first step" in caplog.text
+  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "1")
+
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp
+    from vlp_jax import compile_cache
+    compile_cache.enable("auto")
+    f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
+    f(jnp.ones((64, 32))).block_until_ready()
+    print(json.dumps(compile_cache.counts()))
+""")
+
+
+def _process(cache):
+  env = dict(os.environ, **{compile_cache.ENV: str(cache),
+                            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+  out = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, check=True,
+                       capture_output=True, text=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def _entries(cache):
+  return sorted(f for f in os.listdir(cache) if f.endswith("-cache"))
+
+
+def test_a_second_process_loads_what_the_first_wrote(tmp_path):
+  cache = tmp_path / "cache"
+  first = _process(cache)
+  assert first["loaded"] == 0 and first["compiled"] >= 1 and first["written"] >= 1
+  entries = _entries(cache)
+  assert len(entries) == first["written"]
+  second = _process(cache)
+  assert second == {"loaded": first["compiled"], "compiled": 0, "written": 0}
+  assert _entries(cache) == entries  # No new entries.
+
+
+# ------------------------------------------------ evaluation compiles once per shape
+
+
+@contextlib.contextmanager
+def counting_compiles():
+  """Counts jaxpr traces and XLA compilations (cache loads included) in the block."""
+  events = []
+  names = ("/jax/core/compile/jaxpr_trace_duration",
+           "/jax/core/compile/backend_compile_duration")
+
+  def listener(event, duration, **unused):
+    del duration
+    if event in names:
+      events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _tiny_two_tower():
+  """(config, predict fns, params) of a tiny CLIP on 32 px shapes, byte tokens."""
+  from vlp_jax import config as config_lib, models  # pylint: disable=g-import-not-at-top
+  from vlp_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from vlp_jax.train import predict  # pylint: disable=g-import-not-at-top
+  c = config_lib.default_config()
+  c.model.embed_dim = 16
+  c.model.image.update(variant="", width=16, depth=1, mlp_dim=32, num_heads=2,
+                       patch_size=8)
+  c.model.text.update(vocab_size=260, width=16, depth=1, mlp_dim=32, num_heads=2,
+                      context_length=16)
+  c.data.update(source="shapes", image_size=32, tokenizer="bytes")
+  model = models.build_model(c.model)
+  tokenizer = pipeline.make_tokenizer(c.data)
+  batch = {"image": jax.numpy.zeros((2, 32, 32, 3)),
+           "text": jax.numpy.asarray(tokenizer.tokenize(["a", "b"], 16))}
+  params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
+  return c, predict.make_predict_fns(model, tokenizer, 16), params
+
+
+def _evals(c, **entries):
+  """name -> evaluator cfg of `entries` (sizes leave a partial last batch of 8)."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from vlp_jax.train import evaluation  # pylint: disable=g-import-not-at-top
+  c = c.copy_and_resolve_references()
+  c.evals = {name: common.eval_entry(type=name, split="validation", batch_size=8, **kw)
+             for name, kw in entries.items()}
+  return evaluation.eval_configs(c)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return _tiny_two_tower()
+
+
+def _two_rounds(evals, fns, params):
+  """(events of the first round, of the second round, results, results again)."""
+  from vlp_jax.train import evaluation  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  with counting_compiles() as first:
+    results = evaluation.run_evals(evals, fns, params, 1, mesh=mesh)
+  with counting_compiles() as second:
+    again = evaluation.run_evals(evals, fns, params, 2, mesh=mesh)
+  return first, second, results, again
+
+
+def test_a_second_evaluation_compiles_nothing(tiny):
+  c, fns, params = tiny
+  evals = _evals(c, zeroshot=dict(source="shapes:classes", size=20, templates="simple"),
+                 retrieval=dict(source="shapes", size=12))
+  first, second, results, again = _two_rounds(evals, fns, params)
+  assert first  # The counter sees compilations ...
+  assert second == []  # ... and the second round has none.
+  assert again == results
+
+
+def test_the_counter_sees_a_jit_made_per_call(tiny):
+  """The check above can fail: an embed fn jitted anew on each call recompiles."""
+  c, fns, params = tiny
+  fns = dict(fns)
+  embed = fns["embed_image"]
+  fns["embed_image"] = lambda p, x: jax.jit(lambda p, x: embed(p, x))(p, x)  # pylint: disable=unnecessary-lambda
+  evals = _evals(c, zeroshot=dict(source="shapes:classes", size=20, templates="simple"))
+  _, second, _, _ = _two_rounds(evals, fns, params)
+  assert second
+
+
+@pytest.mark.slow  # Compiles a tiny CoCa's caption decoding (~10-20 s on 2 cores).
+def test_a_second_captioning_evaluation_compiles_nothing(tmp_path):
+  from tests import test_train  # pylint: disable=g-import-not-at-top
+  c = test_train.tiny_config(evals=True)
+  c.evals = {"captioning": c.evals.captioning}
+  c.evals.captioning.update(size=5, max_len=6)
+  exp = loop.Experiment(c, str(tmp_path))
+  params = exp.create_state().params
+  first, second, results, again = _two_rounds(exp.eval_configs(), exp.predict_fns,
+                                              params)
+  assert first and second == [] and again == results
