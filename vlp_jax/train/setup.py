@@ -27,7 +27,11 @@ class TrainSetup:
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules_from_config(config.sharding_rules)
     self.batch = batch_plan.from_mesh(config, self.mesh, self.rules)
-    self.abstract = state_lib.unboxed_abstract_state(self.model, self.tx, config, self.mesh)
+    # The initialiser is traced once here; create_state reuses the boxed shardings.
+    boxed = state_lib.abstract_state(self.model, self.tx, config, self.mesh)
+    self._boxed_shardings = boxed[1]
+    self.abstract = state_lib.unboxed_abstract_state(self.model, self.tx, config,
+                                                     self.mesh, abstract=boxed)
     self.state_shardings = jax.tree.map(lambda a: a.sharding, self.abstract)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     self.objectives = step_lib.objectives_from_config(config)
@@ -41,7 +45,8 @@ class TrainSetup:
         queue_entries=queue_lib.entries(config) or None)
 
   def create_state(self):
-    return state_lib.create_state(self.model, self.tx, self.config, self.mesh)
+    return state_lib.create_state(self.model, self.tx, self.config, self.mesh,
+                                  shardings=self._boxed_shardings)
 
   def global_batch(self, local_batch):
     """This process's rows (numpy) -> global arrays sharded over the batch axes; uint8

@@ -82,18 +82,22 @@ def abstract_state(model, tx, config, mesh):
   return boxed, sharding.logical_shardings(boxed, mesh, rules)
 
 
-def create_state(model, tx, config, mesh) -> TrainState:
-  """Initialises params and optimizer state directly with their mesh shardings."""
-  _, shardings = abstract_state(model, tx, config, mesh)
+def create_state(model, tx, config, mesh, shardings=None) -> TrainState:
+  """Initialises params and optimizer state directly with their mesh shardings
+  (`shardings`: the boxed ones `abstract_state` returns, to skip tracing the
+  initialiser again)."""
+  if shardings is None:
+    _, shardings = abstract_state(model, tx, config, mesh)
   init = jax.jit(_init_fn(model, tx, config), out_shardings=shardings)
   with jax.set_mesh(mesh):
     state = init(jax.random.PRNGKey(config.seed))
   return nn.meta.unbox(state)
 
 
-def unboxed_abstract_state(model, tx, config, mesh):
-  """ShapeDtypeStructs with target shardings, for restoring a checkpoint."""
-  boxed, shardings = abstract_state(model, tx, config, mesh)
+def unboxed_abstract_state(model, tx, config, mesh, abstract=None):
+  """ShapeDtypeStructs with target shardings, for restoring a checkpoint
+  (`abstract`: `abstract_state`'s result, when already computed)."""
+  boxed, shardings = abstract or abstract_state(model, tx, config, mesh)
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       nn.meta.unbox(boxed), shardings)
