@@ -44,7 +44,7 @@ def b16_recipe() -> ConfigDict:
                       context_length=77, causal=True, pool="eos")
   c.data.update(source="jsonl:data/train.jsonl", image_size=224, tokenizer="clip",
                 normalization="clip")
-  # uint8 images to the device, normalised there (README "Real data at the speed of
+  # uint8 images to the device, normalised there (README "Real data against
   # synthetic"): a third less host work per image and 4x fewer bytes copied.
   c.data.normalize_on_device = True
   # Enable with --config.evals.retrieval.every=N (0 = only at the end).

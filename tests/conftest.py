@@ -12,13 +12,23 @@ from absl import flags
 # Many tests (and the subprocesses they start, which inherit the environment) compile
 # the same tiny programs: share one compilation cache per test session. It starts
 # empty each session, so no result depends on an earlier run. config.compilation_cache_dir
-# 'auto' (vlp_jax/compile_cache.py) resolves to it: never to the user's own cache.
+# 'auto' (vlp_jax/compile_cache.py) resolves to it: never to the user's own cache, even
+# when the environment names one. Every process gets the same cap (so every entry has
+# the access-time file a capped cache needs) and writes even the tiniest programs.
 os.environ.pop("VLP_JAX_COMPILATION_CACHE", None)
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlp_jax_jit_cache_")
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlp_jax_jit_cache_")
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+if "jax" in sys.modules:  # Imported before this file (by a plugin): set it directly.
+  for _name in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE",
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
+    _value = os.environ[_name]
+    sys.modules["jax"].config.update(
+        _name.lower(), _value if _name.endswith("_DIR") else
+        (float(_value) if "TIME" in _name else int(_value)))
 
 # The tests' tiny programs take far longer to compile than to run: skip XLA's LLVM
 # optimisation passes (the HLO, hence what is computed, is the same; a third to half the

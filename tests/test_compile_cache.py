@@ -125,6 +125,92 @@ def test_a_second_process_loads_what_the_first_wrote(tmp_path):
   assert _entries(cache) == entries  # No new entries.
 
 
+@contextlib.contextmanager
+def _max_size(value):
+  """JAX's cache cap set to `value` in the block (the session's afterwards)."""
+  before = jax.config.jax_compilation_cache_max_size
+  jax.config.update("jax_compilation_cache_max_size", value)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_compilation_cache_max_size", before)
+
+
+def _atimes(cache):
+  return sorted(f for f in os.listdir(cache) if f.endswith("-atime"))
+
+
+def test_entries_written_without_a_cap_do_not_block_capped_writes(
+    tmp_path, back_to_session_cache):
+  """A capped cache reads every entry's access-time file when it writes; plain JAX
+  without a cap writes none. `enable` adds them, so the next program is stored and
+  a reopened cache (as a new process would) loads it."""
+  from jax.experimental.compilation_cache import compilation_cache as jax_cache  # pylint: disable=g-import-not-at-top
+  jnp = jax.numpy
+  cache = str(tmp_path / "cache")
+  compile_cache.enable("")
+  with _max_size(-1):  # Plain JAX, no cap: as another program or an older run writes.
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.jit(lambda x: jnp.sin(x) * 2)(np.ones(7, np.float32)).block_until_ready()
+    jax_cache.reset_cache()
+  old = _entries(cache)
+  assert old and not _atimes(cache)
+  assert jax.config.jax_compilation_cache_max_size > 0  # The session's cap.
+  before = compile_cache.counts()
+  assert compile_cache.enable(cache) == cache
+  assert len(_atimes(cache)) == len(old)  # Added for the old entries.
+  jax.jit(lambda x: jnp.cos(x) + 3)(np.ones(7, np.float32)).block_until_ready()
+  assert len(_entries(cache)) == len(old) + 1 == len(_atimes(cache))  # Written.
+  assert compile_cache.counts()["written"] == before["written"] + 1
+  compile_cache.enable("")
+  compile_cache.enable(cache)  # Reopened; a fresh function: no in-memory executable.
+  loaded = compile_cache.counts()["loaded"]
+  y = jax.jit(lambda x: jnp.cos(x) + 3)(np.ones(7, np.float32))
+  assert float(y[0]) == pytest.approx(np.cos(1.0) + 3)
+  assert compile_cache.counts()["loaded"] == loaded + 1
+
+
+def test_a_write_that_fails_is_not_counted_as_written(tmp_path, back_to_session_cache):
+  """JAX signals a write before attempting it; a write it drops (here: an entry over
+  the cap) stores nothing, and `counts()` says so."""
+  cache = str(tmp_path / "cache")
+  before = compile_cache.counts()
+  with _max_size(16):  # Every entry is larger: JAX warns and stores nothing.
+    compile_cache.enable(cache)
+    with pytest.warns(UserWarning, match="exceeds the maximum cache size"):
+      jax.jit(lambda x: jax.numpy.tanh(x) - 5)(np.ones(9, np.float32)).block_until_ready()
+    compile_cache.enable("")
+  assert not _entries(cache)
+  after = compile_cache.counts()
+  assert after["compiled"] == before["compiled"] + 1
+  assert after["written"] == before["written"]
+
+
+def test_multihost_default_directory_is_warned_about(tmp_path, caplog,
+                                                     back_to_session_cache):
+  path = str(tmp_path / "home/.cache/vlp_jax/xla")
+  warning = compile_cache.multihost_warning(path, True, 4)
+  assert path in warning and "compilation_cache_dir" in warning
+  assert "shared" in warning and "4 processes" in warning
+  assert compile_cache.multihost_warning(path, True, 1) is None  # One host.
+  assert compile_cache.multihost_warning(path, False, 4) is None  # The user's choice.
+  assert compile_cache.multihost_warning("", True, 4) is None  # Off.
+  with pytest.MonkeyPatch.context() as mp:  # Undone before the session cache is back.
+    for var in (compile_cache.ENV, "JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME"):
+      mp.delenv(var, raising=False)
+    assert compile_cache._from_default(" auto ")  # pylint: disable=protected-access
+    assert not compile_cache._from_default(path)  # pylint: disable=protected-access
+    mp.setenv("HOME", str(tmp_path / "home"))
+    mp.setattr(jax.distributed, "is_initialized", lambda: True)
+    mp.setattr(jax, "process_count", lambda: 4)
+    with caplog.at_level("WARNING"):
+      assert compile_cache.enable("auto") == path  # Warns, and goes on.
+    assert "only process 0 writes" in caplog.text
+    mp.setenv("JAX_COMPILATION_CACHE_DIR", path)
+    assert not compile_cache._from_default("auto")  # pylint: disable=protected-access
+  assert compile_cache.enable("auto") == os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
 # ------------------------------------------------ evaluation compiles once per shape
 
 

@@ -1,5 +1,6 @@
 """vlp_jax/perf/hlo_stats.py and tools/hlo_report.py: op counts and bytes from HLO text;
 tools/gpu_perf.sh's runs and XLA flag names."""
+import json
 import os
 import re
 import subprocess
@@ -136,8 +137,30 @@ def test_markdown_names_the_parts(tiny):
             "at_batch": 256}
   text = hlo_stats.markdown(report)
   for part in ("Pre-optimisation HLO", "| optimizer |", "| layernorm |", "| matmul |",
-               "top source lines", "Extrapolated to batch 256"):
+               "top source lines", "Extrapolated to global batch 256"):
     assert part in text
+
+
+def test_two_devices_count_at_the_global_batch():
+  # Before SPMD partitioning the step's shapes are global, and the sharded loss's
+  # logits are [per-device, global] in its shard_map body: both must be found.
+  cmd = [sys.executable, os.path.join(tool_modules.REPO, "tools", "hlo_report.py"),
+         "--config=configs/clip_b16.py:runlocal", "--config.batch_size=4",
+         "--config.model.dtype=bfloat16", "--num_cpu_devices=2", "--config.mesh.data=2",
+         "--nocompile", "--noper_sample", "--json"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                       cwd=tool_modules.REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  record = json.loads(out.stdout.strip().splitlines()[-1])
+  assert record["num_devices"] == 2 and record["per_device_batch"] == 2
+  assert record["pre_batch"] == 4 and record["pre"]["pair_logits"]["count"] > 0
+
+
+def test_extrapolation_counts_global_samples():
+  summary = {"role_non_matmul": {"loss": 40.0, "optimizer": 7.0}}
+  slope = {"role_non_matmul": {"loss": 10.0, "optimizer": 0.0}}
+  # 4 global samples at 10 bytes each: nothing fixed; at 8 samples, twice the bytes.
+  assert hlo_stats.extrapolate(summary, slope, 4, 8) == {"loss": 80.0, "optimizer": 7.0}
 
 
 @pytest.mark.slow
@@ -163,13 +186,23 @@ def test_gpu_perf_dry_run_lists_every_run_against_a_baseline():
   assert out.returncode == 0, out.stderr
   lines = out.stdout.splitlines()
   names = [l.split(" ", 1)[0] for l in lines]
-  assert names[:4] == ["clip_b256", "clip_b512", "siglip_b256", "coca_b256"]
+  assert names[:4] == ["clip_b256", "siglip_b256", "coca_b256", "clip_b512"]
   assert len(names) == len(set(names)) == 12
   assert all("tools/benchmark.py" in l and "--config.model.dtype=bfloat16" in l
-             for l in lines)
+             and "--config.compilation_cache_dir= " in l for l in lines)
   assert sum("--profile_dir=" in l for l in lines) == 2
   bases = {l.split("(vs ", 1)[1].split(")", 1)[0] for l in lines}
   assert bases <= set(names)
+
+
+def test_gpu_perf_rejects_unknown_options_and_dry_run_writes_nothing(tmp_path):
+  env = dict(os.environ, OUT=str(tmp_path / "out"))
+  for args in (("--cpu_smoke", "--dry_run_typo"), ("--cpu_smoke", "a", "b")):
+    out = _script(*args, env=env)
+    assert out.returncode == 2 and "gpu_perf.sh:" in out.stderr, args
+  out = _script("--cpu_smoke", "--dry_run", env=env)
+  assert out.returncode == 0 and "runlocal" in out.stdout
+  assert not (tmp_path / "out").exists()
 
 
 def test_gpu_perf_xla_flag_names_exist_in_the_pinned_jaxlib():
@@ -188,10 +221,15 @@ def test_gpu_perf_xla_flag_names_exist_in_the_pinned_jaxlib():
 
 @pytest.mark.slow
 def test_gpu_perf_cpu_smoke_writes_the_table(tmp_path):
-  out = _script("--cpu_smoke", str(tmp_path), timeout=3600,
-                env=dict(os.environ, BUDGET_S="100000"))
+  out_dir = tmp_path / "out"
+  out = _script("--cpu_smoke", str(out_dir), timeout=3600,
+                env=dict(os.environ, WORK_DIR=str(tmp_path / "work")))
   assert out.returncode == 0, out.stderr[-3000:]
-  table = (tmp_path / "table.md").read_text()
+  table = (out_dir / "table.md").read_text()
   assert "| clip_b256 | 8 |" in table and "1.00x (baseline)" in table
   assert "x vs clip_b256" in table and "failed" not in table
-  assert (tmp_path / "breakdown_b256.md").exists()
+  # What the device tool brings back: a few flat files, the rest in one small archive.
+  files = sorted(p.name for p in out_dir.iterdir())
+  assert files == ["breakdown_b256.md", "breakdown_b512.md", "env.txt", "files.tar.gz",
+                   "progress.log", "table.md"]
+  assert (out_dir / "files.tar.gz").stat().st_size < 16e6

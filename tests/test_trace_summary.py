@@ -113,3 +113,46 @@ def test_ops_are_split_by_part_of_the_step_from_their_op_names():
   s = trace_summary.summarize([_op(0, "fusion.3", "fusion.3", 0.0, 10.0)], hlo)
   assert s["parts"]["text MLP"]["fwd_ms_per_step"] == pytest.approx(0.01)
   assert "| text MLP | 0.010 | 100.0% | 0.010 | 0.000 |" in trace_summary.markdown(s)
+
+
+def test_coca_op_names_are_split_by_module_path():
+  # Op names as the pre-optimisation HLO of configs/coca_b16.py:runlocal's step has
+  # them: CoCa's __call__ runs `encode_image` and `self.txt(...)` (no embed_* method).
+  p = "jit(train_step)/"
+  cases = {
+      "transpose(jvp(CoCa))/CoCa.encode_image/img/encoder/block_1/attn/attn._fused_qkv":
+          ("image attention", "bwd"),
+      "jvp(CoCa)/CoCa.encode_image/img/encoder/block_0/mlp/fc1": ("image MLP", "fwd"),
+      "transpose(jvp(CoCa))/txt/encoder/block_0/attn/attn._fused_qkv/reduce_sum":
+          ("text attention", "bwd"),
+      "jvp(CoCa)/txt/encoder/block_1/ln_mlp/mul": (
+          "text rest (norms, embeddings, pooling)", "fwd"),
+      "jvp(CoCa)/txt/token_embedding/jit(_take)": ("token embedding", "fwd"),
+      "jvp(CoCa)/CoCa.multimodal/decoder/block_0/cross_attn/query": (
+          "decoder cross-attention", "fwd"),
+      "transpose(jvp(CoCa))/CoCa.multimodal/decoder/block_1/attn/out": (
+          "decoder attention", "bwd"),
+      "jvp(CoCa)/CoCa.multimodal/decoder/block_1/mlp/fc2": ("decoder MLP", "fwd"),
+      "jvp(CoCa)/CoCa.encode_image/contrastive_pool/attn/key": (
+          "image rest (norms, embeddings, pooling)", "fwd"),
+      "jvp(CoCa)/CoCa.encode_image/img_proj/proj": ("loss and projections", "fwd"),
+      "jvp(CoCa)/CoCa.multimodal/vocab_proj/dot_general": ("loss and projections", "fwd"),
+      "jvp(jit(log_softmax))": ("loss and projections", "fwd"),
+      # XLA joins merged ops' names with ';': the first decides.
+      "jvp(CoCa)/txt/encoder/block_0/mlp/reshape;jit(train_step)/jvp(CoCa)/x": (
+          "text MLP", "fwd"),
+  }
+  for name, want in cases.items():
+    assert trace_summary.part(p + name) == want, name
+  hlo = "\n".join([
+      "ENTRY %main.5 (a: f32[4,4]) -> f32[4,4] {",
+      "  %a = f32[4,4]{1,0} parameter(0)",
+      '  %fusion.1 = f32[4,4]{1,0} fusion(%a), kind=kLoop, calls=%c, metadata={'
+      'op_name="' + p + 'jvp(CoCa)/CoCa.multimodal/decoder/block_0/cross_attn/out"}',
+      '  ROOT %fusion.2 = f32[4,4]{1,0} fusion(%fusion.1), kind=kLoop, calls=%c, '
+      'metadata={op_name="' + p + 'transpose(jvp(CoCa))/txt/encoder/block_0/attn/x"}',
+      "}"])
+  s = trace_summary.summarize([_op(0, "fusion.1", "fusion.1", 0.0, 10.0),
+                               _op(0, "fusion.2", "fusion.2", 10.0, 30.0)], hlo)
+  assert s["parts"]["decoder cross-attention"]["fwd_ms_per_step"] == pytest.approx(0.01)
+  assert s["parts"]["text attention"]["bwd_ms_per_step"] == pytest.approx(0.03)

@@ -35,7 +35,8 @@ _PER_SAMPLE = flags.DEFINE_bool("per_sample", True,
 _DUMP_DIR = flags.DEFINE_string("dump_dir", "", "Write pre.hlo.txt and compiled.hlo.txt "
                                 "here.")
 _AT_BATCH = flags.DEFINE_integer("at_batch", 256, "Extrapolate the pre-optimisation "
-                                 "bytes to this per-device batch (with --per_sample).")
+                                 "bytes (whole program, global shapes) to this global "
+                                 "batch (with --per_sample).")
 _NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 0,
                                         "Split the CPU into this many devices.")
 flags.mark_flags_as_required(["config"])
@@ -48,18 +49,22 @@ def report(config, compile_step=True, with_per_sample=True, dump_dir=""):
   config.evals = {}
   lowered, setup = hlo_stats.lower_train_step(config)
   n_dev, per_device = setup.mesh.devices.size, setup.batch.per_shard
+  # The pre-optimisation HLO is the whole program before SPMD partitioning (global
+  # shapes: its [B, B] logits and bytes are at the global batch); the compiled one is
+  # one device's share (per-device shapes).
   pre_text = hlo_stats.lowered_hlo_text(lowered)
   leaves = jax.tree.leaves(setup.abstract.params)
   out = {"batch_size": config.batch_size, "per_device_batch": per_device,
          "num_devices": n_dev, "platform": setup.mesh.devices.flat[0].platform,
          "dtype": config.model.dtype, "param_leaves": len(leaves),
          "num_params": int(sum(x.size for x in leaves)),
-         "pre": hlo_stats.summarize(pre_text, per_device)}
+         "pre_batch": config.batch_size,
+         "pre": hlo_stats.summarize(pre_text, config.batch_size, local_batch=per_device)}
   if with_per_sample:
     big = config.copy_and_resolve_references()
     big.batch_size = 2 * config.batch_size
     big_pre = hlo_stats.summarize(hlo_stats.lowered_hlo_text(
-        hlo_stats.lower_train_step(big)[0]), 2 * per_device)
+        hlo_stats.lower_train_step(big)[0]), big.batch_size, local_batch=2 * per_device)
     out["pre_per_sample"] = hlo_stats.per_sample(out["pre"], big_pre, config.batch_size,
                                                  big.batch_size)
   compiled_text = ""
@@ -68,7 +73,8 @@ def report(config, compile_step=True, with_per_sample=True, dump_dir=""):
     compiled = lowered.compile()
     out["compile_s"] = time.perf_counter() - t0
     compiled_text = compiled.as_text()
-    out["compiled"] = hlo_stats.summarize(compiled_text, per_device)
+    out["compiled"] = hlo_stats.summarize(compiled_text, config.batch_size,
+                                          local_batch=per_device)
   if dump_dir:
     os.makedirs(dump_dir, exist_ok=True)
     for name, text in (("pre.hlo.txt", pre_text), ("compiled.hlo.txt", compiled_text)):

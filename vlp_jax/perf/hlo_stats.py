@@ -355,19 +355,24 @@ def _source_param(instrs, name, entry_params, depth=8):
 _PARAM_ARG = re.compile(r"(^|\.)params\b")
 
 
-def _is_pair_logits(shapes, batch: int) -> bool:
-  return batch > 1 and any(len(dims) >= 2 and dims[-1] == batch and dims[-2] == batch
+def _is_pair_logits(shapes, batch: int, rows=()) -> bool:
+  """[.., R, B] with B = `batch` and R = B or one of `rows` (a shard's rows)."""
+  rows = {batch, *rows}
+  return batch > 1 and any(len(dims) >= 2 and dims[-1] == batch and dims[-2] in rows
                            for _, dims in shapes)
 
 
-def summarize(text: str, batch: int = 0, top: int = 12) -> dict:
+def summarize(text: str, batch: int = 0, top: int = 12, local_batch: int = 0) -> dict:
   """Counts and bytes of the kernels of the HLO `text` (see module docstring):
   output bytes ('bytes') and output + operand bytes ('io_bytes', the traffic of a
   memory-bound kernel) per kind, per role and per non-matmul fusion kind; converts by
   direction, and the float32 -> bf16 casts of entry parameters ('param_casts':
   master weights cast every step); the optimizer's kernels; [B, B] tensors
-  ('pair_logits', `batch`: the per-device batch); the `top` source lines by the bytes
-  of their non-matmul kernels."""
+  ('pair_logits': [R, B] with B = `batch`, the global batch, and R = B or
+  `local_batch`, one device's rows: a sharded loss's logits, in a shard_map body of
+  the pre-optimisation HLO or in the compiled per-device HLO); the `top` source lines
+  by the bytes of their non-matmul kernels. The pre-optimisation HLO's shapes are
+  global outside shard_map bodies, per device inside."""
   module = parse(text)
   instrs = module.instructions
   contents = trace_summary.hlo_op_contents(text)
@@ -400,7 +405,7 @@ def summarize(text: str, batch: int = 0, top: int = 12) -> dict:
       path, line, _ = inst.files[0]
       add(sources, (f"{path.rsplit('/', 2)[-2]}/{path.rsplit('/', 1)[-1]}:{line}", r),
           inst, io)
-    if _is_pair_logits(inst.shapes, batch):
+    if _is_pair_logits(inst.shapes, batch, (local_batch,) if local_batch else ()):
       logits["count"] += 1
       logits["bytes"] += inst.out_bytes
   for inst in instrs.values():  # converts, fused or not: what the code asks for
@@ -477,7 +482,9 @@ def per_sample(small: dict, large: dict, b_small: int, b_large: int) -> dict:
 
 def extrapolate(summary: dict, slope: dict, batch: int, at_batch: int) -> dict:
   """Role -> non-matmul output bytes at `at_batch` (fixed part + at_batch x the
-  per-sample slope from `per_sample`), from a summary at `batch`."""
+  per-sample slope from `per_sample`), from a summary at `batch`. `batch`, `at_batch`
+  and the slope's samples must be counted alike: global batches for the
+  pre-optimisation HLO (its shapes are global)."""
   out = {}
   for k, b in summary["role_non_matmul"].items():
     per = slope["role_non_matmul"].get(k, 0.0)
@@ -515,13 +522,14 @@ def markdown(report: dict) -> str:
       per = f" {slope[table].get(k, 0.0) / 1e6:,.2f} |" if slope else ""
       lines.append(f"| {k} | {v['count']:,} | {_mb(v['bytes'])} |{per} {share} |")
     lines.append("")
+  pre_batch = report.get("pre_batch", report["batch_size"])  # global: pre-SPMD shapes
   if slope and report.get("at_batch"):
     at = report["at_batch"]
-    ext = extrapolate(pre, slope, report["per_device_batch"], at)
+    ext = extrapolate(pre, slope, pre_batch, at)
     total = sum(ext.values()) or 1.0
-    kinds = {k: max(0.0, v["bytes"] - report["per_device_batch"] * slope["by_kind"].get(
-        k, 0.0)) + at * slope["by_kind"].get(k, 0.0) for k, v in pre["by_kind"].items()}
-    lines += [f"Extrapolated to batch {at} per device (fixed + {at} x per sample): "
+    kinds = {k: max(0.0, v["bytes"] - pre_batch * slope["by_kind"].get(k, 0.0))
+             + at * slope["by_kind"].get(k, 0.0) for k, v in pre["by_kind"].items()}
+    lines += [f"Extrapolated to global batch {at} (fixed + {at} x per sample): "
               f"non-matmul outputs {_mb(total)} MB: " + ", ".join(
                   f"{k} {v / total:.1%}" for k, v in sorted(ext.items(), key=lambda kv:
                                                              -kv[1]) if v / total >= 0.001)
@@ -533,7 +541,7 @@ def markdown(report: dict) -> str:
             f"- optimizer (optax: clipping, global norm, AdamW, apply): {opt['kernels']:,} "
             f"ops ({opt['kernels'] / max(report['param_leaves'], 1):.1f} per parameter "
             f"array), {_mb(opt['bytes'])} MB",
-            f"- [B, B] tensors (B = {report['per_device_batch']}): "
+            f"- [B, B] tensors (B = global batch {pre_batch}; [per-device, B] too): "
             f"{pre['pair_logits']['count']} ops, {_mb(pre['pair_logits']['bytes'])} MB",
             "", "| top source lines (non-matmul) | role | ops | out MB |", "|---|---|---|---|"]
   lines += [f"| {s['source']} | {s['role']} | {s['count']} | {_mb(s['bytes'])} |"

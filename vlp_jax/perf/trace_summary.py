@@ -115,25 +115,61 @@ def hlo_op_names(hlo_text: str) -> dict:
   return out
 
 
+# Module paths of the towers (flax module names in op_name) and the model methods that
+# call them (`TwoTower.embed_image`, `CoCa.encode_image`, `CoCa.multimodal`).
+_TOWER_MODULES = {"img": "image", "txt": "text", "decoder": "decoder"}
+_TOWER_METHODS = (("image", ("embed_image", "encode_image")),
+                  ("text", ("embed_text", "encode_text")),
+                  ("decoder", ("multimodal", "decode", "caption")))
+
+
+def _tower(segments):
+  """(tower, the path segments below it) from an op_name's segments, or
+  ('projection', []) for a head (`img_proj`, `txt_proj`, `vocab_proj`, ...) reached
+  before any tower module, or (None, [])."""
+  tower, below = None, []
+  for i, seg in enumerate(segments):
+    if seg in _TOWER_MODULES:
+      return _TOWER_MODULES[seg], segments[i + 1:]
+    if seg.endswith("_proj"):
+      return "projection", []
+    if "." in seg and "(" not in seg:  # a model method: Model.method
+      method = seg.rsplit(".", 1)[1]
+      for name, prefixes in _TOWER_METHODS:
+        if method.startswith(prefixes):
+          tower, below = name, segments[i + 1:]
+  return tower, below
+
+
 def part(op_name: str) -> tuple:
   """(part of the train step, 'fwd' / 'bwd' / '') for an HLO op_name such as
   'jit(train_step)/transpose(jvp(TwoTower))/TwoTower.embed_image/img/encoder/block_2/
-  attn/...': the tower and its attention / MLP / rest, the token embedding, the loss
-  and projections (everything else under the gradient), or the optimizer update
+  attn/...' or 'jit(train_step)/jvp(CoCa)/txt/encoder/...': the tower (image `img`,
+  text `txt`, CoCa's multimodal `decoder`, found by module path) and its attention,
+  cross-attention, MLP or rest (norms, embeddings, pooling), the token embedding, the
+  loss and projections (everything else under the gradient), or the optimizer update
   (clipping, AdamW, checks: what runs after the gradient)."""
   if not op_name:
     return "other", ""
+  op_name = op_name.split(";", 1)[0]  # XLA joins the names of merged ops with ';'
   direction = ("bwd" if "transpose(" in op_name else
                "fwd" if "jvp(" in op_name else "")
-  if "token_embedding" in op_name:
+  segments = op_name.split("/")
+  if "token_embedding" in segments:
     return "token embedding", direction
-  for key, tower in (("embed_image", "image"), ("embed_text", "text")):
-    if key in op_name and "_proj" not in op_name:
-      if "/attn" in op_name:
-        return f"{tower} attention", direction
-      if "/mlp" in op_name:
-        return f"{tower} MLP", direction
+  tower, below = _tower(segments)
+  if tower == "projection":
+    return "loss and projections", direction
+  if tower:
+    if any("pool" in s for s in below):  # attention pooling heads belong to the rest
       return f"{tower} rest (norms, embeddings, pooling)", direction
+    if "cross_attn" in below:
+      return f"{tower} cross-attention", direction
+    if any(s == "attn" or s.startswith("attn.") for s in below):
+      return f"{tower} attention", direction
+    if "mlp" in below:
+      return f"{tower} MLP", direction
+    return f"{tower} rest (norms, embeddings, pooling)", direction
   if direction:
     return "loss and projections", direction
   if op_name.startswith(("jit(", "state.", "reduce", "select", "or", "and")):
