@@ -141,6 +141,7 @@ def test_markdown_names_the_parts(tiny):
     assert part in text
 
 
+@pytest.mark.slow  # ~6 s: a tool process on 2 CPU devices
 def test_two_devices_count_at_the_global_batch():
   # Before SPMD partitioning the step's shapes are global, and the sharded loss's
   # logits are [per-device, global] in its shard_map body: both must be found.

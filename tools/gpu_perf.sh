@@ -143,11 +143,11 @@ publish() {
   for f in table.md env.txt progress.log breakdown_b256.md breakdown_b512.md; do
     [[ -f "$WORK/$f" ]] && cp "$WORK/$f" "$DIR/.$f.tmp" && mv "$DIR/.$f.tmp" "$DIR/$f"
   done
-  (cd "$WORK" && tar -czf "$DIR/.files.tar.gz.tmp" --exclude='*.trace.json.gz' \
+  (cd "$WORK" && tar -czf "$DIR/.files.tar.gz.tmp" --exclude='*.json.gz' \
       --exclude='*.pb' --exclude='site' \
       -- * 2>/dev/null) || return 0
   if (( $(stat -c %s "$DIR/.files.tar.gz.tmp") > 15000000 )); then  # 16 MiB come back
-    (cd "$WORK" && tar -czf "$DIR/.files.tar.gz.tmp" --exclude='*.trace.json.gz' \
+    (cd "$WORK" && tar -czf "$DIR/.files.tar.gz.tmp" --exclude='*.json.gz' \
         --exclude='*.pb' --exclude='site' --exclude='hlo.txt' -- * 2>/dev/null)
   fi
   mv "$DIR/.files.tar.gz.tmp" "$DIR/files.tar.gz"
@@ -297,7 +297,7 @@ sys.exit(0 if sys.argv[1] == '1' or jax.default_backend() == 'gpu' else 2)" "$SM
   ENV_RC=$?
   { echo "date: $(date -u)"; echo "XLA_FLAGS=${XLA_FLAGS:-}"; echo "smoke=$SMOKE";
     echo "python: $PY ($(command -v "$PY"))"; echo "$ENV_OUT" | grep -v "^[IW][0-9]";
-    nvidia-smi 2>&1 | head -15; } > "$WORK/env.txt"
+    command -v nvidia-smi > /dev/null && nvidia-smi 2>&1 | head -15; } > "$WORK/env.txt"
   if (( ENV_RC == 2 )); then
     say "jax sees no GPU (see env.txt): use a python with jax for CUDA, or --cpu_smoke."
     publish; exit 2
