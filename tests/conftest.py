@@ -13,11 +13,13 @@ from absl import flags
 # the same tiny programs: share one compilation cache per test session. It starts
 # empty each session, so no result depends on an earlier run. config.compilation_cache_dir
 # 'auto' (vlp_jax/compile_cache.py) resolves to it: never to the user's own cache, even
-# when the environment names one. Every process gets the same cap (so every entry has
-# the access-time file a capped cache needs) and writes even the tiniest programs.
+# when the environment names one. Every process writes even the tiniest programs, with
+# no size cap: a capped cache lists and reads the whole directory on every write, which
+# over the suite's thousands of tiny entries costs minutes (and every process agreeing
+# on "no cap" means no entry lacks the access-time file a capped cache needs).
 os.environ.pop("VLP_JAX_COMPILATION_CACHE", None)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlp_jax_jit_cache_")
-os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = "-1"
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)

@@ -114,7 +114,7 @@ def test_with_data_compares_synthetic_real_and_the_pipeline_alone(tmp_path,
   d = rec["data"]
   assert rec["with_data"] is True and rec["step_time_s"]["steps"] == 2  # 2 rounds x 1
   assert d["rounds"] == 2 and d["steps_per_round"] == 1 and len(d["round_ratios"]) == 2
-  assert d["skipped_per_round"] == benchmark.buffered_batches(c) == 3
+  assert d["skipped_per_round"] == benchmark.buffered_batches(c) == 4
   assert d["real_samples_per_s"] == 4 / d["real_step_s"]
   assert d["synthetic_samples_per_s"] == 4 / d["synthetic_step_s"]
   assert d["real_over_synthetic"] == float(np.median(d["round_ratios"])) > 0

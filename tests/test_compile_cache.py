@@ -155,19 +155,19 @@ def test_entries_written_without_a_cap_do_not_block_capped_writes(
     jax_cache.reset_cache()
   old = _entries(cache)
   assert old and not _atimes(cache)
-  assert jax.config.jax_compilation_cache_max_size > 0  # The session's cap.
-  before = compile_cache.counts()
-  assert compile_cache.enable(cache) == cache
-  assert len(_atimes(cache)) == len(old)  # Added for the old entries.
-  jax.jit(lambda x: jnp.cos(x) + 3)(np.ones(7, np.float32)).block_until_ready()
-  assert len(_entries(cache)) == len(old) + 1 == len(_atimes(cache))  # Written.
-  assert compile_cache.counts()["written"] == before["written"] + 1
-  compile_cache.enable("")
-  compile_cache.enable(cache)  # Reopened; a fresh function: no in-memory executable.
-  loaded = compile_cache.counts()["loaded"]
-  y = jax.jit(lambda x: jnp.cos(x) + 3)(np.ones(7, np.float32))
-  assert float(y[0]) == pytest.approx(np.cos(1.0) + 3)
-  assert compile_cache.counts()["loaded"] == loaded + 1
+  with _max_size(compile_cache.MAX_SIZE_BYTES):  # What `enable` sets outside the tests.
+    before = compile_cache.counts()
+    assert compile_cache.enable(cache) == cache
+    assert len(_atimes(cache)) == len(old)  # Added for the old entries.
+    jax.jit(lambda x: jnp.cos(x) + 3)(np.ones(7, np.float32)).block_until_ready()
+    assert len(_entries(cache)) == len(old) + 1 == len(_atimes(cache))  # Written.
+    assert compile_cache.counts()["written"] == before["written"] + 1
+    compile_cache.enable("")
+    compile_cache.enable(cache)  # Reopened; a fresh function: no in-memory executable.
+    loaded = compile_cache.counts()["loaded"]
+    y = jax.jit(lambda x: jnp.cos(x) + 3)(np.ones(7, np.float32))
+    assert float(y[0]) == pytest.approx(np.cos(1.0) + 3)
+    assert compile_cache.counts()["loaded"] == loaded + 1
 
 
 def test_a_write_that_fails_is_not_counted_as_written(tmp_path, back_to_session_cache):

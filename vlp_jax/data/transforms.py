@@ -218,6 +218,9 @@ class TrainTransform(grain.transforms.RandomMap):
     key = element.get("key")
     if key is None:
       raise ValueError("example has no 'key' (needed for its 'image_id')")
+    # The header first (no random draws): an unreadable image is reported as such, as
+    # when sources decoded it, whatever else is wrong with the example.
+    opened = decode.open_image(element["image"])
     text, label, data_type = self._texts_and_label(element)
     if self.clean_captions:
       captions = decode.clean_captions(text)
@@ -233,7 +236,6 @@ class TrainTransform(grain.transforms.RandomMap):
     # Crop boxes come from the header's size; the image is then decoded at the
     # smallest scale that keeps every crop at >= its output size.
     with_views = bool(self.image_views or self.text_views)
-    opened = decode.open_image(element["image"])
     state = rng.bit_generator.state if opened.max_reduce > 1 else None
     plan, view_seed, view_plan = self._draw(opened, rng, k, with_views)
     crops = [(box, self.image_size) for box, _ in plan]

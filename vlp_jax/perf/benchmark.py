@@ -66,11 +66,13 @@ def host_batches(config, setup):
 
 
 def buffered_batches(config) -> int:
-  """Batches the input stages hold ready while nothing consumes them (device prefetch,
-  grain's read-ahead, one per worker): the steps that start a timed round of real data
-  before the pipeline is back to its steady rate, so rounds skip them."""
+  """Batches the input stages hold ready while nothing consumes them (device prefetch;
+  grain's read-ahead and output buffer, in each worker when there are workers): the
+  steps that start a timed round of real data before the pipeline is back to its
+  steady rate, so rounds skip them."""
   d = config.data
-  return config.device_prefetch + max(1, d.prefetch) + d.worker_count + 1
+  return (config.device_prefetch + max(1, d.worker_count) * (max(1, d.prefetch) + 1)
+          + 1)
 
 
 def bottleneck(data: dict, tolerance: float = 1.05) -> str:
@@ -150,6 +152,8 @@ class StepBenchmark:
     overlaps the running step. Returns the seconds between successive step
     completions. `data` (default: `with_data`) feeds the real pipeline's batches."""
     times, pending = [], None
+    if steps < 1:
+      return times
     with self.setup.contexts()[0], self.setup.contexts()[1]:
       t_last = time.perf_counter()
       for _ in range(steps):
