@@ -291,10 +291,7 @@ def open_image(data: Union[bytes, np.ndarray, Image.Image]) -> OpenImage:
     img = _open_header(data)
     if img.format == "JPEG" and len(getattr(img, "tile", ())) == 1:
       return OpenImage(data, img)
-    img = _load(img)
-    if img.width == 0 or img.height == 0:
-      raise BadRecord("zero_size", f"image has size {img.size}")
-    rgb = _rgb_image(_oriented(img)[0])
+    rgb = _rgb_image(_oriented(_load(img))[0])  # (_open_header checked the size)
   elif isinstance(data, np.ndarray) and data.dtype == np.uint8 and (
       data.ndim == 3 and data.shape[-1] == 3 and data.shape[0] and data.shape[1]):
     rgb = Image.fromarray(data)

@@ -336,15 +336,6 @@ def photometric(image_u8: np.ndarray, view: ImageView, rng: np.random.Generator)
   return np.asarray(img)
 
 
-def image_view_rows(image_u8, views: Sequence[ImageView], view_seed: int, rows: int):
-  """{name: (uint8 [rows, count, S, S, 3], float32 [rows, count, 4] boxes or None
-  without `boxes`)}: every row's own crops of each view group."""
-  h, w = image_u8.shape[:2]
-  decoded = decode.Decoded(Image.fromarray(image_u8), (w, h))
-  return render_view_rows(decoded, views, plan_view_rows(w, h, views, view_seed, rows),
-                          rows)
-
-
 def plan_view_rows(w: int, h: int, views: Sequence[ImageView], view_seed: int,
                    rows: int):
   """{name: [(box, generator) per row and crop]}: each crop's box drawn from the
@@ -367,7 +358,9 @@ def plan_crops(views: Sequence[ImageView], plan) -> List[Tuple[tuple, int]]:
 
 
 def render_view_rows(decoded, views: Sequence[ImageView], plan, rows: int):
-  """`image_view_rows` from a `decode.Decoded` image and a `plan_view_rows` plan."""
+  """{name: (uint8 [rows, count, S, S, 3], float32 [rows, count, 4] boxes or None
+  without `boxes`)}: every row's own crops of each view group, from a
+  `decode.Decoded` image and its `plan_view_rows` plan."""
   out = {}
   for view in views:
     crops = [finish_crop(decoded, view, box, rng) for box, rng in plan[view.name]]
