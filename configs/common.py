@@ -91,3 +91,29 @@ def runlocal(c: ConfigDict) -> ConfigDict:
   for entry in c.evals.values():
     entry.update(source="shapes", every=0, size=64, batch_size=32)
   return c
+
+
+# Where the large recipes are laid out (README "Pod-scale recipes"): FSDP over the
+# chips of a TPU slice (parameters, gradients and Adam moments split 1/fsdp per chip;
+# the batch over data x fsdp), scanned blocks (one compiled block: compile time does
+# not grow with depth) and remat of whole blocks. `tools/aot_compile.py` proves each
+# fits. FSDP splits the width of every kernel, so fsdp must divide the model's widths:
+# 1152 (So400m) and 1664 (bigG) split at most 128 ways, 768 256 ways; `data` takes the
+# rest of the slice.
+def pod_layout(c: ConfigDict, remat: str = "full", data: int = 1) -> ConfigDict:
+  """FSDP over all devices / `data`, scanned and rematerialised blocks (TPU slices)."""
+  c.mesh = ConfigDict({"data": data, "fsdp": -1, "tensor": 1})
+  c.model.update(scan_layers=True, remat=remat)
+  return c
+
+
+def h100x8_layout(c: ConfigDict, batch_size: int, remat: str = "full") -> ConfigDict:
+  """One node of 8 x H100 80 GB: FSDP over the 8 GPUs (NVLink), `batch_size` per node
+  step, cuDNN attention. Multi-node: --config.mesh.data=NODES keeps FSDP within each
+  node and splits the batch over nodes. A plan, not compiled here (compiling for a GPU
+  needs the GPU)."""
+  pod_layout(c, remat)
+  c.mesh = ConfigDict({"data": -1, "fsdp": 8, "tensor": 1})
+  c.batch_size = batch_size
+  c.model.attention_impl = "cudnn"
+  return c

@@ -14,21 +14,27 @@ from vlp_jax.perf import flops as flops_lib
 from vlp_jax.train.setup import TrainSetup
 
 
-def synthetic_batch(config, seed: int = 0):
-  """A host batch of the global batch size: random images and full-length token ids,
-  and the extra views `config.data.views` / `text_views` ask for."""
-  rng = np.random.default_rng(seed)
+def batch_layout(config) -> dict:
+  """{key: (shape, dtype)} of a global train batch: images, full-length token ids and
+  the extra views `config.data.views` / `text_views` ask for."""
   s, length = config.data.image_size, config.model.text.context_length
   b = config.batch_size
-  tokens = lambda: rng.integers(1, config.model.text.vocab_size, (b, length), np.int32)
-  batch = {"image": rng.standard_normal((b, s, s, 3), np.float32), "text": tokens()}
+  out = {"image": ((b, s, s, 3), np.float32), "text": ((b, length), np.int32)}
   for name, v in (config.data.get("views") or {}).items():
     size = int(v.get("size", 0)) or s
-    batch[f"views/{name}"] = rng.standard_normal(
-        (b, int(v.get("count", 1)), size, size, 3), np.float32)
+    out[f"views/{name}"] = ((b, int(v.get("count", 1)), size, size, 3), np.float32)
   for name in (config.data.get("text_views") or {}).keys():
-    batch[f"text_views/{name}"] = tokens()
-  return batch
+    out[f"text_views/{name}"] = ((b, length), np.int32)
+  return out
+
+
+def synthetic_batch(config, seed: int = 0):
+  """A host batch of `batch_layout`: random images and token ids (1 .. vocab - 1)."""
+  rng = np.random.default_rng(seed)
+  vocab = config.model.text.vocab_size
+  return {k: (rng.integers(1, vocab, shape, dtype) if dtype == np.int32
+              else rng.standard_normal(shape, dtype))
+          for k, (shape, dtype) in batch_layout(config).items()}
 
 
 def memory_stats(compiled, device):

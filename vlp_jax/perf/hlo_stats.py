@@ -299,6 +299,24 @@ def kernels(module: Module) -> list:
 _VAGUE = ("other", "no_metadata")
 
 
+def collectives(text: str) -> dict:
+  """{collective: {'count', 'bytes'}} of an HLO module's text, each as many times as
+  it runs per step (`kernels`), async pairs once (at their start), fused ones by the
+  collective they hold; bytes are each op's (largest) output."""
+  module = parse(text)
+  contents = trace_summary.hlo_op_contents(text)
+  out = {}
+  for inst, _ in kernels(module):
+    ops = [re.sub(r"-start$", "", o) for o in [inst.opcode, *contents.get(inst.name, ())]]
+    name = next((o for o in ops if o in COLLECTIVES), None)
+    if name is None:
+      continue
+    row = out.setdefault(name, {"count": 0, "bytes": 0.0})
+    row["count"] += 1
+    row["bytes"] += max((shape_bytes(d, dims) for d, dims in inst.shapes), default=0.0)
+  return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
+
+
 def _fusion_roles(module: Module, inst: Instr) -> str:
   """A fusion's role: the commonest role among the instructions it fuses."""
   roles = collections.Counter()
