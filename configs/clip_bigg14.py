@@ -3,12 +3,14 @@
 Image tower ViT-G/14 in big_vision's naming, open_clip's bigG (48 x 1664, MLP 8192,
 16 heads) at 224 px with a class token; text transformer 32 x 1280, 20 heads, MLP 5120,
 context 77, causal, pooled at the end-of-text token; embeddings 1280; 2.5B parameters.
+Blocks as clip_b16's; open_clip's are --config.model.mlp_act=gelu
+--config.model.image.ln_pre=True --config.model.layer_norm_eps=1e-5.
 Optimiser: AdamW lr 1e-3 (scaled down from open_clip's 2048-GPU run at batch 160k),
 betas (0.9, 0.95), eps 1e-6, weight decay 0.2, cosine; batch 65,536 (--config.
 batch_size=163840 for the published 160k, with --config.accum_steps to fit).
 
-Laid out for a TPU v5p-512 slice (256 chips, 95 GB each): 2-way data x 128-way FSDP
-(1664 = 13 x 128), scanned blocks, full remat (`common.pod_layout`; README "Pod-scale recipes"):
+Laid out for a TPU v5p-512 slice (256 chips, 95 GB each): 4-way data x 64-way FSDP
+(1664 = 26 x 64; 4 x 64 is the slice's 4x8x8 torus), scanned blocks, full remat (`common.pod_layout`; README "Pod-scale recipes"):
 
     python tools/aot_compile.py --config=configs/clip_bigg14.py --topology=v5p-512
 
@@ -30,7 +32,7 @@ def get_config(arg=None):
   c.objectives = {"clip": 1.0}
   c.optim.update(lr=1e-3, warmup_steps=10_000, weight_decay=0.2, b1=0.9, b2=0.95,
                  eps=1e-6, grad_clip_norm=1.0)
-  common.pod_layout(c, data=2)
+  common.pod_layout(c, data=4)
   if arg.h100x8:
     common.h100x8_layout(c, batch_size=256)
   return common.runlocal(c) if arg.runlocal else c

@@ -3,7 +3,9 @@ published ViT-L/14@336px).
 
 Image tower ViT-L/14 (24 x 1024, 16 heads) with a class token; text transformer
 12 x 768, 12 heads, context 77, causal, pooled at the end-of-text token; embeddings
-768. Optimiser as the paper's Table 20: AdamW lr 4e-4, betas (0.9, 0.98), eps 1e-6,
+768. Blocks as clip_b16's (tanh GELU, no LayerNorm before the encoder); OpenAI's own
+are --config.model.mlp_act=quick_gelu --config.model.image.ln_pre=True
+--config.model.layer_norm_eps=1e-5. Optimiser as the paper's Table 20: AdamW lr 4e-4, betas (0.9, 0.98), eps 1e-6,
 weight decay 0.2, 2000 warmup steps, cosine; batch 32,768.
 
 Laid out for a TPU v5e-256 slice (16 GB per chip): FSDP over the 256 chips, scanned

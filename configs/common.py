@@ -77,6 +77,7 @@ def runlocal(c: ConfigDict) -> ConfigDict:
   every evaluation on shapes at the end."""
   c.batch_size, c.total_steps = 32, 20
   c.log_every, c.checkpoint_every = 5, 10
+  c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # any device count
   c.model.dtype = "float32"
   c.model.embed_dim = 64
   c.model.image.update(variant="", width=64, depth=2, mlp_dim=256, num_heads=2,
@@ -97,9 +98,10 @@ def runlocal(c: ConfigDict) -> ConfigDict:
 # chips of a TPU slice (parameters, gradients and Adam moments split 1/fsdp per chip;
 # the batch over data x fsdp), scanned blocks (one compiled block: compile time does
 # not grow with depth) and remat of whole blocks. `tools/aot_compile.py` proves each
-# fits. FSDP splits the width of every kernel, so fsdp must divide the model's widths:
-# 1152 (So400m) and 1664 (bigG) split at most 128 ways, 768 256 ways; `data` takes the
-# rest of the slice.
+# fits. FSDP splits the width of every kernel, so fsdp must divide the model's widths
+# (1152 (So400m) and 1664 (bigG) split at most 128 ways, 768 256 ways), and each mesh
+# axis must be a product of the slice's physical axes (4x8x8: 4, 8, 32, 64, ...);
+# `data` takes the rest of the slice.
 def pod_layout(c: ConfigDict, remat: str = "full", data: int = 1) -> ConfigDict:
   """FSDP over all devices / `data`, scanned and rematerialised blocks (TPU slices)."""
   c.mesh = ConfigDict({"data": data, "fsdp": -1, "tensor": 1})
@@ -108,10 +110,10 @@ def pod_layout(c: ConfigDict, remat: str = "full", data: int = 1) -> ConfigDict:
 
 
 def h100x8_layout(c: ConfigDict, batch_size: int, remat: str = "full") -> ConfigDict:
-  """One node of 8 x H100 80 GB: FSDP over the 8 GPUs (NVLink), `batch_size` per node
-  step, cuDNN attention. Multi-node: --config.mesh.data=NODES keeps FSDP within each
-  node and splits the batch over nodes. A plan, not compiled here (compiling for a GPU
-  needs the GPU)."""
+  """One node of 8 x H100 80 GB: FSDP over the 8 GPUs (NVLink), a global batch of
+  `batch_size` (the node's), cuDNN attention. Multi-node: --config.mesh.data=NODES
+  keeps FSDP within each node and splits the batch over nodes (scale batch_size with
+  it). A plan, not compiled here (compiling for a GPU needs the GPU)."""
   pod_layout(c, remat)
   c.mesh = ConfigDict({"data": -1, "fsdp": 8, "tensor": 1})
   c.batch_size = batch_size

@@ -179,8 +179,11 @@ def _tool(*args, timeout=900):
 @needs_libtpu
 @pytest.mark.parametrize("spec,extra", [
     ("configs/demo.py", []),
+    # The pod recipes' layout: FSDP, scanned blocks (XLA's FLOPs then come from the
+    # unrolled lowering), full remat.
     ("configs/clip_b16.py", ["--config.batch_size=64", "--config.mesh.data=1",
-                             "--config.mesh.fsdp=-1"])])
+                             "--config.mesh.fsdp=-1", "--config.model.scan_layers=True",
+                             "--config.model.remat=full"])])
 def test_compiles_for_a_v5e_2x2_slice(spec, extra):
   proc = _tool(f"--config={spec}", "--topology=v5e:2x2", "--json", *extra)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -193,12 +196,40 @@ def test_compiles_for_a_v5e_2x2_slice(spec, extra):
   assert 1.8 < m["state"]["opt_state"] / m["state"]["params"] < 2.2
   assert 0.8 < r["flops"]["xla_over_analytic"] < 1.3
   assert r["collectives"], "4 devices share gradients: the program must communicate"
-  assert r["host_data"]["per_host_batch"] == r["global_batch"]
+  assert r["host_data"]["host_shapes"]["image"][0] == r["global_batch"]  # one host
   assert r["compile_s"] > 0 and r["expected"]["step_time_s"] > 0
   if "fsdp=-1" in " ".join(extra):  # FSDP: a quarter of the parameters per device.
-    assert r["mesh"]["fsdp"] == 4
+    assert r["mesh"]["fsdp"] == 4 and r["flops"]["xla_source"].startswith("unrolled")
     total = r["num_params"] * 4
     assert m["state"]["params"] < 0.3 * total
+
+
+@needs_libtpu
+def test_slice_hosts_and_rows_per_host():
+  """v5e:4x4 is 16 chips on 4 hosts of 2x2; a batch over all 16 gives each host 1/4."""
+  devices = aot.slice_devices("v5e:4x4")
+  assert len(devices) == 16 and aot.hosts(devices) == {0: 4, 1: 4, 2: 4, 3: 4}
+  assert aot.physical_dims(devices) == [4, 4]
+  import jax  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((16,), ("data",), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  out = aot.host_batch_layout(_recipe("configs/demo.py", batch_size=64), sh, devices)
+  assert out["hosts"] == 4 and out["per_host_batch"] == 16
+  assert out["host_shapes"]["text"][0] == 16
+
+
+@needs_libtpu
+def test_loss_memory_on_a_slice_follows_the_per_device_batch():
+  proc = _tool("--config=configs/siglip_b16.py", "--topology=v5e:2x2",
+               "--loss_batches=256,512", "--json", timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  small, large = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert large["per_device_batch"] == 2 * small["per_device_batch"] == 256
+  # Dense forms hold [B, B]-sized work; chunked SigLIP a few [b, b] blocks.
+  assert large["siglip_chunked"] < 4 * 128 * 128 * 4 * 4
+  assert large["siglip_chunked"] < large["siglip_dense"]
+  assert large["clip_local"] <= 1.5 * 128 * 512 * 4 * 2 + 2e6
 
 
 @needs_libtpu
@@ -210,3 +241,66 @@ def test_pod_scale_errors_come_before_compiling():
   proc = _tool("--config=configs/clip_b16.py", "--topology=v5e:2x2",
                "--config.mesh.data=3", timeout=300)
   assert proc.returncode == 1 and "needs 3 devices" in proc.stderr
+  # A mesh axis that is no product of the torus's axes (2 on v5p's 4x4x4).
+  proc = _tool("--config=configs/clip_b16.py", "--topology=v5p:4x4x4",
+               "--config.mesh.data=2", "--config.mesh.fsdp=-1", timeout=300)
+  assert proc.returncode == 1 and "cannot be laid on this slice" in proc.stderr, (
+      proc.stderr[-2000:])
+  assert "--config.mesh.data=4 --config.mesh.fsdp=16" in proc.stderr
+
+
+def test_physical_grid_and_a_mesh_that_fits_it():
+  devs = [types.SimpleNamespace(coords=(x, y, z)) for x in range(4) for y in range(8)
+          for z in range(8)]
+  assert aot.physical_dims(devs) == [4, 8, 8]
+  # data=2 is no product of 4, 8, 8: the suggestion keeps at least 2-way data.
+  assert aot.suggest_mesh({"data": 2, "fsdp": 128, "tensor": 1}, [4, 8, 8]) == (
+      "--config.mesh.data=4 --config.mesh.fsdp=64")
+  assert aot.suggest_mesh({"data": 1, "fsdp": 256, "tensor": 1}, [16, 16]) == (
+      "--config.mesh.data=1 --config.mesh.fsdp=256")
+  flat = [types.SimpleNamespace(coords=(x, y, 0)) for x in range(16) for y in range(16)]
+  assert aot.physical_dims(flat) == [16, 16]
+
+
+# Each pod recipe at its slice: (recipe, chips, hosts, physical axes, published params).
+POD_RECIPES = [
+    ("configs/clip_l14.py", 256, 64, (16, 16), 428e6),          # v5e-256
+    ("configs/clip_l14.py:res=336", 256, 64, (16, 16), 428e6),
+    ("configs/siglip_so400m.py", 256, 64, (4, 8, 8), 878e6),    # v5p-512
+    # vlp_jax's CoCa layout: one MLP per multimodal layer where open_clip's 638M
+    # coca_ViT-L-14 has two (self- and cross-attention blocks): about 5% fewer.
+    ("configs/coca_l14.py", 512, 128, (8, 8, 8), 605e6),        # v4-1024
+    ("configs/clip_bigg14.py", 256, 64, (4, 8, 8), 2.54e9),     # v5p-512
+]
+
+
+def _products(dims):
+  """Every product of a subset of the physical axes (the mesh sizes a torus takes)."""
+  out = {1}
+  for d in dims:
+    out |= {p * d for p in out}
+  return out
+
+
+@pytest.mark.parametrize("spec,chips_,hosts_,dims,params", POD_RECIPES)
+def test_pod_recipe_plans_hold_at_their_slice_size(spec, chips_, hosts_, dims, params):
+  """Without the TPU compiler: the recipe's mesh fits the slice's chips and torus, its
+  batch splits over the devices and hosts, every parameter axis divides over its mesh
+  axes, and the model has the published size."""
+  c = cli.load_config_file(spec)
+  sizes = aot.check_mesh(c, chips_)
+  assert all(v in _products(dims) for v in sizes.values()), sizes
+  rules = aot.sharding.rules_from_config(c.sharding_rules)
+  plan = aot.check_batch(c, sizes, rules, num_hosts=hosts_)
+  assert plan.per_shard * chips_ == c.batch_size
+  leaves, mesh = aot.param_leaves(c, sizes)
+  assert aot.indivisible_leaves(leaves, mesh) == []
+  n = sum(int(np.prod(x.shape)) for x in
+          __import__("jax").tree.leaves(leaves, is_leaf=lambda x: hasattr(x, "sharding")))
+  assert abs(n / params - 1) < 0.03, n
+  # The same model over all 256 / 512 chips as pure FSDP would not divide (1152 and
+  # 1664 are not multiples of 256; 768 not of 512): the layout's data axis is needed.
+  if sizes["data"] > 1:
+    all_fsdp = {"data": 1, "fsdp": chips_, "tensor": 1}
+    leaves, mesh = aot.param_leaves(c, all_fsdp)
+    assert aot.indivisible_leaves(leaves, mesh)

@@ -114,13 +114,16 @@ def main(argv):
     if _LOSS_BATCHES.value:
       from vlp_jax.perf import aot_losses  # pylint: disable=g-import-not-at-top
       dim = _CONFIG.value.model.embed_dim
-      rows = aot_losses.loss_memory_table(devices, [int(b) for b in _LOSS_BATCHES.value],
-                                          dim)
+      rows = aot_losses.loss_memory_table(
+          devices, [int(b) for b in _LOSS_BATCHES.value], dim,
+          token_dim=_CONFIG.value.model.get("token_embed_dim", 0))
       print(json.dumps(rows) if _JSON.value else loss_markdown(rows, _TOPOLOGY.value, dim))
       return
     record = aot.compile_report(_CONFIG.value, devices, mfu=_MFU.value,
                                 dump_hlo=_DUMP.value)
   except errors.UserError as e:
+    if _JSON.value and getattr(e, "record", None):  # DoesNotFit: the plan's facts
+      print(json.dumps(dict(e.record, memory={"fits": False}, error=str(e))))
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   record["topology"] = _TOPOLOGY.value

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import time
+import types
 
 from vlp_jax import batch_plan, errors, sharding
 from vlp_jax.perf import chips
@@ -23,6 +24,20 @@ from vlp_jax.perf import chips
 
 class AotError(errors.UserError, RuntimeError):
   """The slice cannot be compiled for here (no TPU compiler, unknown topology)."""
+
+
+class DoesNotFit(errors.UserError, MemoryError):
+  """The TPU compiler refused the step: it needs more HBM than a chip has."""
+
+  def __init__(self, compiler_message: str, record: dict):
+    first = compiler_message.strip().splitlines()[0][:600]
+    super().__init__(
+        f"The step does not fit a chip's HBM on this slice (mesh {record['mesh']}, "
+        f"{record['per_device_batch']} examples per device). The compiler says: "
+        f"{first}\nMake it fit with more FSDP (a larger config.mesh.fsdp), remat "
+        f"(--config.model.remat=full), scanned blocks (--config.model.scan_layers="
+        f"True), micro-batches (--config.accum_steps=K) or a smaller batch.")
+    self.record = record
 
 
 def slice_devices(topology: str):
@@ -41,13 +56,36 @@ def slice_devices(topology: str):
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   name = chips.topology_name(gen, dims)
   try:
+    # 2x2x1 chips per host: the multi-host TPU VMs of v4, v5e, v5p and v6e slices.
     desc = topologies.get_topology_desc(
         topology_name=name, platform="tpu",
-        chip_config_name="megacore" if megacore else "default")
+        chip_config_name="megacore" if megacore else "default",
+        chips_per_host_bounds=(2, 2, 1))
   except Exception as e:  # pylint: disable=broad-except
     raise AotError(f"The TPU compiler does not know topology '{name}' "
                    f"(from '{topology}'): {e}") from e
   return list(desc.devices)
+
+
+def physical_dims(devices) -> list:
+  """The slice's chip grid from the devices' coordinates, e.g. [4, 8, 8] (one entry per
+  axis larger than 1; a megacore chip counts once)."""
+  coords = [tuple(getattr(d, "coords", ()) or ()) for d in devices]
+  if not coords or not coords[0]:
+    return [len(devices)]
+  return [len({c[i] for c in coords}) for i in range(len(coords[0]))
+          if len({c[i] for c in coords}) > 1] or [1]
+
+
+def suggest_mesh(mesh: dict, dims) -> str:
+  """A mesh of the same device count whose FSDP size is a product of physical axes:
+  data takes the first axes, fsdp the rest (e.g. data=4, fsdp=64 on 4x8x8)."""
+  dims = sorted(dims)
+  for k in range(len(dims)):
+    data = math.prod(dims[:k])
+    if data >= mesh.get("data", 1) and mesh.get("tensor", 1) == 1:
+      return f"--config.mesh.data={data} --config.mesh.fsdp={math.prod(dims[k:])}"
+  return "--config.mesh.data=1 --config.mesh.fsdp=-1"
 
 
 def hosts(devices) -> dict:
@@ -68,17 +106,10 @@ def check_mesh(config, num_devices: int, where: str = "") -> dict:
   return dict(zip(sharding.MESH_AXES, sizes))
 
 
-def batch_axes(rules) -> tuple:
-  """The mesh axes the batch's leading axis is split over, under `rules`."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
-  return (axes,) if isinstance(axes, str) else tuple(axes or ())
-
-
 def check_batch(config, mesh_sizes: dict, rules, num_hosts: int) -> batch_plan.BatchPlan:
   """The batch plan on a slice of `num_hosts` hosts, or a ConfigError naming the
   batch sizes that split (batch_plan.make)."""
-  shards = math.prod(mesh_sizes[a] for a in batch_axes(rules))
+  shards = sharding.batch_shards(types.SimpleNamespace(shape=mesh_sizes), rules)
   return batch_plan.make(config.batch_size, config.accum_steps, num_hosts, 0, shards,
                          mesh_desc=str(mesh_sizes))
 
@@ -101,6 +132,28 @@ def indivisible_leaves(abstract, mesh) -> list:
   return out
 
 
+def param_leaves(config, mesh_sizes: dict):
+  """The model's parameters as leaves with `.shape` and `.sharding.spec` (mesh axes,
+  from their logical axis names and config.sharding_rules) and a stand-in mesh of
+  `mesh_sizes`: what `indivisible_leaves` needs, with no devices (jax.eval_shape)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from vlp_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from vlp_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  model = build_model(config.model)
+  init = lambda rng: model.init({"params": rng, "dropout": rng},
+                                state_lib.dummy_batch(config), train=False)["params"]
+  boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+  rules = sharding.rules_from_config(config.sharding_rules)
+  specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  leaves = jax.tree.map(
+      lambda x, spec: types.SimpleNamespace(
+          shape=x.shape, dtype=x.dtype, sharding=types.SimpleNamespace(spec=spec)),
+      nn.unbox(boxed), specs, is_leaf=is_spec)
+  return leaves, types.SimpleNamespace(shape=dict(mesh_sizes))
+
+
 def check_divisible(abstract, mesh, rules=()):
   """A ConfigError listing the arrays a mesh axis does not divide (parameters first;
   the optimizer state mirrors them) and the logical axes (`rules`) that put them on
@@ -111,14 +164,15 @@ def check_divisible(abstract, mesh, rules=()):
   params = [b for b in bad if not b[0].startswith(".opt_state")] or bad
   lines = "\n".join(f"  {p} {s} {spec}: {why}" for p, s, spec, why in params[:12])
   more = len(bad) - min(len(params), 12)
+  more_note = (f"\n  ... and {more} more" + (" (the optimizer state of the same)"
+                                              if len(params) <= 12 else ""))
   axes = sorted({a for *_, why in bad  # "... over mesh axes ('tensor',) of size 4"
                  for a in re.findall(r"'(\w+)'", why.split(" of size")[0])})
-  logical = sorted(name for name, target in rules if set(
+  logical = sorted(name for name, target in rules if name != "batch" and set(
       (target,) if isinstance(target, str) else (target or ())) & set(axes))
   raise errors.ConfigError(
       f"{len(bad)} state arrays do not split evenly over mesh {dict(mesh.shape)}:\n"
-      f"{lines}" + (f"\n  ... and {more} more (optimizer state of the same)" if more
-                    else "") +
+      f"{lines}" + (more_note if more else "") +
       f"\nUse mesh sizes that divide these dimensions (e.g. a config.mesh.tensor that "
       f"divides the heads, MLP width and vocabulary), or keep the logical axes on mesh "
       f"axes {axes} ({', '.join(logical) or 'see config.sharding_rules'}) unsharded: "
@@ -159,17 +213,12 @@ def host_batch_layout(config, batch_sharding, devices) -> dict:
         f"On this slice each of the {n_hosts} hosts reads {want} rows of the "
         f"{b}-row batch, but its devices hold {max(counts)} distinct rows: the batch "
         f"is replicated over a mesh axis that spans hosts. Keep mesh axes outside "
-        f"the batch's {batch_axes_of(batch_sharding)} within one host "
+        f"the batch's ({batch_sharding.spec[0]}) within one host "
         f"({len(devices) // n_hosts} devices), e.g. a smaller config.mesh.tensor.")
   return {"hosts": n_hosts, "devices_per_host": len(devices) // n_hosts,
           "per_host_batch": want, "rows_contiguous_per_host": contiguous,
           "host_shapes": {k: [want, *v.shape[1:]] for k, v in shapes.items()},
           "global_shapes": {k: list(v.shape) for k, v in shapes.items()}}
-
-
-def batch_axes_of(batch_sharding) -> tuple:
-  entry = batch_sharding.spec[0]
-  return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 def check_plan(config, devices) -> dict:
@@ -234,15 +283,18 @@ def memory_record(compiled) -> dict:
 
 def unrolled_flops(config) -> float:
   """XLA's FLOPs of the whole step (all devices together) with the blocks unrolled,
-  from the cost analysis of the step lowered for one CPU device (nothing compiles;
-  the global program's FLOPs do not depend on the platform or the mesh). XLA counts a
-  loop's body once, so a scanned step's own count covers one block per tower; this
-  one counts every block (rematerialised forward passes included, as the hardware
-  runs them)."""
+  no remat and no accumulation loop, from the cost analysis of the step lowered for
+  one CPU device (nothing compiles; the global program's FLOPs do not depend on the
+  platform or the mesh). XLA counts a loop's body once, so a scanned (or accumulated)
+  step's own count covers one block per tower (one micro-batch); this one counts the
+  model's FLOPs as the analytic count does (remat's second forward pass adds about a
+  third on top of both)."""
   from vlp_jax.train.setup import TrainSetup  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   unrolled = config.copy_and_resolve_references()
   unrolled.model.scan_layers = False
+  unrolled.model.remat = "none"  # model FLOPs: no second forward pass
+  unrolled.accum_steps = 1  # accumulation's loop would be counted once, too
   unrolled.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
   unrolled.model.attention_impl = "xla"  # the platform-free form (no cuDNN, no Pallas)
   setup = TrainSetup(unrolled, jax.devices("cpu")[:1])
@@ -260,11 +312,23 @@ def compile_report(config, devices, mfu: float = 0.4, dump_hlo: str = "") -> dic
   import jax  # pylint: disable=g-import-not-at-top
   from vlp_jax.perf import flops as flops_lib, hlo_stats  # pylint: disable=g-import-not-at-top
   from vlp_jax.train.setup import TrainSetup  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
   config.evals = {}
   record = check_plan(config, devices)
   kind = devices[0].device_kind
+  physical = physical_dims(devices)
   t0 = time.perf_counter()
-  setup = TrainSetup(config, devices)
+  try:
+    setup = TrainSetup(config, devices)
+  except NotImplementedError as e:  # jax.make_mesh: no axis assignment on the torus
+    if "physical mesh" not in str(e):
+      raise
+    raise errors.ConfigError(
+        f"Mesh {record['mesh']} cannot be laid on this slice's chips "
+        f"({'x'.join(map(str, physical))}): "
+        f"each mesh axis larger than 1 must be a product of some of the slice's "
+        f"physical axis sizes. Choose sizes such as "
+        f"{suggest_mesh(record['mesh'], physical)}.") from None
   check_divisible(setup.abstract, setup.mesh, setup.rules)
   record["host_data"] = host_batch_layout(config, setup.batch_sharding, devices)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
@@ -272,7 +336,12 @@ def compile_report(config, devices, mfu: float = 0.4, dump_hlo: str = "") -> dic
   with setup.contexts()[0], setup.contexts()[1]:
     lowered = setup.step_fn.lower(setup.abstract, batch)
   t1 = time.perf_counter()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if "memory space hbm" not in str(e) and "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise DoesNotFit(str(e), record) from None
   t2 = time.perf_counter()
   text = compiled.as_text()
   if dump_hlo:
@@ -286,8 +355,9 @@ def compile_report(config, devices, mfu: float = 0.4, dump_hlo: str = "") -> dic
   n = len(devices)
   analytic = flops_lib.train_flops_per_sample(config) * config.batch_size / n
   xla, xla_source = flops_lib.xla_flops(compiled), "compiled program"
-  if config.model.get("scan_layers"):
-    xla, xla_source = unrolled_flops(config) / n, "unrolled lowering"
+  if config.model.get("scan_layers") or config.accum_steps > 1 or (
+      config.model.get("remat", "none") != "none"):
+    xla, xla_source = unrolled_flops(config) / n, "unrolled lowering, no remat"
   peak = flops_lib.table_peak_flops(kind, config.model.dtype)
   record.update(
       device_kind=kind, num_params=int(sum(x.size for x in leaves)),

@@ -1,7 +1,8 @@
 """Accelerator memory per JAX device, and the TPU slice names users type.
 
 HBM figures are the vendors' published capacities, in the unit each page states (GB =
-1e9 bytes, GiB = 2**30), per JAX device: one device per chip on v4 and v5p (megacore,
+1e9 bytes, GiB = 2**30; where a page says GB of a GiB-sized part, about 7% is
+left in hand), per JAX device: one device per chip on v4 and v5p (megacore,
 as TPU VMs run them), v5e and v6e (one TensorCore per chip), and GPUs; one device per
 TensorCore on v3. XLA and the runtime keep a little of it for themselves, so a program
 within a few percent of the figure may still not fit (`aot.fits` warns above 90%).
@@ -19,8 +20,11 @@ HBM_BYTES = (
     ("tpu v5 lite", 16e9, "Cloud TPU docs, 'TPU v5e': HBM capacity per chip 16 GB"),
     ("tpu v5", 95e9, "Cloud TPU docs, 'TPU v5p': HBM2e 95 GB per chip"),
     ("tpu v6 lite", 32e9, "Cloud TPU docs, 'TPU v6e': HBM capacity per chip 32 GB"),
+    ("gh200", 96e9, "NVIDIA GH200 datasheet: 96 GB HBM3 (the 144 GB HBM3e part "
+                    "holds more)"),
     ("h100", 80e9, "NVIDIA H100 SXM5 datasheet: 80 GB HBM3"),
     ("h200", 141e9, "NVIDIA H200 datasheet: 141 GB HBM3e"),
+    ("a100 80gb", 80e9, "NVIDIA A100 datasheet: 80 GB HBM2e"),
     ("a100-sxm4-80gb", 80e9, "NVIDIA A100 datasheet: 80 GB HBM2e"),
     ("a100", 40e9, "NVIDIA A100 datasheet: 40 GB HBM2"),
 )
