@@ -9,7 +9,8 @@ are --config.model.mlp_act=quick_gelu --config.model.image.ln_pre=True
 weight decay 0.2, 2000 warmup steps, cosine; batch 32,768.
 
 Laid out for a TPU v5e-256 slice (16 GB per chip): FSDP over the 256 chips, scanned
-blocks, full remat (`common.pod_layout`; README "Pod-scale recipes" has its AOT report):
+blocks, full remat, and at 336 px two micro-batches (accum_steps=2; in one, the step
+needs 98% of a chip's HBM) (`common.pod_layout`; README "Pod-scale recipes" has its AOT report):
 
     python tools/aot_compile.py --config=configs/clip_l14.py --topology=v5e-256
     python main.py --config=configs/clip_l14.py --workdir=gs://bucket/clip_l14 \\
@@ -32,6 +33,8 @@ def get_config(arg=None):
   c.model.text.update(width=768, num_heads=12, mlp_dim=3072)
   common.clip_text_pool(c)
   c.data.image_size = arg.res
+  if arg.res > 224:  # 577 tokens at 336 px: two micro-batches keep v5e's HBM half free
+    c.accum_steps = 2
   c.objectives = {"clip": 1.0}
   c.optim.update(lr=4e-4, warmup_steps=2000, weight_decay=0.2, b1=0.9, b2=0.98,
                  eps=1e-6, grad_clip_norm=1.0)

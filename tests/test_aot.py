@@ -292,7 +292,7 @@ def test_pod_recipe_plans_hold_at_their_slice_size(spec, chips_, hosts_, dims, p
   assert all(v in _products(dims) for v in sizes.values()), sizes
   rules = aot.sharding.rules_from_config(c.sharding_rules)
   plan = aot.check_batch(c, sizes, rules, num_hosts=hosts_)
-  assert plan.per_shard * chips_ == c.batch_size
+  assert plan.per_shard * chips_ * plan.accum_steps == c.batch_size
   leaves, mesh = aot.param_leaves(c, sizes)
   assert aot.indivisible_leaves(leaves, mesh) == []
   n = sum(int(np.prod(x.shape)) for x in

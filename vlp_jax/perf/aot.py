@@ -173,8 +173,9 @@ def check_divisible(abstract, mesh, rules=()):
   raise errors.ConfigError(
       f"{len(bad)} state arrays do not split evenly over mesh {dict(mesh.shape)}:\n"
       f"{lines}" + (more_note if more else "") +
-      f"\nUse mesh sizes that divide these dimensions (e.g. a config.mesh.tensor that "
-      f"divides the heads, MLP width and vocabulary), or keep the logical axes on mesh "
+      f"\nUse mesh sizes that divide these dimensions (config.mesh.{' or '.join(axes)} "
+      f"a divisor of the model's widths, heads and vocabulary, with config.mesh.data "
+      f"taking the rest of the devices), or keep the logical axes on mesh "
       f"axes {axes} ({', '.join(logical) or 'see config.sharding_rules'}) unsharded: "
       f"--config.sharding_rules.NAME=''.")
 
