@@ -16,22 +16,18 @@ Laid out for a TPU v5p-512 slice (256 chips, 95 GB each): 4-way data x 64-way FS
 
 `:h100x8`: one 8 x H100 node (batch 256); `:runlocal`: one minute on a CPU.
 """
-from configs import common
+from configs import clip_b16, common
 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False, h100x8=False)
-  c = common.b16_recipe()
+  c = clip_b16.get_config()  # loss, text pooling
   c.batch_size = 65536
   c.total_steps = 200_000
-  c.model.name = "two_tower"
   c.model.embed_dim = 1280
   c.model.image.update(variant="G/14", pool="cls")
   c.model.text.update(width=1280, depth=32, mlp_dim=5120, num_heads=20)
-  common.clip_text_pool(c)
-  c.objectives = {"clip": 1.0}
-  c.optim.update(lr=1e-3, warmup_steps=10_000, weight_decay=0.2, b1=0.9, b2=0.95,
-                 eps=1e-6, grad_clip_norm=1.0)
+  c.optim.update(lr=1e-3, warmup_steps=10_000, b2=0.95)
   common.pod_layout(c, data=4)
   if arg.h100x8:
     common.h100x8_layout(c, batch_size=256)

@@ -18,17 +18,12 @@ FSDP (1152 = 18 x 64; 4 x 64 is the slice's 4x8x8 torus), scanned blocks, full r
 
 `:h100x8`: one 8 x H100 node (batch 512); `:runlocal`: one minute on a CPU.
 """
-import math
-
-from configs import common
+from configs import common, siglip_b16
 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False, h100x8=False, res=224)
-  c = common.b16_recipe()
-  c.batch_size = 32768
-  c.total_steps = 275_000
-  c.model.name = "two_tower"
+  c = siglip_b16.get_config()  # loss, temperature and bias init, optimiser, batch
   c.model.embed_dim = 1152
   c.model.image.update(variant="So400m/14", pool="map")
   c.model.text.update(vocab_size=32000, width=1152, depth=27, mlp_dim=4304,
@@ -36,14 +31,7 @@ def get_config(arg=None):
                       padding_mask=False)
   c.model.image.proj = False
   c.model.proj_bias = True
-  c.data.update(image_size=arg.res, normalization="inception",
-                tokenizer="siglip:data/spiece.model")
-  c.model.logit_scale_init = math.log(10.0)
-  c.model.use_logit_bias = True
-  c.model.logit_bias_init = -10.0
-  c.objectives = {"siglip": 1.0}
-  c.optim.update(lr=1e-3, warmup_steps=5000, weight_decay=1e-4, b1=0.9, b2=0.95,
-                 eps=1e-8, grad_clip_norm=1.0)
+  c.data.update(image_size=arg.res, tokenizer="siglip:data/spiece.model")
   common.pod_layout(c, data=4)
   if arg.h100x8:
     common.h100x8_layout(c, batch_size=512)
