@@ -311,3 +311,18 @@ def test_pod_recipe_plans_hold_at_their_slice_size(spec, chips_, hosts_, dims, p
     all_fsdp = {"data": 1, "fsdp": chips_, "tensor": 1}
     leaves, mesh = aot.param_leaves(c, all_fsdp)
     assert aot.indivisible_leaves(leaves, mesh)
+
+
+@needs_libtpu
+def test_two_slices_get_a_mesh_whose_data_axis_spans_them():
+  """Multi-slice: jax.make_mesh refuses such devices; sharding.make_mesh builds the
+  hybrid mesh (data over the slices' network) the trainer and the tool share."""
+  proc = _tool("--config=configs/demo.py", "--topology=v5e:2x2", "--num_slices=2",
+               "--json", "--config.mesh.data=2", "--config.mesh.fsdp=-1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert r["num_devices"] == 8 and r["hosts"] == 2 and r["num_slices"] == 2
+  assert r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and r["memory"]["fits"]
+  proc = _tool("--config=configs/demo.py", "--topology=v5e:2x2", "--num_slices=2",
+               "--config.mesh.data=1", "--config.mesh.fsdp=-1", timeout=300)
+  assert proc.returncode == 1 and "multiple of 2" in proc.stderr

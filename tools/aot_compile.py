@@ -15,7 +15,8 @@ chip's HBM; XLA's FLOPs per device per step against the analytic count; the comp
 program's collectives; each host's batch and make_array_from_process_local_data shapes;
 the step time at --mfu; compile time. Topologies: GENERATION:SHAPE (v5e:16x16,
 v5p:4x8x8, v4:8x8x8, v6e:16x16) or Cloud accelerator types (v5litepod-256, v5p-512,
-v4-1024). Exit status 1 with one message for a plan that cannot work.
+v4-1024); --num_slices=K for K slices (multi-slice). Exit status 1 with one message
+for a plan that cannot work.
 """
 import json
 import os
@@ -37,6 +38,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe: configs/NAME.
                                           lock_config=False)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:2x2, v5e:16x16, "
                                 "v5p-512, v4-1024.")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "Several such slices joined by the "
+                                "data-center network (multi-slice): config.mesh.data "
+                                "spans them.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation for the expected step time.")
 _JSON = flags.DEFINE_bool("json", False, "Print the record as JSON instead of markdown.")
 _DUMP = flags.DEFINE_string("dump_hlo", "", "Write the compiled per-device HLO here.")
@@ -61,7 +65,9 @@ def markdown(r: dict) -> str:
   """The record as a short markdown report."""
   m, f = r["memory"], r["flops"]
   lines = [
-      f"### {r['config']} on {r['topology']} {' '.join(r['overrides'])}".rstrip(), "",
+      f"### {r['config']} on {r['topology']}"
+      + (f" x {r['num_slices']} slices" if r.get("num_slices", 1) > 1 else "")
+      + f" {' '.join(r['overrides'])}".rstrip(), "",
       f"{r['num_devices']} x {r['device_kind']} on {r['hosts']} hosts, mesh "
       f"{r['mesh']}; {r['num_params'] / 1e6:,.1f}M parameters, {r['dtype']}; global "
       f"batch {r['global_batch']:,} ({r['per_device_batch']} per device, "
@@ -110,7 +116,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from vlp_jax.perf import aot  # pylint: disable=g-import-not-at-top
   try:
-    devices = aot.slice_devices(_TOPOLOGY.value)
+    devices = aot.slice_devices(_TOPOLOGY.value, _SLICES.value)
     if _LOSS_BATCHES.value:
       from vlp_jax.perf import aot_losses  # pylint: disable=g-import-not-at-top
       dim = _CONFIG.value.model.embed_dim
@@ -127,6 +133,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   record["topology"] = _TOPOLOGY.value
+  record["num_slices"] = _SLICES.value
   record["config"] = next((a.split("=", 1)[1] for a in sys.argv
                            if a.startswith("--config=")), None)
   record["overrides"] = [a for a in sys.argv[1:] if a.startswith("--config.")]

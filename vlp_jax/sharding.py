@@ -79,11 +79,25 @@ def mesh_shape(mesh_cfg, num_devices: int):
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  """A mesh with Auto axis types over `devices` (default: all)."""
+  """A mesh with Auto axis types over `devices` (default: all). Devices of several
+  TPU slices (multi-slice, joined by the data-center network) get a hybrid mesh:
+  `data` spans the slices, everything else stays within one."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  slices = len({getattr(d, "slice_index", 0) or 0 for d in devices})
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  from vlp_jax import errors  # pylint: disable=g-import-not-at-top
+  if shape[0] % slices:
+    raise errors.ConfigError(
+        f"config.mesh {dict(zip(MESH_AXES, shape))} on {slices} TPU slices: the data "
+        f"axis spans the slices, so config.mesh.data must be a multiple of {slices} "
+        f"(e.g. --config.mesh.data={slices} --config.mesh.fsdp=-1).")
+  per_slice = (shape[0] // slices,) + tuple(shape[1:])
+  grid = mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1), devices)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_shardings(tree, mesh, rules=DEFAULT_RULES):

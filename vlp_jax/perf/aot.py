@@ -40,10 +40,11 @@ class DoesNotFit(errors.UserError, MemoryError):
     self.record = record
 
 
-def slice_devices(topology: str):
+def slice_devices(topology: str, num_slices: int = 1):
   """The devices of TPU slice `topology` ('v5e:16x16', 'v5p-512', ...: chips.
-  parse_topology), each with its host (`process_index`); one device per chip on v4 and
-  v5p (megacore, as TPU VMs run them)."""
+  parse_topology), or of `num_slices` such slices (multi-slice, `slice_index`), each
+  with its host (`process_index`); one device per chip on v4 and v5p (megacore, as
+  TPU VMs run them)."""
   try:
     gen, dims, megacore = chips.parse_topology(topology)
   except ValueError as e:
@@ -60,7 +61,7 @@ def slice_devices(topology: str):
     desc = topologies.get_topology_desc(
         topology_name=name, platform="tpu",
         chip_config_name="megacore" if megacore else "default",
-        chips_per_host_bounds=(2, 2, 1))
+        chips_per_host_bounds=(2, 2, 1), num_slices=int(num_slices))
   except Exception as e:  # pylint: disable=broad-except
     raise AotError(f"The TPU compiler does not know topology '{name}' "
                    f"(from '{topology}'): {e}") from e
@@ -70,7 +71,9 @@ def slice_devices(topology: str):
 def physical_dims(devices) -> list:
   """The slice's chip grid from the devices' coordinates, e.g. [4, 8, 8] (one entry per
   axis larger than 1; a megacore chip counts once)."""
-  coords = [tuple(getattr(d, "coords", ()) or ()) for d in devices]
+  first = min(getattr(d, "slice_index", 0) or 0 for d in devices)
+  coords = [tuple(getattr(d, "coords", ()) or ()) for d in devices
+            if (getattr(d, "slice_index", 0) or 0) == first]  # one slice's grid
   if not coords or not coords[0]:
     return [len(devices)]
   return [len({c[i] for c in coords}) for i in range(len(coords[0]))
