@@ -109,12 +109,12 @@ def pod_layout(c: ConfigDict, remat: str = "full", data: int = 1) -> ConfigDict:
   return c
 
 
-def h100x8_layout(c: ConfigDict, batch_size: int, remat: str = "full") -> ConfigDict:
-  """One node of 8 x H100 80 GB: FSDP over the 8 GPUs (NVLink), a global batch of
-  `batch_size` (the node's), cuDNN attention. Multi-node: --config.mesh.data=NODES
-  keeps FSDP within each node and splits the batch over nodes (scale batch_size with
-  it). A plan, not compiled here (compiling for a GPU needs the GPU)."""
-  pod_layout(c, remat)
+def h100x8_layout(c: ConfigDict, batch_size: int) -> ConfigDict:
+  """`pod_layout`'s recipe moved to one node of 8 x H100 80 GB: FSDP over the 8 GPUs
+  (NVLink), a global batch of `batch_size` (the node's), cuDNN attention. Multi-node:
+  --config.mesh.data=NODES keeps FSDP within each node and splits the batch over nodes
+  (scale batch_size with it). A plan, not compiled here (compiling for a GPU needs the
+  GPU)."""
   c.mesh = ConfigDict({"data": -1, "fsdp": 8, "tensor": 1})
   c.batch_size = batch_size
   c.model.attention_impl = "cudnn"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import types
 
+import jax
 import numpy as np
 import pytest
 
@@ -154,7 +155,7 @@ def test_batch_shapes_are_the_synthetic_batch_shapes():
   from vlp_jax.perf import benchmark  # pylint: disable=g-import-not-at-top
   c = _recipe("configs/demo.py", batch_size=4)
   real = benchmark.synthetic_batch(c)
-  shapes = aot.batch_shapes(c)
+  shapes = benchmark.abstract_batch(c)
   assert {k: (v.shape, v.dtype) for k, v in real.items()} == {
       k: (v.shape, np.dtype(v.dtype)) for k, v in shapes.items()}
 
@@ -298,7 +299,7 @@ def test_pod_recipe_plans_hold_at_their_slice_size(spec, chips_, hosts_, dims, p
   leaves, mesh = aot.param_leaves(c, sizes)
   assert aot.indivisible_leaves(leaves, mesh) == []
   n = sum(int(np.prod(x.shape)) for x in
-          __import__("jax").tree.leaves(leaves, is_leaf=lambda x: hasattr(x, "sharding")))
+          jax.tree.leaves(leaves, is_leaf=lambda x: hasattr(x, "sharding")))
   assert abs(n / params - 1) < 0.03, n
   # The same model over all 256 / 512 chips as pure FSDP would not divide (1152 and
   # 1664 are not multiples of 256; 768 not of 512): the layout's data axis is needed.

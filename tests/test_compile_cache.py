@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import test_eval_suite
 from vlp_jax import compile_cache, errors
 from vlp_jax.train import loop
 
@@ -232,26 +233,6 @@ def counting_compiles():
     jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def _tiny_two_tower():
-  """(config, predict fns, params) of a tiny CLIP on 32 px shapes, byte tokens."""
-  from vlp_jax import config as config_lib, models  # pylint: disable=g-import-not-at-top
-  from vlp_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from vlp_jax.train import predict  # pylint: disable=g-import-not-at-top
-  c = config_lib.default_config()
-  c.model.embed_dim = 16
-  c.model.image.update(variant="", width=16, depth=1, mlp_dim=32, num_heads=2,
-                       patch_size=8)
-  c.model.text.update(vocab_size=260, width=16, depth=1, mlp_dim=32, num_heads=2,
-                      context_length=16)
-  c.data.update(source="shapes", image_size=32, tokenizer="bytes")
-  model = models.build_model(c.model)
-  tokenizer = pipeline.make_tokenizer(c.data)
-  batch = {"image": jax.numpy.zeros((2, 32, 32, 3)),
-           "text": jax.numpy.asarray(tokenizer.tokenize(["a", "b"], 16))}
-  params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
-  return c, predict.make_predict_fns(model, tokenizer, 16), params
-
-
 def _evals(c, **entries):
   """name -> evaluator cfg of `entries` (sizes leave a partial last batch of 8)."""
   from configs import common  # pylint: disable=g-import-not-at-top
@@ -264,7 +245,7 @@ def _evals(c, **entries):
 
 @pytest.fixture(scope="module")
 def tiny():
-  return _tiny_two_tower()
+  return test_eval_suite.tiny_two_tower(context_length=16)
 
 
 def _two_rounds(evals, fns, params):

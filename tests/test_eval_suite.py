@@ -231,23 +231,28 @@ def test_unknown_template_set_names_the_sets():
 # ------------------------------------------------ every evaluator, tiny model, shapes
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  """A tiny two-tower model on 32 px images with byte tokens, its predict fns."""
+def tiny_two_tower(context_length=32):
+  """(config, predict fns, params) of a tiny two-tower model on 32 px images with byte
+  tokens."""
   c = config_lib.default_config()
   c.model.embed_dim = 16
   c.model.image.update(variant="", width=16, depth=1, mlp_dim=32, num_heads=2,
                        patch_size=8)
   c.model.text.update(vocab_size=260, width=16, depth=1, mlp_dim=32, num_heads=2,
-                      context_length=32)
+                      context_length=context_length)
   c.data.update(source="shapes", image_size=32, tokenizer="bytes")
   model = models.build_model(c.model)
   tokenizer = pipeline.make_tokenizer(c.data)
   batch = {"image": jnp.zeros((2, 32, 32, 3)),
-           "text": jnp.asarray(tokenizer.tokenize(["a", "b"], 32))}
+           "text": jnp.asarray(tokenizer.tokenize(["a", "b"], context_length))}
   params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
-  fns = predict.make_predict_fns(model, tokenizer, 32)
+  fns = predict.make_predict_fns(model, tokenizer, context_length)
   return c, fns, params
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return tiny_two_tower()
 
 
 MESH = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))

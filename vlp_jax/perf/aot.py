@@ -183,22 +183,14 @@ def check_divisible(abstract, mesh, rules=()):
       f"--config.sharding_rules.NAME=''.")
 
 
-def batch_shapes(config) -> dict:
-  """{key: ShapeDtypeStruct} of a global train batch (benchmark.synthetic_batch's
-  shapes, without allocating it)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from vlp_jax.perf import benchmark  # pylint: disable=g-import-not-at-top
-  return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in
-          benchmark.batch_layout(config).items()}
-
-
 def host_batch_layout(config, batch_sharding, devices) -> dict:
   """What each host's pipeline reads and hands to make_array_from_process_local_data:
   rows per host (global batch / hosts), its local array shapes, and whether every
   host's devices hold exactly that many distinct rows in one block. A ConfigError when
   a host's devices need more rows than it reads (batch rows replicated across hosts:
   a mesh axis not in the batch's spans hosts)."""
-  shapes = batch_shapes(config)
+  from vlp_jax.perf import benchmark  # pylint: disable=g-import-not-at-top
+  shapes = benchmark.batch_layout(config)
   b = config.batch_size
   per_host = collections.defaultdict(set)
   for device, index in batch_sharding.devices_indices_map((b,)).items():
@@ -221,8 +213,8 @@ def host_batch_layout(config, batch_sharding, devices) -> dict:
         f"({len(devices) // n_hosts} devices), e.g. a smaller config.mesh.tensor.")
   return {"hosts": n_hosts, "devices_per_host": len(devices) // n_hosts,
           "per_host_batch": want, "rows_contiguous_per_host": contiguous,
-          "host_shapes": {k: [want, *v.shape[1:]] for k, v in shapes.items()},
-          "global_shapes": {k: list(v.shape) for k, v in shapes.items()}}
+          "host_shapes": {k: [want, *s[1:]] for k, (s, _) in shapes.items()},
+          "global_shapes": {k: list(s) for k, (s, _) in shapes.items()}}
 
 
 def check_plan(config, devices) -> dict:
@@ -293,19 +285,15 @@ def unrolled_flops(config) -> float:
   step's own count covers one block per tower (one micro-batch); this one counts the
   model's FLOPs as the analytic count does (remat's second forward pass adds about a
   third on top of both)."""
-  from vlp_jax.train.setup import TrainSetup  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  from vlp_jax.perf import hlo_stats  # pylint: disable=g-import-not-at-top
   unrolled = config.copy_and_resolve_references()
   unrolled.model.scan_layers = False
   unrolled.model.remat = "none"  # model FLOPs: no second forward pass
   unrolled.accum_steps = 1  # accumulation's loop would be counted once, too
   unrolled.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
   unrolled.model.attention_impl = "xla"  # the platform-free form (no cuDNN, no Pallas)
-  setup = TrainSetup(unrolled, jax.devices("cpu")[:1])
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
-           for k, v in batch_shapes(unrolled).items()}
-  with setup.contexts()[0], setup.contexts()[1]:
-    cost = setup.step_fn.lower(setup.abstract, batch).cost_analysis()
+  cost = hlo_stats.lower_train_step(unrolled, jax.devices("cpu")[:1])[0].cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"])
 
@@ -314,19 +302,19 @@ def compile_report(config, devices, mfu: float = 0.4, dump_hlo: str = "") -> dic
   """Checks, lowers and compiles `config`'s train step for `devices` (a slice's);
   the record tools/aot_compile.py prints. `dump_hlo`: write the compiled HLO there."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vlp_jax.perf import flops as flops_lib, hlo_stats  # pylint: disable=g-import-not-at-top
+  from vlp_jax.perf import benchmark, flops as flops_lib, hlo_stats  # pylint: disable=g-import-not-at-top
   from vlp_jax.train.setup import TrainSetup  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.evals = {}
   record = check_plan(config, devices)
   kind = devices[0].device_kind
-  physical = physical_dims(devices)
   t0 = time.perf_counter()
   try:
     setup = TrainSetup(config, devices)
   except NotImplementedError as e:  # jax.make_mesh: no axis assignment on the torus
     if "physical mesh" not in str(e):
       raise
+    physical = physical_dims(devices)
     raise errors.ConfigError(
         f"Mesh {record['mesh']} cannot be laid on this slice's chips "
         f"({'x'.join(map(str, physical))}): "
@@ -335,8 +323,7 @@ def compile_report(config, devices, mfu: float = 0.4, dump_hlo: str = "") -> dic
         f"{suggest_mesh(record['mesh'], physical)}.") from None
   check_divisible(setup.abstract, setup.mesh, setup.rules)
   record["host_data"] = host_batch_layout(config, setup.batch_sharding, devices)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
-           for k, v in batch_shapes(config).items()}
+  batch = benchmark.abstract_batch(config, setup.batch_sharding)
   with setup.contexts()[0], setup.contexts()[1]:
     lowered = setup.step_fn.lower(setup.abstract, batch)
   t1 = time.perf_counter()

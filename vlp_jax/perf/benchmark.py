@@ -28,6 +28,13 @@ def batch_layout(config) -> dict:
   return out
 
 
+def abstract_batch(config, sharding=None) -> dict:
+  """{key: jax.ShapeDtypeStruct} of `batch_layout` (with `sharding`): what lowering
+  the step needs, nothing allocated."""
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+          for k, (shape, dtype) in batch_layout(config).items()}
+
+
 def synthetic_batch(config, seed: int = 0):
   """A host batch of `batch_layout`: random images and token ids (1 .. vocab - 1)."""
   rng = np.random.default_rng(seed)

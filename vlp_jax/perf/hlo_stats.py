@@ -475,12 +475,10 @@ def lowered_hlo_text(lowered) -> str:
 def lower_train_step(config, devices=None):
   """The trainer's jitted train step for `config`, lowered on abstract state and a
   synthetic batch's shapes (nothing is allocated or run); (lowered, TrainSetup)."""
-  import jax  # pylint: disable=g-import-not-at-top
   from vlp_jax.perf import benchmark  # pylint: disable=g-import-not-at-top
   from vlp_jax.train.setup import TrainSetup  # pylint: disable=g-import-not-at-top
   setup = TrainSetup(config, devices)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
-           for k, v in benchmark.synthetic_batch(config).items()}
+  batch = benchmark.abstract_batch(config, setup.batch_sharding)
   with setup.contexts()[0], setup.contexts()[1]:
     return setup.step_fn.lower(setup.abstract, batch), setup
 
